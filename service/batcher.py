@@ -1,0 +1,342 @@
+"""Dynamic batching of inference requests, in the spirit of Triton's dynamic batcher.
+
+Many small requests are merged into few large ONNX Runtime calls so that per-call overhead (and GPU
+kernel launches) is paid once per batch instead of once per request. This module knows nothing of
+HTTP: the API layer maps its exceptions to status codes (QueueFull/BatcherClosed -> 503, ...).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import logging
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+Arrays = dict[str, np.ndarray]
+# Input names + trailing shapes + dtypes: only work with equal signatures can be concatenated.
+Signature = tuple[tuple[str, tuple[int, ...], str], ...]
+
+
+@dataclass(frozen=True)
+class BatchingConfig:
+    max_batch_size: int = 64  # items per ONNX Runtime call
+    max_delay_s: float = 0.002  # how long the first queued item waits for more work
+    max_queue_items: int = 1024  # bound on queued items (not requests)
+    timeout_s: float = 30.0  # default per-request deadline, measured from submit()
+
+
+class BatcherError(Exception):
+    """Base class of the batcher's own failures."""
+
+
+class QueueFull(BatcherError):
+    """The queue bound was hit; the caller should answer 503 + Retry-After."""
+
+
+class DeadlineExceeded(BatcherError):
+    """The request waited past its deadline; queued work of it is dropped, never computed."""
+
+
+class BatcherClosed(BatcherError):
+    """submit() after stop() began (or before start())."""
+
+
+class BatchObserver(Protocol):
+    """Metrics side channel. Exceptions raised here are logged and swallowed."""
+
+    def on_batch(self, batch_size: int, queue_waits_s: Sequence[float], compute_s: float) -> None: ...
+    def on_items(self, n: int) -> None: ...
+    def on_reject(self, reason: str) -> None: ...  # "queue_full" | "deadline" | "closed" | "error"
+    def on_queue_depth(self, depth: int) -> None: ...
+
+
+class _Request:
+    def __init__(self, signature: Signature, deadline: float, future: asyncio.Future[Arrays], chunks: int):
+        self.signature = signature
+        self.deadline = deadline  # on the event loop's monotonic clock
+        self.future = future
+        self.results: list[Arrays | None] = [None] * chunks
+        self.pending = chunks  # chunks not yet computed
+        self.queued = 0  # chunks still sitting in the queue
+
+
+@dataclass(eq=False)
+class _Chunk:
+    request: _Request
+    index: int  # position of this chunk inside its request
+    inputs: Arrays
+    n: int
+    seq: int  # global arrival order, so the oldest work across signatures goes first
+    enqueued_at: float
+
+
+def _inspect(inputs: Arrays) -> tuple[int, Signature]:
+    if not isinstance(inputs, dict) or not inputs:
+        raise ValueError("inputs must be a non-empty dict of named arrays")
+    sizes, signature = set(), []
+    for name, array in sorted(inputs.items()):
+        if not isinstance(array, np.ndarray) or array.ndim == 0:
+            raise ValueError(f"input {name!r} must be a numpy array with a leading batch dimension")
+        sizes.add(array.shape[0])
+        signature.append((name, tuple(array.shape[1:]), array.dtype.str))
+    if len(sizes) != 1 or 0 in sizes:
+        raise ValueError(f"all inputs must share one leading batch dimension n >= 1, got {sorted(sizes)}")
+    return sizes.pop(), tuple(signature)
+
+
+class Batcher:
+    def __init__(
+        self,
+        name: str,
+        predict: Callable[[Arrays], Arrays],
+        config: BatchingConfig,
+        executor: concurrent.futures.Executor | None = None,
+        observer: BatchObserver | None = None,
+        concurrency: int = 1,
+    ) -> None:
+        if config.max_batch_size < 1 or config.max_queue_items < 1 or concurrency < 1:
+            raise ValueError("max_batch_size, max_queue_items and concurrency must be >= 1")
+        self.name = name
+        self._predict = predict
+        self._config = config
+        self._executor = executor  # None: the event loop's default thread pool
+        self._observer = observer
+        self._queues: dict[Signature, deque[_Chunk]] = {}  # one FIFO per signature
+        self._queued_items = 0  # items in the queues proper
+        self._forming: list[_Chunk] = []  # the batch being collected or waiting for a compute slot
+        self._seq = 0
+        self._closing = False
+        self._task: asyncio.Task[None] | None = None
+        self._inflight: set[asyncio.Task[None]] = set()
+        self._wakeup = asyncio.Event()
+        # Bounds in-flight predict calls; the next batch is collected while one computes.
+        self._slots = asyncio.Semaphore(concurrency)
+
+    @property
+    def queue_depth(self) -> int:
+        """Items accepted but not yet handed to predict (the forming batch counts: it waits too)."""
+        return self._queued_items + sum(c.n for c in self._forming if not c.request.future.done())
+
+    async def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.create_task(self._run(), name=f"batcher-{self.name}")
+
+    async def stop(self) -> None:
+        self._closing = True
+        self._wakeup.set()
+        if self._task is not None:
+            await self._task  # the loop drains the queue and waits for in-flight batches
+
+    async def submit(self, inputs: Arrays, timeout_s: float | None = None) -> Arrays:
+        n, signature = _inspect(inputs)
+        if self._closing or self._task is None:
+            self._notify("on_reject", "closed")
+            raise BatcherClosed(f"batcher {self.name!r} is not accepting work")
+        if (depth := self.queue_depth) + n > self._config.max_queue_items:
+            self._notify("on_reject", "queue_full")
+            raise QueueFull(f"batcher {self.name!r}: {depth} items queued, {n} more refused")
+        loop = asyncio.get_running_loop()
+        now, step = loop.time(), self._config.max_batch_size
+        timeout = self._config.timeout_s if timeout_s is None else timeout_s
+        request = _Request(signature, now + timeout, loop.create_future(), -(-n // step))
+        queue = self._queues.setdefault(signature, deque())
+        for index, start in enumerate(range(0, n, step)):
+            chunk_inputs = {name: array[start : start + step] for name, array in inputs.items()}
+            queue.append(_Chunk(request, index, chunk_inputs, min(step, n - start), self._seq, now))
+            self._seq += 1
+        request.queued = len(request.results)
+        self._queued_items += n
+        self._wakeup.set()
+        timer = asyncio.timeout_at(request.deadline)
+        try:
+            async with timer:
+                return await request.future
+        except (TimeoutError, DeadlineExceeded) as exc:
+            if isinstance(exc, TimeoutError) and not timer.expired():
+                raise  # a TimeoutError raised by predict itself, not our deadline
+            self._drop(request)
+            self._notify("on_reject", "deadline")
+            raise DeadlineExceeded(f"batcher {self.name!r}: deadline of {timeout:g}s exceeded") from None
+        except asyncio.CancelledError:
+            self._drop(request)  # client went away: never compute its queued work
+            raise
+
+    # --- queue bookkeeping (all on the event loop thread, so no locks) ---
+
+    def _drop(self, request: _Request) -> None:
+        if request.queued:
+            queue = self._queues[request.signature]
+            kept = [chunk for chunk in queue if chunk.request is not request]
+            self._queued_items -= sum(chunk.n for chunk in queue if chunk.request is request)
+            queue.clear()
+            queue.extend(kept)
+            request.queued = 0
+
+    def _take(self, queue: deque[_Chunk]) -> _Chunk:
+        chunk = queue.popleft()
+        self._queued_items -= chunk.n
+        chunk.request.queued -= 1
+        return chunk
+
+    def _alive(self, chunk: _Chunk, now: float) -> bool:
+        request = chunk.request
+        if request.future.done():  # cancelled, timed out or failed elsewhere
+            return False
+        if now >= request.deadline:  # its caller is about to give up: don't spend compute on it
+            self._drop(request)
+            request.future.set_exception(DeadlineExceeded(f"batcher {self.name!r}: deadline exceeded"))
+            return False
+        return True
+
+    def _pop_oldest(self) -> _Chunk | None:
+        while heads := [queue for queue in self._queues.values() if queue]:
+            chunk = self._take(min(heads, key=lambda queue: queue[0].seq))
+            if self._alive(chunk, asyncio.get_running_loop().time()):
+                return chunk
+        return None
+
+    def _fill(self, batch: list[_Chunk], size: int) -> tuple[int, bool]:
+        """Move compatible queued chunks into batch, oldest first; returns (size, full)."""
+        queue, now = self._queues[batch[0].request.signature], asyncio.get_running_loop().time()
+        while queue:
+            if size + queue[0].n > self._config.max_batch_size:
+                return size, True  # chunks are never split across calls, and FIFO order is kept
+            chunk = self._take(queue)
+            if self._alive(chunk, now):
+                batch.append(chunk)
+                size += chunk.n
+        return size, size >= self._config.max_batch_size
+
+    # --- the batch loop ---
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            while (first := await self._first_chunk()) is not None:
+                self._forming = batch = [first]
+                size = first.n
+                full = size >= self._config.max_batch_size
+                window_end = loop.time() + self._config.max_delay_s
+                while not full:
+                    size, full = self._fill(batch, size)
+                    remaining = window_end - loop.time()
+                    if full or remaining <= 0 or self._closing:
+                        break
+                    self._wakeup.clear()
+                    with contextlib.suppress(TimeoutError):
+                        async with asyncio.timeout(remaining):
+                            await self._wakeup.wait()
+                await self._slots.acquire()
+                if not full:  # work that arrived while we waited for a free slot joins this batch
+                    self._fill(batch, size)
+                self._forming = []
+                task = asyncio.create_task(self._execute(batch))
+                self._inflight.add(task)
+                task.add_done_callback(self._inflight.discard)
+            await asyncio.gather(*self._inflight)
+        finally:
+            # Normally empty; after a crash or cancellation nobody may be left waiting forever.
+            queued = [chunk for queue in self._queues.values() for chunk in queue]
+            leftovers = {chunk.request for chunk in [*queued, *self._forming]}
+            for request in leftovers:
+                self._fail(request, BatcherClosed(f"batcher {self.name!r} stopped"), "closed")
+
+    async def _first_chunk(self) -> _Chunk | None:
+        while (chunk := self._pop_oldest()) is None:
+            if self._closing:
+                return None
+            self._wakeup.clear()
+            await self._wakeup.wait()
+        return chunk
+
+    async def _call(self, inputs: Arrays, n: int) -> Arrays:
+        loop = asyncio.get_running_loop()
+        # In the executor, so a long ONNX Runtime call never blocks the event loop.
+        outputs = await loop.run_in_executor(self._executor, self._predict, inputs)
+        if not isinstance(outputs, dict) or any(np.shape(v)[:1] != (n,) for v in outputs.values()):
+            raise ValueError(f"batcher {self.name!r}: predict must return arrays with leading dim {n}")
+        return outputs
+
+    async def _execute(self, batch: list[_Chunk]) -> None:
+        try:
+            now = asyncio.get_running_loop().time()
+            batch = [chunk for chunk in batch if self._alive(chunk, now)]  # callers may have left
+            self._notify("on_queue_depth", self.queue_depth)
+            if not batch:
+                return
+            started = time.perf_counter()
+            results = await self._compute(batch)
+            compute_s = time.perf_counter() - started
+            ok_items = 0
+            for chunk, result in zip(batch, results, strict=True):
+                if isinstance(result, BaseException):
+                    self._fail(chunk.request, result)
+                elif result is not None:
+                    ok_items += chunk.n
+                    self._deliver(chunk, result)
+            batch_size = sum(chunk.n for chunk in batch)
+            self._notify("on_batch", batch_size, [now - chunk.enqueued_at for chunk in batch], compute_s)
+            self._notify("on_items", ok_items)
+        finally:
+            self._slots.release()
+
+    async def _compute(self, batch: list[_Chunk]) -> list[Arrays | BaseException | None]:
+        """Per chunk: its outputs, the exception its solo run raised, or None if skipped."""
+        try:
+            if len(batch) == 1:
+                return [await self._call(batch[0].inputs, batch[0].n)]
+            names = batch[0].inputs
+            merged = {name: np.concatenate([chunk.inputs[name] for chunk in batch]) for name in names}
+            outputs = await self._call(merged, sum(chunk.n for chunk in batch))
+        except Exception as exc:
+            if len(batch) == 1:
+                return [exc]
+            # One poisoned item must not fail its neighbours: isolate it by running each chunk solo.
+            results: list[Arrays | BaseException | None] = []
+            for chunk in batch:
+                if chunk.request.future.done():
+                    results.append(None)
+                    continue
+                try:
+                    results.append(await self._call(chunk.inputs, chunk.n))
+                except Exception as solo_exc:
+                    results.append(solo_exc)
+            return results
+        starts = np.cumsum([0] + [chunk.n for chunk in batch[:-1]])
+        return [{k: v[s : s + c.n] for k, v in outputs.items()} for c, s in zip(batch, starts, strict=True)]
+
+    def _deliver(self, chunk: _Chunk, part: Arrays) -> None:
+        request = chunk.request
+        if request.future.done():
+            return
+        request.results[chunk.index] = part
+        request.pending -= 1
+        if request.pending == 0:
+            results: list[Arrays] = request.results  # type: ignore[assignment]  # all filled now
+            if len(results) == 1:
+                request.future.set_result(results[0])
+            else:
+                request.future.set_result({k: np.concatenate([r[k] for r in results]) for k in results[0]})
+
+    def _fail(self, request: _Request, error: BaseException, reason: str = "error") -> None:
+        if not request.future.done():
+            self._drop(request)
+            request.future.set_exception(error)
+            self._notify("on_reject", reason)
+
+    def _notify(self, method: str, *args: object) -> None:
+        if self._observer is None:
+            return
+        try:
+            getattr(self._observer, method)(*args)
+        except Exception:  # metrics must never fail a request
+            logger.warning("batcher %r: observer.%s failed", self.name, method, exc_info=True)

@@ -1,0 +1,334 @@
+"""Unit tests for service.batcher: merging, splitting, isolation of failures, deadlines, backpressure."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import Awaitable, Callable, Sequence
+
+import numpy as np
+import pytest
+
+from service.batcher import (
+    Batcher,
+    BatcherClosed,
+    BatchingConfig,
+    DeadlineExceeded,
+    QueueFull,
+)
+
+
+class Recorder:
+    """predict = x * 2, recording every call; optionally gated and/or poisoned by negative values."""
+
+    def __init__(self, gate: threading.Event | None = None, delay_s: float = 0.0) -> None:
+        self.calls: list[dict[str, np.ndarray]] = []
+        self.errors: list[Exception] = []
+        self.started = threading.Event()
+        self.gate = gate
+        self.delay_s = delay_s
+        self._lock = threading.Lock()
+
+    def __call__(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        with self._lock:
+            self.calls.append({k: v.copy() for k, v in inputs.items()})
+        self.started.set()
+        if self.gate is not None:
+            assert self.gate.wait(5), "test gate never opened"
+        if self.delay_s:
+            time.sleep(self.delay_s)
+        if (inputs["x"] < 0).any():
+            error = ValueError("poisoned row")
+            self.errors.append(error)
+            raise error
+        return {"y": inputs["x"] * 2, "s": inputs["x"].reshape(len(inputs["x"]), -1).sum(axis=1)}
+
+    @property
+    def sizes(self) -> list[int]:
+        return [len(call["x"]) for call in self.calls]
+
+    def seen(self) -> np.ndarray:
+        return np.concatenate([call["x"].reshape(-1) for call in self.calls]) if self.calls else np.empty(0)
+
+
+class RecordingObserver:
+    def __init__(self) -> None:
+        self.batches: list[tuple[int, Sequence[float], float]] = []
+        self.items = 0
+        self.rejects: list[str] = []
+        self.depths: list[int] = []
+
+    def on_batch(self, batch_size: int, queue_waits_s: Sequence[float], compute_s: float) -> None:
+        self.batches.append((batch_size, list(queue_waits_s), compute_s))
+
+    def on_items(self, n: int) -> None:
+        self.items += n
+
+    def on_reject(self, reason: str) -> None:
+        self.rejects.append(reason)
+
+    def on_queue_depth(self, depth: int) -> None:
+        self.depths.append(depth)
+
+
+def rows(start: int, n: int, width: int = 3) -> dict[str, np.ndarray]:
+    return {"x": np.arange(start * width, (start + n) * width, dtype=np.float32).reshape(n, width)}
+
+
+def run(
+    scenario: Callable[[Batcher], Awaitable[None]],
+    predict: Recorder,
+    observer: object = None,
+    **config: float,
+) -> None:
+    """Start a batcher around predict, run the scenario, always stop (releasing any gate first)."""
+
+    async def main() -> None:
+        batcher = Batcher("test", predict, BatchingConfig(**config), observer=observer)  # type: ignore[arg-type]
+        await batcher.start()
+        try:
+            await asyncio.wait_for(scenario(batcher), 4)
+        finally:
+            if predict.gate is not None:
+                predict.gate.set()
+            await asyncio.wait_for(batcher.stop(), 4)
+
+    asyncio.run(main())
+
+
+async def wait_until(condition: Callable[[], bool]) -> None:
+    while not condition():
+        await asyncio.sleep(0.001)
+
+
+def check(request: dict[str, np.ndarray], result: dict[str, np.ndarray]) -> None:
+    np.testing.assert_array_equal(result["y"], request["x"] * 2)
+    np.testing.assert_array_equal(result["s"], request["x"].sum(axis=1))
+
+
+def test_results_match_reference_in_order() -> None:
+    predict = Recorder()
+    requests = [rows(10 * i, n) for i, n in enumerate([1, 3, 2, 7, 1, 5, 4])]
+
+    async def scenario(batcher: Batcher) -> None:
+        results = await asyncio.gather(*(batcher.submit(r) for r in requests))
+        for request, result in zip(requests, results, strict=True):
+            check(request, result)
+
+    run(scenario, predict, max_batch_size=8, max_delay_s=0.01)
+    assert sorted(predict.seen()) == sorted(np.concatenate([r["x"].reshape(-1) for r in requests]))
+
+
+def test_concurrent_requests_are_merged_into_one_call() -> None:
+    predict, observer = Recorder(), RecordingObserver()
+    requests = [rows(i, 1) for i in range(8)]
+
+    async def scenario(batcher: Batcher) -> None:
+        early = [asyncio.create_task(batcher.submit(r)) for r in requests[:4]]
+        await asyncio.sleep(0.01)  # well inside the delay window: late arrivals still join the batch
+        results = await asyncio.gather(*early, *(batcher.submit(r) for r in requests[4:]))
+        for request, result in zip(requests, results, strict=True):
+            check(request, result)
+
+    run(scenario, predict, observer, max_batch_size=16, max_delay_s=0.2)
+    assert predict.sizes == [8]
+    assert [b[0] for b in observer.batches] == [8] and len(observer.batches[0][1]) == 8
+    assert observer.items == 8 and observer.rejects == []
+
+
+def test_large_request_is_split_and_reassembled() -> None:
+    predict = Recorder()
+    request = rows(0, 10)
+
+    async def scenario(batcher: Batcher) -> None:
+        check(request, await batcher.submit(request))
+
+    run(scenario, predict, max_batch_size=4, max_delay_s=0.001)
+    assert predict.sizes == [4, 4, 2]
+    np.testing.assert_array_equal(predict.seen(), request["x"].reshape(-1))
+
+
+def test_max_batch_size_is_never_exceeded() -> None:
+    predict = Recorder()
+    rng = np.random.default_rng(0)
+    sizes = rng.integers(1, 12, size=40)
+    requests = [rows(100 * i, int(n)) for i, n in enumerate(sizes)]
+
+    async def scenario(batcher: Batcher) -> None:
+        results = await asyncio.gather(*(batcher.submit(r) for r in requests))
+        for request, result in zip(requests, results, strict=True):
+            check(request, result)
+
+    run(scenario, predict, max_batch_size=5, max_delay_s=0.005)
+    assert max(predict.sizes) <= 5
+    assert sum(predict.sizes) == sizes.sum()  # every item computed exactly once
+    assert len(predict.sizes) < sum(-(-int(n) // 5) for n in sizes)  # and some chunks were merged
+
+
+def test_failing_item_fails_only_its_own_request() -> None:
+    predict, observer = Recorder(), RecordingObserver()
+    good_a, bad, good_b = rows(0, 2), rows(5, 1), rows(9, 3)
+    bad["x"][0, 1] = -1.0
+
+    async def scenario(batcher: Batcher) -> None:
+        results = await asyncio.gather(
+            *(batcher.submit(r) for r in (good_a, bad, good_b)), return_exceptions=True
+        )
+        check(good_a, results[0])
+        check(good_b, results[2])
+        assert isinstance(results[1], ValueError)
+        assert results[1] is predict.errors[-1]  # the original exception object of the solo run
+
+    run(scenario, predict, observer, max_batch_size=16, max_delay_s=0.05)
+    assert predict.sizes == [6, 2, 1, 3]  # merged call failed, then each request chunk ran alone
+    assert observer.rejects == ["error"] and observer.items == 5
+
+
+def test_deadline_exceeded_while_queued_is_never_computed() -> None:
+    predict, observer = Recorder(gate=threading.Event()), RecordingObserver()
+    late = [rows(50, 1), rows(60, 2)]
+
+    async def scenario(batcher: Batcher) -> None:
+        first = asyncio.create_task(batcher.submit(rows(0, 1)))
+        await wait_until(predict.started.is_set)  # the only compute slot is now busy
+        started = time.monotonic()
+        for request in late:
+            with pytest.raises(DeadlineExceeded):
+                await batcher.submit(request, timeout_s=0.05)
+        assert time.monotonic() - started < 1.0
+        assert batcher.queue_depth == 0
+        predict.gate.set()
+        check(rows(0, 1), await first)
+        after = rows(70, 1)
+        check(after, await batcher.submit(after))  # the batcher still works
+
+    run(scenario, predict, observer, max_batch_size=8, max_delay_s=0.001)
+    assert not np.isin(predict.seen(), np.concatenate([r["x"].reshape(-1) for r in late])).any()
+    assert observer.rejects == ["deadline", "deadline"]
+
+
+def test_queue_full_is_raised_immediately() -> None:
+    predict, observer = Recorder(gate=threading.Event()), RecordingObserver()
+
+    async def scenario(batcher: Batcher) -> None:
+        with pytest.raises(QueueFull):  # a single request above the bound is refused outright
+            await batcher.submit(rows(0, 5))
+        tasks = [asyncio.create_task(batcher.submit(rows(1, 1)))]
+        await wait_until(predict.started.is_set)
+        tasks += [asyncio.create_task(batcher.submit(rows(2 + i, 1))) for i in range(4)]
+        await asyncio.sleep(0.01)  # the loop takes one into the next batch: still counted as waiting
+        assert batcher.queue_depth == 4
+        started = time.monotonic()
+        with pytest.raises(QueueFull):
+            await batcher.submit(rows(9, 1))
+        assert time.monotonic() - started < 0.05
+        predict.gate.set()
+        for i, task in enumerate(tasks):
+            check(rows(1 + i, 1), await task)
+
+    run(scenario, predict, observer, max_batch_size=1, max_delay_s=0.0, max_queue_items=4)
+    assert observer.rejects == ["queue_full", "queue_full"]
+
+
+def test_stop_drains_accepted_work_then_refuses() -> None:
+    predict, observer = Recorder(delay_s=0.01), RecordingObserver()
+    requests = [rows(10 * i, 3) for i in range(6)]
+
+    async def main() -> None:
+        batcher = Batcher(
+            "drain", predict, BatchingConfig(max_batch_size=4, max_delay_s=0.002), observer=observer
+        )
+        await batcher.start()
+        tasks = [asyncio.create_task(batcher.submit(r)) for r in requests]
+        await asyncio.sleep(0)  # let every submit enqueue its work
+        assert batcher.queue_depth > 0
+        await asyncio.wait_for(batcher.stop(), 4)
+        assert sum(predict.sizes) == 18 and batcher.queue_depth == 0  # all computed before stop returned
+        for request, task in zip(requests, tasks, strict=True):
+            check(request, await task)
+        with pytest.raises(BatcherClosed):
+            await batcher.submit(rows(0, 1))
+        await asyncio.wait_for(batcher.stop(), 1)  # idempotent
+
+    asyncio.run(main())
+    assert observer.rejects == ["closed"]
+
+
+def test_incompatible_inputs_are_not_merged() -> None:
+    predict = Recorder()
+    requests = [
+        rows(0, 2, width=3),
+        rows(1, 1, width=5),
+        rows(2, 1, width=3),
+        {"x": np.arange(4, dtype=np.float64).reshape(2, 2)},
+        {"x": np.ones((1, 3), np.float32), "z": np.zeros((1, 1), np.float32)},
+    ]
+
+    async def scenario(batcher: Batcher) -> None:
+        results = await asyncio.gather(*(batcher.submit(r) for r in requests))
+        for request, result in zip(requests, results, strict=True):
+            check(request, result)
+
+    run(scenario, predict, max_batch_size=16, max_delay_s=0.02)
+    signatures = [tuple(sorted((k, v.shape[1:], v.dtype.str) for k, v in c.items())) for c in predict.calls]
+    assert len(signatures) == len(set(signatures)) == 4  # one call per signature: only widths-3 merged
+    assert sorted(predict.sizes) == [1, 1, 2, 3]
+
+
+def test_raising_observer_does_not_fail_requests() -> None:
+    class Broken:
+        def __getattr__(self, name: str) -> Callable[..., None]:
+            def fail(*args: object) -> None:
+                raise RuntimeError(f"metrics down in {name}")
+
+            return fail
+
+    predict = Recorder()
+    poisoned = rows(3, 1)
+    poisoned["x"][:] = -1
+
+    async def scenario(batcher: Batcher) -> None:
+        check(rows(0, 2), await batcher.submit(rows(0, 2)))
+        with pytest.raises(ValueError, match="poisoned"):
+            await batcher.submit(poisoned)
+        with pytest.raises(DeadlineExceeded):
+            await batcher.submit(rows(1, 1), timeout_s=0.0)
+
+    run(scenario, predict, Broken(), max_batch_size=4, max_delay_s=0.001)
+
+
+def test_cancelled_request_work_is_dropped() -> None:
+    predict = Recorder(gate=threading.Event())
+
+    async def scenario(batcher: Batcher) -> None:
+        first = asyncio.create_task(batcher.submit(rows(0, 1)))
+        await wait_until(predict.started.is_set)
+        doomed = [asyncio.create_task(batcher.submit(rows(40 + i, 2))) for i in range(2)]
+        await asyncio.sleep(0.01)  # one doomed request waits for the busy slot, the other is queued
+        assert batcher.queue_depth == 4 and not any(t.done() for t in doomed)
+        for task in doomed:
+            task.cancel()
+        await asyncio.gather(*doomed, return_exceptions=True)
+        assert batcher.queue_depth == 0
+        predict.gate.set()
+        check(rows(0, 1), await first)
+        check(rows(9, 1), await batcher.submit(rows(9, 1)))
+
+    run(scenario, predict, max_batch_size=2, max_delay_s=0.001)
+    assert predict.sizes == [1, 1]
+    assert not np.isin(predict.seen(), rows(40, 4)["x"]).any()
+
+
+def test_invalid_inputs_raise_value_error() -> None:
+    async def scenario(batcher: Batcher) -> None:
+        for bad in (
+            {},
+            {"x": np.float32(1.0)},
+            {"x": np.ones((0, 3))},
+            {"x": np.ones((2, 3)), "z": np.ones(3)},
+        ):
+            with pytest.raises(ValueError):
+                await batcher.submit(bad)  # type: ignore[arg-type]
+
+    run(scenario, Recorder())

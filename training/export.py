@@ -1,0 +1,199 @@
+"""Export trained networks to ONNX, check parity with PyTorch, and write a validated store version.
+
+Each graph is one forward pass: no loops, no random ops. Sampling noise and sampling loops live on the host.
+Inputs and outputs are named, the batch axis is dynamic (PixelCNN's step graphs also take a dynamic height,
+so the host can feed only the rows a step needs).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import shutil
+import tempfile
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+import torch
+import torch.nn as nn
+
+from service.store import GraphSpec, Manifest, TensorSpec, file_entry, validate_version, write_manifest
+from training import gan as gan_lib
+from training import pixelcnn as pcnn_lib
+from training import vae as vae_lib
+
+log = logging.getLogger(__name__)
+PARITY_TOLERANCE = 1e-4
+
+_DTYPES = {torch.float32: "float32", torch.int64: "int64", torch.uint8: "uint8"}
+
+
+@dataclass
+class GraphExport:
+    module: nn.Module
+    example: tuple[torch.Tensor, ...]
+    input_names: list[str]
+    output_names: list[str]
+    dynamic: dict[str, tuple[int, ...]]   # input name -> its dynamic axes (0 = batch, 2 = height)
+
+
+# --- per-family graph wrappers --------------------------------------------------------------------
+
+class _PixelCNNLogProb(nn.Module):
+    def __init__(self, m: pcnn_lib.PixelCNN):
+        super().__init__()
+        self.m = m
+
+    def forward(self, image, label):          # (B, 1, 28, 28), (B,) -> (B, 28, 28) nats
+        return pcnn_lib.log_prob_per_pixel(self.m(image, label), image)
+
+
+class _PixelCNNVStack(nn.Module):
+    def __init__(self, m: pcnn_lib.PixelCNN):
+        super().__init__()
+        self.m = m
+
+    def forward(self, image, label):          # (B, 1, H, 28), (B,) -> (B, L, 2C, H, 28)
+        return self.m.vertical_features(image, label)
+
+
+class _PixelCNNHRow(nn.Module):
+    def __init__(self, m: pcnn_lib.PixelCNN):
+        super().__init__()
+        self.m = m
+
+    def forward(self, image, vfeats):         # (B, 1, H, 28), (B, L, 2C, H, 28) -> (B, 256, H, 28)
+        return self.m.horizontal(image, vfeats)
+
+
+class _VAEDecoder(nn.Module):
+    def __init__(self, m: vae_lib.VAE):
+        super().__init__()
+        self.m = m
+
+    def forward(self, z):                     # (B, D) -> image (B, 1, 28, 28) in 0..255, log_scale
+        loc, log_scale = self.m.decoder(z)
+        return vae_lib.decode_to_pixels(loc), log_scale
+
+
+class _GANGenerator(nn.Module):
+    def __init__(self, g: gan_lib.Generator):
+        super().__init__()
+        self.g = g
+
+    def forward(self, z, label):              # (B, Z), (B,) -> (B, 1, 28, 28) in 0..255
+        return gan_lib.to_pixels(self.g(z, label))
+
+
+def pixelcnn_graphs(m: pcnn_lib.PixelCNN) -> dict[str, GraphExport]:
+    m = m.eval()
+    img = torch.randint(0, 256, (2, 1, 28, 28)).float()
+    lab = torch.tensor([3, m.cfg.num_classes])
+    vf = m.vertical_features(img, lab)
+    return {
+        "logprob": GraphExport(_PixelCNNLogProb(m), (img, lab), ["image", "label"], ["log_probs"],
+                               {"image": (0,), "label": (0,)}),
+        "vstack": GraphExport(_PixelCNNVStack(m), (img, lab), ["image", "label"], ["vfeats"],
+                              {"image": (0, 2), "label": (0,)}),
+        "hrow": GraphExport(_PixelCNNHRow(m), (img, vf), ["image", "vfeats"], ["logits"],
+                            {"image": (0, 2), "vfeats": (0, 3)}),
+    }
+
+
+def vae_graphs(m: vae_lib.VAE) -> dict[str, GraphExport]:
+    m = m.eval()
+    img = torch.randint(0, 256, (2, 1, 28, 28)).float()
+    z = torch.randn(2, m.cfg.latent_dim)
+    return {
+        "encoder": GraphExport(m.encoder, (img,), ["image"], ["mean", "logvar"], {"image": (0,)}),
+        "decoder": GraphExport(_VAEDecoder(m), (z,), ["z"], ["image", "log_scale"], {"z": (0,)}),
+    }
+
+
+def gan_graphs(g: gan_lib.Generator, z_dim: int) -> dict[str, GraphExport]:
+    g = g.eval()
+    return {"generator": GraphExport(_GANGenerator(g), (torch.randn(2, z_dim), torch.tensor([1, 7])),
+                                     ["z", "label"], ["image"], {"z": (0,), "label": (0,)})}
+
+
+# --- export, parity, store -----------------------------------------------------------------------
+
+def export_onnx(spec: GraphExport, path: Path) -> None:
+    dims = {0: torch.export.Dim("batch", min=1, max=4096), 2: torch.export.Dim("height", min=1, max=28),
+            3: torch.export.Dim("height", min=1, max=28)}
+    params = list(__import__("inspect").signature(spec.module.forward).parameters)
+    dynamic_shapes = {p: {ax: dims[ax] for ax in spec.dynamic.get(n, ())}
+                      for p, n in zip(params, spec.input_names, strict=True)}
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(spec.module, spec.example, str(path), input_names=spec.input_names,
+                          output_names=spec.output_names, dynamic_shapes=dynamic_shapes, dynamo=True,
+                          external_data=False, verbose=False, optimize=True)
+
+
+def parity(spec: GraphExport, path: Path, batch: int = 5) -> float:
+    """Max abs difference between PyTorch and ONNX Runtime on fresh inputs of another batch size."""
+    inputs = []
+    for t in spec.example:  # new values, new batch size: proves the batch axis really is dynamic
+        if t.dtype == torch.int64:
+            inputs.append(torch.randint(0, int(t.max()) + 1, (batch,) + tuple(t.shape[1:])))
+        elif t.dim() == 4 and t.shape[1] == 1:
+            inputs.append(torch.randint(0, 256, (batch,) + tuple(t.shape[1:])).float())
+        else:
+            inputs.append(torch.randn((batch,) + tuple(t.shape[1:])))
+    with torch.no_grad():
+        ref = spec.module(*inputs)
+    ref = ref if isinstance(ref, tuple) else (ref,)
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    got = sess.run(spec.output_names, {n: t.numpy() for n, t in zip(spec.input_names, inputs, strict=True)})
+    return max(float(np.abs(r.numpy() - g).max()) for r, g in zip(ref, got, strict=True))
+
+
+def tensor_specs(spec: GraphExport, path: Path) -> tuple[list[TensorSpec], list[TensorSpec]]:
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    dtype = {"tensor(float)": "float32", "tensor(int64)": "int64", "tensor(uint8)": "uint8"}
+
+    def specs(ts):
+        return [TensorSpec(name=t.name, dtype=dtype[t.type], shape=[d if isinstance(d, int) else None
+                                                                     for d in t.shape]) for t in ts]
+    return specs(sess.get_inputs()), specs(sess.get_outputs())
+
+
+def write_version(store: Path, name: str, family: str, version: int, graphs: dict[str, GraphExport],
+                  **manifest_fields: Any) -> tuple[Path, dict[str, float]]:
+    """Export every graph, check parity, write manifest.json, validate, and move into place atomically."""
+    final = store / name / str(version)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{version}-", dir=final.parent))
+    tmp_v = tmp / str(version)
+    tmp_v.mkdir()
+    files, gspecs, diffs = {}, {}, {}
+    for gname, spec in graphs.items():
+        fname = f"{gname}.onnx"
+        export_onnx(spec, tmp_v / fname)
+        diffs[gname] = parity(spec, tmp_v / fname)
+        if diffs[gname] > PARITY_TOLERANCE:
+            raise RuntimeError(f"{name}/{gname}: ONNX parity {diffs[gname]:.2e} exceeds {PARITY_TOLERANCE}")
+        ins, outs = tensor_specs(spec, tmp_v / fname)
+        files[fname] = file_entry(tmp_v / fname)
+        gspecs[gname] = GraphSpec(file=fname, inputs=ins, outputs=outs)
+    manifest_fields.setdefault("created", dt.datetime.now(dt.UTC).replace(microsecond=0).isoformat())
+    manifest_fields.setdefault("metrics", {})["onnx_parity_max_abs_diff"] = diffs
+    manifest = Manifest(name=name, family=family, version=version, files=files, graphs=gspecs, **manifest_fields)
+    write_manifest(manifest, tmp_v)
+    # validate exactly as the service will, but in the temporary folder's layout
+    staged = tmp / name
+    tmp_v.rename(tmp / "v")
+    staged.mkdir()
+    (tmp / "v").rename(staged / str(version))
+    validate_version(staged / str(version))
+    if final.exists():
+        shutil.rmtree(final)
+    (staged / str(version)).rename(final)
+    shutil.rmtree(tmp)
+    log.info("wrote %s (parity %s)", final, {k: f"{v:.1e}" for k, v in diffs.items()})
+    return final, diffs
