@@ -4,23 +4,23 @@ Every recording method (``BatchObserver.on_*``, ``Metrics.observe_request``, ``M
 catches any exception, logs a rate-limited warning on ``service.metrics`` and carries on.
 
 Metrics (all names prefixed ``genserve_``, base units; ``model`` is the model name, ``version`` its integer
-version as a string; ``route`` should be the route template, e.g. ``/v1/models/{name}/generate``):
+version as a string, ``graph`` the ONNX graph in it (e.g. ``encoder``); ``route`` should be the route template, e.g. ``/v1/models/{name}/generate``):
 
 - ``genserve_http_requests_total`` (counter; route, method, status): HTTP requests handled.
 - ``genserve_http_request_duration_seconds`` (histogram; route, method): request duration, buckets
   0.001 s .. 60 s.
-- ``genserve_batch_size`` (histogram; model, version): items per batch sent to the model, buckets
+- ``genserve_batch_size`` (histogram; model, version, graph): items per batch sent to the model, buckets
   1, 2, 4, .., 256.
-- ``genserve_queue_wait_seconds`` (histogram; model, version): per item, time from enqueue to the start of
+- ``genserve_queue_wait_seconds`` (histogram; model, version, graph): per item, time from enqueue to the start of
   its batch, buckets 0.0001 s .. 10 s.
-- ``genserve_compute_seconds`` (histogram; model, version): model compute time per batch, buckets
+- ``genserve_compute_seconds`` (histogram; model, version, graph): model compute time per batch, buckets
   0.0001 s .. 10 s.
-- ``genserve_queue_depth`` (gauge; model, version): items waiting in the batching queue.
-- ``genserve_items_processed_total`` (counter; model, version): images produced.
-- ``genserve_rejections_total`` (counter; model, version, reason): requests turned away (e.g.
+- ``genserve_queue_depth`` (gauge; model, version, graph): items waiting in the batching queue.
+- ``genserve_items_processed_total`` (counter; model, version, graph): images produced.
+- ``genserve_rejections_total`` (counter; model, version, graph, reason): requests turned away (e.g.
   ``queue_full``, ``timeout``); at most 32 distinct reasons per model version, further ones count as
   ``other``.
-- ``genserve_sampler_active_sequences`` (histogram; model, version): PixelCNN sampling, number of
+- ``genserve_sampler_active_sequences`` (histogram; model, version, graph): PixelCNN sampling, number of
   sequences sharing each autoregressive sampling step, buckets 1, 2, 4, .., 256.
 - ``genserve_model_info`` (gauge; model, version, provider, family): 1 for each loaded model version, with
   its ONNX Runtime execution provider and model family (pixelcnn / vae / gan).
@@ -136,10 +136,11 @@ class BatchObserver:
     Label children are bound once here, so the hot-path calls only do the observations.
     """
 
-    def __init__(self, metrics: Metrics, model: str, version: int) -> None:
+    def __init__(self, metrics: Metrics, model: str, version: int, graph: str) -> None:
         self.model = str(model)
         self.version = str(version)
-        labels = (self.model, self.version)
+        self.graph = str(graph)
+        labels = (self.model, self.version, self.graph)
         self._batch_size = metrics.batch_size.labels(*labels)
         self._queue_wait = metrics.queue_wait_seconds.labels(*labels)
         self._compute = metrics.compute_seconds.labels(*labels)
@@ -182,7 +183,7 @@ class BatchObserver:
                 key = "other"
                 child = self._reject_children.get(key)
             if child is None:
-                child = self._rejections.labels(self.model, self.version, key)
+                child = self._rejections.labels(self.model, self.version, self.graph, key)
                 self._reject_children[key] = child
             child.inc()
         except Exception as exc:
@@ -254,7 +255,7 @@ class Metrics:
             buckets=REQUEST_BUCKETS,
             registry=r,
         )
-        model_labels = ("model", "version")
+        model_labels = ("model", "version", "graph")
         self.batch_size = Histogram(
             PREFIX + "batch_size",
             "Number of items in each batch sent to the model.",
@@ -292,7 +293,7 @@ class Metrics:
         self.rejections_total = Counter(
             PREFIX + "rejections_total",
             "Requests rejected before running, by reason.",
-            ("model", "version", "reason"),
+            ("model", "version", "graph", "reason"),
             registry=r,
         )
         self.sampler_active_sequences = Histogram(
@@ -311,17 +312,17 @@ class Metrics:
         )
         self._info_lock = threading.Lock()
         self._info_labels: dict[tuple[str, str], tuple[str, str]] = {}
-        self._observers: dict[tuple[str, str], BatchObserver] = {}
+        self._observers: dict[tuple[str, str, str], BatchObserver] = {}
         self._route_children: dict[tuple[str, str, str], tuple[Counter, Histogram]] = {}
 
     # ------------------------------------------------------------------------------------------ record
 
-    def observer(self, model: str, version: int) -> BatchObserver:
-        """The (cached) observer recording batching metrics for one model version."""
-        key = (str(model), str(version))
+    def observer(self, model: str, version: int, graph: str) -> BatchObserver:
+        """The (cached) observer recording batching metrics for one graph of one model version."""
+        key = (str(model), str(version), str(graph))
         obs = self._observers.get(key)
         if obs is None:
-            obs = self._observers.setdefault(key, BatchObserver(self, model, version))
+            obs = self._observers.setdefault(key, BatchObserver(self, model, version, graph))
         return obs
 
     def observe_request(self, route: str, method: str, status: int, duration_s: float) -> None:

@@ -1,6 +1,7 @@
 """Convolutional VAE with a discretized logistic likelihood over 8-bit pixels (imports only torch).
 
-Kingma & Welling, 2014, "Auto-Encoding Variational Bayes" (arXiv:1312.6114): encoder q(z|x) = N(mean, diag(exp(logvar))),
+Kingma & Welling, 2014, "Auto-Encoding Variational Bayes" (arXiv:1312.6114):
+encoder q(z|x) = N(mean, diag(exp(logvar))),
 prior p(z) = N(0, I), trained on the ELBO, a lower bound of log p(x).
 The likelihood p(x|z) is a discretized logistic per pixel (Salimans et al., 2017, PixelCNN++, arXiv:1701.05517):
 each of the 256 values gets the logistic mass of its bin, the end bins absorb the tails. It is a proper distribution

@@ -16,7 +16,8 @@ import service.metrics as metrics_mod
 from service.metrics import Metrics, NullObserver
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-PIX = {"model": "pixelcnn", "version": "1"}
+PIX = {"model": "pixelcnn", "version": "1", "graph": "g"}
+INFO = {"model": "pixelcnn", "version": "1"}  # model_info has no graph label
 
 ALL_METRIC_NAMES = [
     "genserve_http_requests_total",
@@ -46,7 +47,7 @@ def value(m: Metrics, name: str, labels: dict[str, str] | None = None) -> float 
 
 
 def test_on_batch_records_histograms(metrics):
-    obs = metrics.observer("pixelcnn", 1)
+    obs = metrics.observer("pixelcnn", 1, "g")
     obs.on_batch(3, [0.001, 0.002, 0.2], 0.05)
     obs.on_batch(16, [0.0] * 16, 1.5)
 
@@ -68,7 +69,7 @@ def test_on_batch_records_histograms(metrics):
 
 
 def test_compute_buckets_span_100us_to_10s(metrics):
-    metrics.observer("gan", 2).on_batch(1, [0.0], 0.0)
+    metrics.observer("gan", 2, "g").on_batch(1, [0.0], 0.0)
     text = metrics.render()[0].decode()
     les = [
         line.split('le="')[1].split('"')[0]
@@ -79,7 +80,7 @@ def test_compute_buckets_span_100us_to_10s(metrics):
 
 
 def test_other_observer_methods(metrics):
-    obs = metrics.observer("pixelcnn", 1)
+    obs = metrics.observer("pixelcnn", 1, "g")
     obs.on_items(5)
     obs.on_items(2)
     obs.on_reject("queue_full")
@@ -101,19 +102,19 @@ def test_other_observer_methods(metrics):
 
 
 def test_observers_are_per_model_version_and_cached(metrics):
-    a = metrics.observer("vae", 1)
-    assert metrics.observer("vae", 1) is a
-    metrics.observer("vae", 2).on_items(4)
+    a = metrics.observer("vae", 1, "g")
+    assert metrics.observer("vae", 1, "g") is a
+    metrics.observer("vae", 2, "g").on_items(4)
     a.on_items(1)
-    assert value(metrics, "genserve_items_processed_total", {"model": "vae", "version": "1"}) == 1
-    assert value(metrics, "genserve_items_processed_total", {"model": "vae", "version": "2"}) == 4
+    assert value(metrics, "genserve_items_processed_total", {"model": "vae", "version": "1", "graph": "g"}) == 1
+    assert value(metrics, "genserve_items_processed_total", {"model": "vae", "version": "2", "graph": "g"}) == 4
 
 
 def test_rejection_reasons_are_capped(metrics):
-    obs = metrics.observer("gan", 1)
+    obs = metrics.observer("gan", 1, "g")
     for i in range(metrics_mod._MAX_REASONS + 5):
         obs.on_reject(f"reason{i}")
-    gan = {"model": "gan", "version": "1"}
+    gan = {"model": "gan", "version": "1", "graph": "g"}
     last = f"reason{metrics_mod._MAX_REASONS + 4}"
     assert value(metrics, "genserve_rejections_total", {**gan, "reason": "reason0"}) == 1
     assert value(metrics, "genserve_rejections_total", {**gan, "reason": last}) is None
@@ -134,7 +135,7 @@ def test_observe_request(metrics):
 
 def test_model_info_gauge(metrics):
     metrics.set_model_info("pixelcnn", 1, "CUDAExecutionProvider", "pixelcnn")
-    labels = {**PIX, "provider": "CUDAExecutionProvider", "family": "pixelcnn"}
+    labels = {**INFO, "provider": "CUDAExecutionProvider", "family": "pixelcnn"}
     assert value(metrics, "genserve_model_info", labels) == 1
     # Reloaded on another provider: the old series goes away, only the new one is 1.
     metrics.set_model_info("pixelcnn", 1, "CPUExecutionProvider", "pixelcnn")
@@ -145,7 +146,7 @@ def test_model_info_gauge(metrics):
 
 
 def test_bad_input_never_raises_and_logs(metrics, caplog):
-    obs = metrics.observer("pixelcnn", 1)
+    obs = metrics.observer("pixelcnn", 1, "g")
     with caplog.at_level(logging.WARNING, logger="service.metrics"):
         obs.on_batch(None, [0.1], 0.1)  # type: ignore[arg-type]
         obs.on_batch(2, None, 0.1)  # type: ignore[arg-type]
@@ -175,7 +176,7 @@ def test_bad_input_never_raises_and_logs(metrics, caplog):
 
 
 def test_failure_warnings_are_rate_limited(metrics, caplog):
-    obs = metrics.observer("pixelcnn", 1)
+    obs = metrics.observer("pixelcnn", 1, "g")
     with caplog.at_level(logging.WARNING, logger="service.metrics"):
         for _ in range(50):
             obs.on_items(None)  # type: ignore[arg-type]
@@ -183,7 +184,7 @@ def test_failure_warnings_are_rate_limited(metrics, caplog):
 
 
 def test_metrics_failure_inside_prometheus_is_swallowed(metrics, monkeypatch):
-    obs = metrics.observer("pixelcnn", 1)
+    obs = metrics.observer("pixelcnn", 1, "g")
 
     def boom(*args, **kwargs):
         raise RuntimeError("registry on fire")
@@ -195,7 +196,7 @@ def test_metrics_failure_inside_prometheus_is_swallowed(metrics, monkeypatch):
 
 
 def test_non_finite_durations_are_skipped(metrics):
-    obs = metrics.observer("pixelcnn", 1)
+    obs = metrics.observer("pixelcnn", 1, "g")
     obs.on_batch(2, [float("nan"), -0.5], float("inf"))
     assert value(metrics, "genserve_batch_size_count", PIX) == 1
     assert value(metrics, "genserve_queue_wait_seconds_count", PIX) == 1  # the NaN is dropped
@@ -204,7 +205,7 @@ def test_non_finite_durations_are_skipped(metrics):
 
 
 def test_render_contains_every_metric(metrics):
-    obs = metrics.observer("pixelcnn", 1)
+    obs = metrics.observer("pixelcnn", 1, "g")
     obs.on_batch(1, [0.01], 0.01)
     obs.on_items(1)
     obs.on_reject("queue_full")
@@ -233,8 +234,8 @@ def test_metric_names_in_module_docstring():
 
 def test_independent_registries(metrics):
     other = Metrics()
-    gan = {"model": "gan", "version": "1"}
-    metrics.observer("gan", 1).on_items(3)
+    gan = {"model": "gan", "version": "1", "graph": "g"}
+    metrics.observer("gan", 1, "g").on_items(3)
     assert other.registry.get_sample_value("genserve_items_processed_total", gan) is None
     assert value(metrics, "genserve_items_processed_total", gan) == 3
 
@@ -260,7 +261,7 @@ _WRITER = textwrap.dedent(
     items, depth = int(sys.argv[1]), int(sys.argv[2])
     m = Metrics()
     assert m.multiprocess
-    obs = m.observer("pixelcnn", 1)
+    obs = m.observer("pixelcnn", 1, "g")
     obs.on_batch(items, [0.001] * items, 0.01)
     obs.on_items(items)
     obs.on_queue_depth(depth)
@@ -323,7 +324,8 @@ def test_multiprocess_mode_aggregates_across_processes(tmp_path):
     assert get("genserve_queue_wait_seconds_count") == 7
     assert get("genserve_rejections_total", reason="queue_full") == 2
     assert get("genserve_queue_depth") == 7  # livesum over the (not marked dead) processes
-    assert get("genserve_model_info", provider="CPUExecutionProvider", family="pixelcnn") == 1  # livemax
+    info = {**INFO, "provider": "CPUExecutionProvider", "family": "pixelcnn"}
+    assert samples.get(("genserve_model_info", tuple(sorted(info.items())))) == 1  # livemax
     route = {"route": "/v1/models/{name}/generate", "method": "POST"}
     assert samples[("genserve_http_requests_total", tuple(sorted({**route, "status": "200"}.items())))] == 2
     assert samples[("genserve_http_request_duration_seconds_count", tuple(sorted(route.items())))] == 2

@@ -1,0 +1,48 @@
+"""Shared pieces of the /v1 routes: dependencies, seeds, labels and fast JSON responses."""
+
+from __future__ import annotations
+
+import secrets
+
+import numpy as np
+import orjson
+from fastapi import Request
+from starlette.responses import Response
+
+from service.errors import APIError
+from service.runtime import ModelVersion, Registry
+
+
+def get_registry(request: Request) -> Registry:
+    return request.app.state.registry
+
+
+def resolve(request: Request, family: str, version: int | None) -> ModelVersion:
+    """The family's model (named like the family) at the requested or default version; 404 otherwise."""
+    registry = get_registry(request)
+    if not registry.ready:
+        raise APIError(503, "not_ready", "models are still loading", headers={"Retry-After": "1"})
+    return registry.get(family, version, family=family)
+
+
+def new_seed(seed: int | None) -> int:
+    """The request's seed, or a fresh one that fits a JSON number exactly (< 2**53)."""
+    return seed if seed is not None else secrets.randbits(53)
+
+
+def label_array(labels: int | list[int] | None, n: int, default: int | np.ndarray) -> np.ndarray:
+    if labels is None:
+        return np.broadcast_to(np.asarray(default, np.int64), (n,)).copy()
+    return np.full(n, labels, np.int64) if isinstance(labels, int) else np.asarray(labels, np.int64)
+
+
+class JSON(Response):
+    """orjson-encoded response: numpy-free payloads of plain lists, several times faster than json.dumps."""
+    media_type = "application/json"
+
+    def render(self, content) -> bytes:
+        return orjson.dumps(content)
+
+
+def reply(mv: ModelVersion, **payload) -> JSON:
+    return JSON({"model": mv.name, "model_version": mv.version, **payload})

@@ -1,0 +1,31 @@
+"""Liveness, readiness and the Prometheus endpoint (outside /v1: infrastructure, not API)."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request
+from starlette.responses import Response
+
+from service.routes.common import JSON, get_registry
+
+router = APIRouter(tags=["health"])
+
+
+@router.get("/healthz")
+async def healthz():
+    """The process is alive and its event loop answers."""
+    return JSON({"status": "ok"})
+
+
+@router.get("/readyz")
+async def readyz(request: Request):
+    """200 once every valid model is loaded and warmed up; 503 before (and while draining at shutdown)."""
+    reg = get_registry(request)
+    body = {"ready": reg.ready, "models": {n: sorted(v) for n, v in reg.models.items()},
+            "refused": sorted(reg.refused)}
+    return JSON(body, status_code=200 if reg.ready else 503)
+
+
+@router.get("/metrics")
+async def metrics(request: Request):
+    body, content_type = request.app.state.metrics.render()
+    return Response(body, media_type=content_type)

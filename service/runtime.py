@@ -1,0 +1,192 @@
+"""Loaded models: ONNX Runtime sessions, one batcher per graph, warm-up, and the registry the routes use.
+
+Nothing here knows HTTP; routes ask the registry for a model version and submit arrays to it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from service.batcher import Batcher, BatchingConfig
+from service.metrics import Metrics
+from service.sampler import IterationSampler, SamplerConfig, session_fn
+from service.settings import Settings
+from service.store import LoadedVersion, load_store
+
+log = logging.getLogger(__name__)
+
+CPU = "CPUExecutionProvider"
+CUDA = "CUDAExecutionProvider"
+_NP_DTYPES = {"float32": np.float32, "int64": np.int64, "uint8": np.uint8}
+
+
+class ModelNotFound(LookupError):
+    pass
+
+
+def resolve_providers(setting: str) -> list[str]:
+    """'auto' asks for CUDA only where the CUDA provider is built in and a GPU device node exists."""
+    import onnxruntime as ort
+    available = ort.get_available_providers()
+    s = setting.strip().lower()
+    if s == "cpu":
+        return [CPU]
+    if s == "cuda":
+        return [CUDA, CPU]
+    if s == "auto":
+        has_gpu = Path("/dev/nvidiactl").exists() or Path("/dev/nvidia0").exists()
+        return [CUDA, CPU] if CUDA in available and has_gpu else [CPU]
+    wanted = [p.strip() for p in setting.split(",") if p.strip()]
+    return [p for p in wanted if p in available] or [CPU]
+
+
+def session_factory(settings: Settings):
+    import onnxruntime as ort
+    providers = resolve_providers(settings.providers)
+
+    def make(path: Path):
+        so = ort.SessionOptions()
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        so.intra_op_num_threads = settings.intra_op_threads
+        so.inter_op_num_threads = settings.inter_op_threads
+        so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        so.log_severity_level = 3  # errors only: the CUDA provider's fallback chatter is reported by us
+        return ort.InferenceSession(str(path), so, providers=providers)
+    return make
+
+
+def graph_fn(sess) -> Any:
+    """An ORT session as predict(dict of arrays) -> dict of arrays, with outputs by name."""
+    names = [o.name for o in sess.get_outputs()]
+
+    def predict(feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return dict(zip(names, sess.run(names, feeds), strict=True))
+    return predict
+
+
+class ModelVersion:
+    """One loaded version: its manifest, sessions, a batcher per batched graph, and the PixelCNN sampler."""
+
+    def __init__(self, lv: LoadedVersion, settings: Settings, executor: ThreadPoolExecutor, metrics: Metrics):
+        m = lv.manifest
+        self.loaded, self.manifest, self.name, self.version, self.family = lv, m, m.name, m.version, m.family
+        self.provider = lv.providers[0] if lv.providers else CPU
+        mbs, delay_ms = settings.batching_for(m.name, m.batching.max_batch_size, m.batching.max_delay_ms)
+        self.batching = BatchingConfig(max_batch_size=mbs, max_delay_s=delay_ms / 1000.0,
+                                       max_queue_items=settings.max_queue_items, timeout_s=settings.request_timeout_s)
+        batched = [g for g in lv.sessions if not (m.family == "pixelcnn" and g in ("vstack", "hrow"))]
+        self.batchers = {g: Batcher(f"{m.name}/{m.version}/{g}", graph_fn(lv.sessions[g]), self.batching, executor,
+                                    metrics.observer(m.name, m.version, g), concurrency=settings.batch_concurrency)
+                         for g in batched}
+        self.sampler: IterationSampler | None = None
+        if m.family == "pixelcnn":
+            self.sampler = IterationSampler(
+                session_fn(lv.sessions["vstack"]), session_fn(lv.sessions["hrow"]),
+                SamplerConfig(max_active=settings.sampler_max_active, max_queue=settings.sampler_max_queue,
+                              timeout_s=settings.sample_timeout_s),
+                executor=executor, observer=metrics.observer(m.name, m.version, "sampler"))
+        metrics.set_model_info(m.name, m.version, self.provider, m.family)
+
+    async def start(self) -> None:
+        for b in self.batchers.values():
+            await b.start()
+        if self.sampler is not None:
+            await self.sampler.start()
+
+    async def stop(self) -> None:
+        """Finish everything accepted, then stop."""
+        for b in self.batchers.values():
+            await b.stop()
+        if self.sampler is not None:
+            await self.sampler.stop()
+
+    async def run(self, graph: str, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return await self.batchers[graph].submit(inputs)
+
+    def warmup(self) -> float:
+        """Run every graph once on zeros at batch 1 and at the max batch size, so the first request pays no
+        allocation or kernel-selection cost. Returns seconds spent."""
+        t0 = time.perf_counter()
+        for gname, spec in self.manifest.graphs.items():
+            sess = self.loaded.sessions[gname]
+            for b in sorted({1, self.batching.max_batch_size}):
+                feeds = {}
+                for t in spec.inputs:
+                    shape = [b if i == 0 else (28 if d is None else d) for i, d in enumerate(t.shape)]
+                    feeds[t.name] = np.zeros(shape, _NP_DTYPES[t.dtype])
+                sess.run(None, feeds)
+        return time.perf_counter() - t0
+
+    def describe(self) -> dict:
+        m = self.manifest
+        return {
+            "name": m.name, "version": m.version, "family": m.family, "description": m.description,
+            "provider": self.provider, "providers": self.loaded.providers,
+            "batching": {"max_batch_size": self.batching.max_batch_size,
+                         "max_delay_ms": self.batching.max_delay_s * 1000.0,
+                         "max_queue_items": self.batching.max_queue_items},
+            "graphs": {g: {"inputs": [t.model_dump() for t in s.inputs], "outputs": [t.model_dump() for t in s.outputs]}
+                       for g, s in m.graphs.items()},
+            "model": m.model, "dataset": m.dataset, "metrics": m.metrics,
+            "attributes": {k: {"description": a.description, "unit": a.unit, "mean": a.mean, "std": a.std}
+                           for k, a in m.attributes.items()},
+        }
+
+
+class Registry:
+    """Every valid version in the store; the default version of a model is its highest valid one."""
+
+    def __init__(self, settings: Settings, metrics: Metrics):
+        self.settings, self.metrics = settings, metrics
+        self.models: dict[str, dict[int, ModelVersion]] = {}
+        self.refused: dict[str, list[str]] = {}
+        self.ready = False
+        threads = settings.worker_threads
+        self.executor = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="ort")
+        if settings.intra_op_threads == 0 and threads > 1:
+            log.info("ONNX Runtime: %d calling threads, intra-op threads default to the %d cores",
+                     threads, os.cpu_count() or 1)
+
+    def load(self) -> None:
+        loaded, self.refused = load_store(self.settings.store_path, session_factory(self.settings))
+        for name, versions in loaded.items():
+            self.models[name] = {v: ModelVersion(lv, self.settings, self.executor, self.metrics)
+                                 for v, lv in versions.items()}
+        if not self.models:
+            log.warning("no valid model in %s", self.settings.store_path)
+
+    async def start(self) -> None:
+        for mv in self.all():
+            await mv.start()
+            if self.settings.warmup:
+                log.info("%s v%d warmed up in %.2f s on %s", mv.name, mv.version, mv.warmup(), mv.provider)
+        self.ready = True
+
+    async def stop(self) -> None:
+        self.ready = False
+        for mv in self.all():
+            await mv.stop()
+        self.executor.shutdown(wait=True)
+
+    def all(self) -> list[ModelVersion]:
+        return [mv for versions in self.models.values() for mv in versions.values()]
+
+    def get(self, name: str, version: int | None = None, family: str | None = None) -> ModelVersion:
+        versions = self.models.get(name)
+        if not versions:
+            raise ModelNotFound(f"model '{name}' is not loaded (loaded: {sorted(self.models)})")
+        if version is None:
+            version = max(versions)
+        mv = versions.get(version)
+        if mv is None:
+            raise ModelNotFound(f"model '{name}' has no version {version} (versions: {sorted(versions)})")
+        if family is not None and mv.family != family:
+            raise ModelNotFound(f"model '{name}' is a {mv.family}, not a {family}")
+        return mv

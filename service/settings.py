@@ -1,0 +1,55 @@
+"""Typed settings from the environment (prefix GENSERVE_), injected into the app; tests pass their own."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class BatchingOverride(BaseModel):
+    max_batch_size: int | None = Field(None, ge=1, le=4096)
+    max_delay_ms: float | None = Field(None, ge=0, le=1000)
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="GENSERVE_", env_nested_delimiter="__", extra="ignore")
+
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    workers: int = Field(1, ge=1, le=64, description="uvicorn worker processes")
+    store_path: Path = Path("models_store")
+    providers: str = Field("auto", description="auto | cpu | cuda | comma-separated ONNX Runtime provider names")
+    intra_op_threads: int = Field(0, ge=0, description="ONNX Runtime threads per session; 0 = one per core")
+    inter_op_threads: int = Field(1, ge=1)
+    worker_threads: int = Field(2, ge=1, le=64, description="threads that call ONNX Runtime off the event loop")
+    batching: dict[str, BatchingOverride] = Field(
+        default_factory=dict, description='per-model overrides of the manifest defaults, JSON: {"gan": {...}}')
+    max_batch_size: int | None = Field(None, ge=1, le=4096, description="override for every model")
+    max_delay_ms: float | None = Field(None, ge=0, le=1000, description="override for every model")
+    batch_concurrency: int = Field(1, ge=1, le=16, description="ONNX Runtime calls in flight per graph")
+    max_queue_items: int = Field(2048, ge=1, description="queued items per graph before 503")
+    request_timeout_s: float = Field(30.0, gt=0, description="deadline of a batched request before 504")
+    sample_timeout_s: float = Field(300.0, gt=0, description="deadline of a PixelCNN sample request")
+    sampler_max_active: int = Field(64, ge=1, le=1024, description="PixelCNN sequences advanced per step")
+    sampler_max_queue: int = Field(512, ge=1)
+    max_body_bytes: int = Field(8 * 1024 * 1024, ge=1024, description="request bodies above this get 413")
+    warmup: bool = True
+    log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
+
+    def batching_for(self, model: str, max_batch_size: int, max_delay_ms: float) -> tuple[int, float]:
+        """Manifest defaults, then the global override, then the per-model override."""
+        mbs = self.max_batch_size or max_batch_size
+        delay = self.max_delay_ms if self.max_delay_ms is not None else max_delay_ms
+        if (o := self.batching.get(model)) is not None:
+            mbs = o.max_batch_size or mbs
+            delay = o.max_delay_ms if o.max_delay_ms is not None else delay
+        return mbs, delay
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()
