@@ -13,7 +13,6 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 from fastapi_offline import FastAPIOffline
-from starlette.routing import Match
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from service import errors
@@ -34,15 +33,15 @@ class LimitsAndMetrics:
     """Pure ASGI middleware: refuses bodies over the limit with 413 (by Content-Length, or while streaming) and
     records every request's route template, status and duration. Metrics are a side channel: never raises."""
 
-    def __init__(self, app: ASGIApp, limit: int, metrics: Metrics, root: FastAPI):
-        self.app, self.limit, self.metrics, self.root = app, limit, metrics, root
+    def __init__(self, app: ASGIApp, limit: int, metrics: Metrics):
+        self.app, self.limit, self.metrics = app, limit, metrics
 
-    def _route(self, scope: Scope) -> str:
-        for route in self.root.router.routes:
-            match, _ = route.matches(scope)
-            if match == Match.FULL:
-                return getattr(route, "path", "other")
-        return "unmatched"  # never the raw path: unbounded label values would blow up the metric
+    @staticmethod
+    def _route(scope: Scope) -> str:
+        """The matched route's template, which routing leaves in the scope; never the raw path, whose
+        unbounded values would blow up the metric's label set."""
+        route = scope.get("route")
+        return getattr(route, "path", None) or "unmatched"
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -110,5 +109,5 @@ def create_app(settings: Settings | None = None, metrics: Metrics | None = None)
     errors.install(app)
     for r in (health.router, models.router, gan.router, vae.router, pixelcnn.router):
         app.include_router(r)
-    app.add_middleware(LimitsAndMetrics, limit=settings.max_body_bytes, metrics=metrics, root=app)
+    app.add_middleware(LimitsAndMetrics, limit=settings.max_body_bytes, metrics=metrics)
     return app

@@ -44,9 +44,18 @@ def _body(code: str, message: str, fields: list[dict] | None = None) -> dict:
     return {"error": err}
 
 
+# pydantic names the branch of a union that failed ('constrained-int', 'list[constrained-int]'): not a field
+_UNION_TAGS = {"int", "str", "float", "bool", "list", "dict", "none"}
+
+
+def _is_union_tag(part) -> bool:
+    return isinstance(part, str) and ("[" in part or "-" in part or part in _UNION_TAGS)
+
+
 def _field_name(loc: tuple) -> str:
-    """('body', 'images', 3) -> 'images[3]'; ('body', 'edits', 'thick') -> 'edits.thick'."""
-    parts = [p for p in loc if p != "body"]
+    """('body', 'images', 3) -> 'images[3]'; ('body', 'edits', 'thick') -> 'edits.thick';
+    ('body', 'labels', 'list[constrained-int]', 2) -> 'labels[2]'."""
+    parts = [p for p in loc if p != "body" and not _is_union_tag(p)]
     out = ""
     for p in parts:
         out += f"[{p}]" if isinstance(p, int) else (f".{p}" if out else str(p))
@@ -68,8 +77,11 @@ def to_response(exc: Exception) -> JSONResponse:
         if any(e.get("type") == "json_invalid" for e in errors):
             return JSONResponse(_body("malformed_json", "request body is not valid JSON",
                                       [{"field": "body", "message": str(errors[0].get("msg", ""))}]), 400)
-        fields = [{"field": _field_name(tuple(e.get("loc", ()))), "message": e.get("msg", "invalid")}
-                  for e in errors]
+        fields = []
+        for e in errors:
+            f = {"field": _field_name(tuple(e.get("loc", ()))), "message": e.get("msg", "invalid")}
+            if f not in fields:
+                fields.append(f)
         summary = "; ".join(f"{f['field']}: {f['message']}" for f in fields[:5])
         return JSONResponse(_body("invalid_request", summary, fields), 422)
     if isinstance(exc, QueueFull):

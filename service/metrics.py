@@ -4,7 +4,8 @@ Every recording method (``BatchObserver.on_*``, ``Metrics.observe_request``, ``M
 catches any exception, logs a rate-limited warning on ``service.metrics`` and carries on.
 
 Metrics (all names prefixed ``genserve_``, base units; ``model`` is the model name, ``version`` its integer
-version as a string, ``graph`` the ONNX graph in it (e.g. ``encoder``); ``route`` should be the route template, e.g. ``/v1/models/{name}/generate``):
+version as a string, ``graph`` the ONNX graph in it (e.g. ``encoder``); ``route`` is the route template,
+e.g. ``/v1/models/{name}``):
 
 - ``genserve_http_requests_total`` (counter; route, method, status): HTTP requests handled.
 - ``genserve_http_request_duration_seconds`` (histogram; route, method): request duration, buckets

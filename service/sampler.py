@@ -57,6 +57,7 @@ def session_fn(sess: Any) -> GraphFn:
 
 # --- one pixel -------------------------------------------------------------------------------------
 
+
 def sample_pixel(logits: np.ndarray, u: np.ndarray, temperature: float | np.ndarray) -> np.ndarray:
     """logits (B, K), u (B,) in [0, 1) -> values (B,) int64 by inverse CDF of softmax(logits / temperature).
 
@@ -72,16 +73,23 @@ def sample_pixel(logits: np.ndarray, u: np.ndarray, temperature: float | np.ndar
 
 # --- single-batch samplers --------------------------------------------------------------------------
 
-def _check_inputs(labels: Any, u: Any, temperature: Any, pixels: int | None = None) -> tuple[np.ndarray, np.ndarray,
-                                                                                               float, int]:
-    """Validated (labels int64 (n,), u float64 (n, s*s), temperature, s)."""
+
+def _check_inputs(
+    labels: Any, u: Any, temperature: Any, pixels: int | None = None
+) -> tuple[np.ndarray, np.ndarray, float, int]:
+    """Validated (labels int64 (n,), u float64 (n, s*s), temperature, s); raises ValueError."""
     labels = np.asarray(labels)
     if labels.ndim != 1 or labels.size == 0 or not np.issubdtype(labels.dtype, np.integer):
         raise ValueError(f"labels must be a non-empty 1-d integer array, got shape {labels.shape} {labels.dtype}")
     u = np.asarray(u, dtype=np.float64)
     side = math.isqrt(u.shape[-1]) if u.ndim == 2 else 0
-    if u.ndim != 2 or u.shape[0] != labels.size or side < 1 or side * side != u.shape[1] or (
-            pixels is not None and u.shape[1] != pixels):
+    if (
+        u.ndim != 2
+        or u.shape[0] != labels.size
+        or side < 1
+        or side * side != u.shape[1]
+        or (pixels is not None and u.shape[1] != pixels)
+    ):
         want = f"({labels.size}, {pixels if pixels is not None else 'side*side'})"
         raise ValueError(f"u must have shape {want}, got {u.shape}")
     if not ((u >= 0.0) & (u < 1.0)).all():
@@ -92,8 +100,9 @@ def _check_inputs(labels: Any, u: Any, temperature: Any, pixels: int | None = No
     return labels.astype(np.int64), u, temperature, side
 
 
-def sample_naive(vstack: GraphFn, hrow: GraphFn, labels: np.ndarray, u: np.ndarray,
-                 temperature: float = 1.0) -> np.ndarray:
+def sample_naive(
+    vstack: GraphFn, hrow: GraphFn, labels: np.ndarray, u: np.ndarray, temperature: float = 1.0
+) -> np.ndarray:
     """Reference: the whole image through vstack + hrow for every pixel. labels (B,), u (B, s*s) -> (B, s, s) uint8."""
     labels, u, temperature, s = _check_inputs(labels, u, temperature)
     x = np.zeros((labels.size, 1, s, s), np.float32)
@@ -105,8 +114,9 @@ def sample_naive(vstack: GraphFn, hrow: GraphFn, labels: np.ndarray, u: np.ndarr
     return x[:, 0].astype(np.uint8)
 
 
-def sample_fast(vstack: GraphFn, hrow: GraphFn, labels: np.ndarray, u: np.ndarray,
-                temperature: float = 1.0) -> np.ndarray:
+def sample_fast(
+    vstack: GraphFn, hrow: GraphFn, labels: np.ndarray, u: np.ndarray, temperature: float = 1.0
+) -> np.ndarray:
     """Row-cached: vstack once per row on rows 0..r, hrow on row r alone per pixel. Same images as sample_naive."""
     labels, u, temperature, s = _check_inputs(labels, u, temperature)
     x = np.zeros((labels.size, 1, s, s), np.float32)
@@ -122,6 +132,7 @@ def sample_fast(vstack: GraphFn, hrow: GraphFn, labels: np.ndarray, u: np.ndarra
 
 # --- iteration-level batching ---------------------------------------------------------------------
 
+
 @dataclass(frozen=True)
 class SamplerConfig:
     max_active: int = 64  # sequences advanced together per step; more wait in a queue
@@ -131,8 +142,15 @@ class SamplerConfig:
 
 
 class _Request:
-    def __init__(self, labels: np.ndarray, u: np.ndarray, temperature: float, deadline: float,
-                 future: asyncio.Future[np.ndarray], enqueued_at: float):
+    def __init__(
+        self,
+        labels: np.ndarray,
+        u: np.ndarray,
+        temperature: float,
+        deadline: float,
+        future: asyncio.Future[np.ndarray],
+        enqueued_at: float,
+    ):
         self.labels, self.u, self.temperature = labels, u, temperature
         self.deadline = deadline  # on the event loop's monotonic clock
         self.future = future
@@ -154,9 +172,15 @@ class IterationSampler:
     task, between executor calls, never while one is running.
     """
 
-    def __init__(self, vstack: GraphFn, hrow: GraphFn, config: SamplerConfig = SamplerConfig(),
-                 executor: concurrent.futures.Executor | None = None, observer: Any = None,
-                 name: str = "pixelcnn") -> None:
+    def __init__(
+        self,
+        vstack: GraphFn,
+        hrow: GraphFn,
+        config: SamplerConfig = SamplerConfig(),
+        executor: concurrent.futures.Executor | None = None,
+        observer: Any = None,
+        name: str = "pixelcnn",
+    ) -> None:
         if config.max_active < 1 or config.max_queue < 0 or config.timeout_s <= 0:
             raise ValueError("max_active must be >= 1, max_queue >= 0 and timeout_s > 0")
         self.name = name
@@ -200,8 +224,9 @@ class IterationSampler:
         if self._task is not None:
             await self._task
 
-    async def sample(self, labels: np.ndarray, u: np.ndarray, temperature: float = 1.0,
-                     timeout_s: float | None = None) -> np.ndarray:
+    async def sample(
+        self, labels: np.ndarray, u: np.ndarray, temperature: float = 1.0, timeout_s: float | None = None
+    ) -> np.ndarray:
         """labels (n,) 0..max_label, u (n, 784) in [0, 1) -> images (n, 28, 28) uint8."""
         labels, u, temperature, _ = _check_inputs(labels, u, temperature, PIXELS)
         if labels.min() < 0 or labels.max() > self._config.max_label:
@@ -267,8 +292,11 @@ class IterationSampler:
 
     def _admit(self, now: float) -> list[float]:
         """Let finished/abandoned sequences leave, then fill free slots from the queue; returns new joiners' waits."""
-        keep = [k for k, (request, _) in enumerate(self._slots)
-                if self._pos[k] < PIXELS and not request.future.done() and not self._expired(request, now)]
+        keep = [
+            k
+            for k, (request, _) in enumerate(self._slots)
+            if self._pos[k] < PIXELS and not request.future.done() and not self._expired(request, now)
+        ]
         if len(keep) < len(self._slots):
             idx = np.asarray(keep, dtype=np.int64)
             m = idx.size
@@ -360,9 +388,10 @@ class IterationSampler:
                 self._notify("on_items", request.labels.size)
 
     def _notify(self, method: str, *args: object) -> None:
-        if self._observer is None:
+        callback = getattr(self._observer, method, None)  # observers may implement only some methods
+        if callback is None:
             return
         try:
-            getattr(self._observer, method)(*args)
+            callback(*args)
         except Exception:  # metrics must never fail a request
             logger.warning("sampler %r: observer.%s failed", self.name, method, exc_info=True)

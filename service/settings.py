@@ -22,7 +22,7 @@ class Settings(BaseSettings):
     port: int = Field(8000, ge=0, le=65535)
     workers: int = Field(1, ge=1, le=64, description="uvicorn worker processes")
     store_path: Path = Path("models_store")
-    providers: str = Field("auto", description="auto | cpu | cuda | comma-separated ONNX Runtime provider names")
+    providers: str = Field("auto", description="auto, cpu, cuda, or comma-separated ONNX Runtime provider names")
     intra_op_threads: int = Field(0, ge=0, description="ONNX Runtime threads per session; 0 = one per core")
     inter_op_threads: int = Field(1, ge=1)
     worker_threads: int = Field(2, ge=1, le=64, description="threads that call ONNX Runtime off the event loop")

@@ -2,7 +2,9 @@
 
 Each graph is one forward pass: no loops, no random ops. Sampling noise and sampling loops live on the host.
 Inputs and outputs are named, the batch axis is dynamic (PixelCNN's step graphs also take a dynamic height,
-so the host can feed only the rows a step needs).
+so the host can feed only the rows a step needs). Images enter as pixel values 0..255; the VAE decoder's `loc`
+and the GAN's `image` leave in the networks' own -1..1 units (scaling them by 127.5 in the graph would only
+amplify float error past the parity tolerance); the host maps them to pixels.
 """
 
 from __future__ import annotations
@@ -70,23 +72,6 @@ class _PixelCNNHRow(nn.Module):
         return self.m.horizontal(image, vfeats)
 
 
-class _VAEDecoder(nn.Module):
-    def __init__(self, m: vae_lib.VAE):
-        super().__init__()
-        self.m = m
-
-    def forward(self, z):                     # (B, D) -> image (B, 1, 28, 28) in 0..255, log_scale
-        loc, log_scale = self.m.decoder(z)
-        return vae_lib.decode_to_pixels(loc), log_scale
-
-
-class _GANGenerator(nn.Module):
-    def __init__(self, g: gan_lib.Generator):
-        super().__init__()
-        self.g = g
-
-    def forward(self, z, label):              # (B, Z), (B,) -> (B, 1, 28, 28) in 0..255
-        return gan_lib.to_pixels(self.g(z, label))
 
 
 def pixelcnn_graphs(m: pcnn_lib.PixelCNN) -> dict[str, GraphExport]:
@@ -110,13 +95,13 @@ def vae_graphs(m: vae_lib.VAE) -> dict[str, GraphExport]:
     z = torch.randn(2, m.cfg.latent_dim)
     return {
         "encoder": GraphExport(m.encoder, (img,), ["image"], ["mean", "logvar"], {"image": (0,)}),
-        "decoder": GraphExport(_VAEDecoder(m), (z,), ["z"], ["image", "log_scale"], {"z": (0,)}),
+        "decoder": GraphExport(m.decoder, (z,), ["z"], ["loc", "log_scale"], {"z": (0,)}),
     }
 
 
 def gan_graphs(g: gan_lib.Generator, z_dim: int) -> dict[str, GraphExport]:
     g = g.eval()
-    return {"generator": GraphExport(_GANGenerator(g), (torch.randn(2, z_dim), torch.tensor([1, 7])),
+    return {"generator": GraphExport(g, (torch.randn(2, z_dim), torch.tensor([1, 7])),
                                      ["z", "label"], ["image"], {"z": (0,), "label": (0,)})}
 
 

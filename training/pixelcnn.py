@@ -41,7 +41,7 @@ import torch.nn.functional as F
 @dataclass
 class PixelCNNConfig:
     channels: int = 32       # C: width of both stacks
-    n_layers: int = 6        # gated layers, the first one masked "A"
+    n_layers: int = 7        # gated layers, the first one masked "A"
     kernel: int = 5          # k: odd kernel width
     head_channels: int = 96  # hidden width of the 1x1 output head
     num_classes: int = 10    # labels 0..9; label == num_classes means "unconditional"

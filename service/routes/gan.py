@@ -24,5 +24,5 @@ async def sample(body: GanSampleRequest, request: Request):
     labels = label_array(body.labels, body.n, drawn)
     z = (rng.standard_normal((body.n, z_dim)) * body.truncation).astype(np.float32)
     out = await mv.run("generator", {"z": z, "label": labels})
-    images = to_uint8(out["image"][:, 0])
+    images = to_uint8((out["image"][:, 0] + 1.0) * 127.5)        # tanh output -1..1 -> pixels
     return reply(mv, seed=seed, labels=labels.tolist(), images=encode_images(images, body.format))

@@ -33,7 +33,7 @@ async def _encode(mv: ModelVersion, images: np.ndarray) -> tuple[np.ndarray, np.
 async def _decode(mv: ModelVersion, z: np.ndarray) -> np.ndarray:
     """(n, d) -> (n, 28, 28) uint8: the decoder's location, rounded (the most likely image, not a noisy draw)."""
     out = await mv.run("decoder", {"z": z.astype(np.float32)})
-    return to_uint8(out["image"][:, 0])
+    return to_uint8((out["loc"][:, 0] + 1.0) * 127.5)             # location in -1..1 -> pixels
 
 
 def _latent_dim(mv: ModelVersion) -> int:

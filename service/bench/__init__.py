@@ -1,0 +1,15 @@
+"""`python -m service.bench`: a perf_analyzer-style benchmark of the running service.
+
+The server runs as its own process (`python -m service`) on a free loopback port; this process is the client
+(aiohttp, keep-alive). Closed-loop sweeps over concurrency and open-loop Poisson arrivals are measured in windows
+until throughput is stable, and every figure is set against a limit measured in the same run: ONNX Runtime
+called in-process on the same graph file, and the same server's cheapest endpoint (GET /healthz).
+
+    stats.py      percentiles, the stability rule, Poisson schedules (pure, unit-tested)
+    prom.py       Prometheus text parsing and /metrics deltas -> queue wait / compute / batch size split
+    server.py     start / stop the server subprocess
+    load.py       the async load generator (closed and open loop)
+    limits.py     the in-process ONNX Runtime limit and the sampling comparison
+    scenarios.py  the five scenarios
+    report.py     terminal table, JSON, PNG plot, docs/benchmarks.md
+"""

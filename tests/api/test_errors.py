@@ -1,0 +1,96 @@
+"""Bad input gets a 4xx naming the field; overload and timeouts get 503/504; nothing answers 500."""
+
+from __future__ import annotations
+
+import base64
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from tests.api.conftest import make_client, png_b64, wait_ready
+
+ZERO = [[0] * 28 for _ in range(28)]
+
+
+def _err(r, status: int, field: str | None = None) -> dict:
+    assert r.status_code == status, r.text
+    body = r.json()["error"]
+    if field is not None:
+        assert field in [f["field"] for f in body.get("fields", [])], body
+    return body
+
+
+def test_malformed_json(client):
+    _err(client.post("/v1/gan/sample", content=b"{nope", headers={"content-type": "application/json"}), 400, "body")
+
+
+@pytest.mark.parametrize("body,field", [
+    ({"n": "3"}, "n"), ({"n": 2.5}, "n"), ({"n": 0}, "n"), ({"n": 257}, "n"), ({"seed": -1}, "seed"),
+    ({"labels": 10}, "labels"), ({"n": 2, "labels": [1, 2, 3]}, "labels"), ({"truncation": 0}, "truncation"),
+    ({"format": "jpeg"}, "format"), ({"bogus": 1}, "bogus"), ({"model_version": 0}, "model_version"),
+])
+def test_gan_bad_fields(client, body, field):
+    _err(client.post("/v1/gan/sample", json=body), 422, field)
+
+
+def _png(size: int) -> str:
+    buf = io.BytesIO()
+    Image.fromarray(np.zeros((size, size), np.uint8)).save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+@pytest.mark.parametrize("image,fragment", [
+    ("not base64!!", "base64"), (base64.b64encode(b"GIF89a....").decode(), "PNG"), (_png(32), "32x32"),
+    ([[0] * 28] * 27, "27"), ([[256] * 28] * 28, "256"), ([[-1] * 28] * 28, "-1"), ([["a"] * 28] * 28, None), (7, None),
+])
+def test_bad_images_name_their_index(client, image, fragment):
+    body = _err(client.post("/v1/vae/encode", json={"images": [ZERO, image]}), 422, "images[1]")
+    if fragment:
+        assert fragment in body["message"]
+
+
+def test_too_many_images_and_empty_list(client):
+    _err(client.post("/v1/pixelcnn/logprob", json={"images": [ZERO] * 257}), 422, "images")
+    _err(client.post("/v1/pixelcnn/logprob", json={"images": []}), 422, "images")
+    _err(client.post("/v1/pixelcnn/sample", json={"n": 65}), 422, "n")
+
+
+def test_vae_field_errors(client):
+    _err(client.post("/v1/vae/edit", json={"images": [ZERO], "edits": {"boldness": 1}}), 422, "edits.boldness")
+    _err(client.post("/v1/vae/edit", json={"images": [ZERO], "edits": {"thickness": 9}}), 422, "edits.thickness")
+    _err(client.post("/v1/vae/decode", json={"latents": [[0.0, 1.0]]}), 422, "latents[0]")
+    _err(client.post("/v1/vae/interpolate", json={"start": ZERO, "end": "xx", "steps": 3}), 422, "end")
+    _err(client.post("/v1/vae/interpolate", json={"start": ZERO, "end": ZERO, "steps": 1}), 422, "steps")
+    _err(client.post("/v1/vae/interpolate", json={"start": ZERO, "end": ZERO, "method": "cubic"}), 422, "method")
+
+
+def test_unknown_model_version_and_route(client):
+    assert "version 7" in _err(client.post("/v1/gan/sample", json={"model_version": 7}), 404)["message"]
+    _err(client.get("/v1/models/nothing"), 404)
+    _err(client.get("/v1/nowhere"), 404)
+    _err(client.get("/v1/vae/attributes?model_version=3"), 404)
+
+
+def test_body_over_limit_is_413(tiny_store):
+    with make_client(tiny_store, max_body_bytes=4096) as c:
+        wait_ready(c)
+        _err(c.post("/v1/vae/encode", json={"images": [png_b64(np.zeros((28, 28)))] * 40}), 413, "body")
+        assert c.post("/v1/vae/encode", json={"images": [ZERO]}).status_code == 200
+
+
+def test_queue_full_is_503_with_retry_after(tiny_store):
+    with make_client(tiny_store, max_queue_items=4) as c:
+        wait_ready(c)
+        r = c.post("/v1/gan/sample", json={"n": 8})
+        _err(r, 503)
+        assert r.headers["retry-after"] == "1"
+        text = c.get("/metrics").text
+        assert 'genserve_rejections_total{graph="generator",model="gan",reason="queue_full",version="1"} 1.0' in text
+
+
+def test_deadline_is_504(tiny_store):
+    with make_client(tiny_store, request_timeout_s=1e-6) as c:
+        wait_ready(c)
+        _err(c.post("/v1/gan/sample", json={"n": 1}), 504)

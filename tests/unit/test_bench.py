@@ -1,0 +1,188 @@
+"""The pure parts of the benchmark: percentiles, the stability rule, /metrics deltas, Poisson schedules and the
+docs marker replacement. No test here measures or asserts a speed."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from service.bench import prom, report
+from service.bench.stats import is_stable, latency_summary, percentile, poisson_schedule, ratio
+
+
+@pytest.mark.parametrize("q", [0, 1, 25, 50, 90, 99, 100])
+def test_percentile_matches_numpy_linear(q):
+    xs = np.random.default_rng(3).exponential(1.0, 101).tolist()
+    assert percentile(xs, q) == pytest.approx(float(np.percentile(xs, q)))
+
+
+def test_percentile_small_cases():
+    assert percentile([5.0], 99) == 5.0
+    assert percentile([1.0, 2.0, 3.0, 4.0], 50) == 2.5
+    assert percentile([4.0, 1.0, 3.0, 2.0], 0) == 1.0  # unsorted input
+    assert math.isnan(percentile([], 50))
+    with pytest.raises(ValueError):
+        percentile([1.0], 101)
+
+
+def test_latency_summary_is_in_milliseconds():
+    s = latency_summary([0.001, 0.002, 0.003])
+    assert s["p50_ms"] == pytest.approx(2.0) and s["max_ms"] == pytest.approx(3.0)
+    assert math.isnan(latency_summary([])["p99_ms"])
+
+
+def test_stability_rule():
+    assert not is_stable([])
+    assert not is_stable([100.0])
+    assert is_stable([10.0, 100.0, 105.0])           # only the last two count
+    assert is_stable([100.0, 110.0])                  # 10 of 110: within 10%
+    assert not is_stable([100.0, 112.0])
+    assert not is_stable([112.0, 100.0])              # symmetric
+    assert not is_stable([0.0, 0.0])                  # nothing finished is not a stable throughput
+    assert is_stable([100.0, 119.0], tolerance=0.2)
+
+
+def test_poisson_schedule_mean_rate_and_exponential_gaps():
+    rate, duration = 50.0, 200.0
+    t = poisson_schedule(rate, duration, np.random.default_rng(7))
+    assert np.all(np.diff(t) > 0) and t[0] >= 0 and t[-1] < duration
+    assert len(t) / duration == pytest.approx(rate, rel=0.03)   # 10,000 expected: sd 1%
+    gaps = np.diff(t)
+    assert gaps.mean() == pytest.approx(1 / rate, rel=0.03)
+    assert gaps.std() == pytest.approx(1 / rate, rel=0.05)      # exponential: sd equals mean (not a fixed grid)
+
+
+def test_poisson_schedule_is_seeded():
+    a = poisson_schedule(5.0, 10.0, np.random.default_rng(1))
+    b = poisson_schedule(5.0, 10.0, np.random.default_rng(1))
+    c = poisson_schedule(5.0, 10.0, np.random.default_rng(2))
+    assert np.array_equal(a, b) and not np.array_equal(a, c)
+    with pytest.raises(ValueError):
+        poisson_schedule(0.0, 1.0, np.random.default_rng(0))
+
+
+BEFORE = """\
+# HELP genserve_queue_wait_seconds Time each item waited.
+# TYPE genserve_queue_wait_seconds histogram
+genserve_queue_wait_seconds_bucket{graph="logprob",le="0.001",model="pixelcnn",version="1"} 3.0
+genserve_queue_wait_seconds_sum{graph="logprob",model="pixelcnn",version="1"} 0.5
+genserve_queue_wait_seconds_count{graph="logprob",model="pixelcnn",version="1"} 10.0
+genserve_queue_wait_seconds_sum{graph="generator",model="gan",version="1"} 9.0
+genserve_queue_wait_seconds_count{graph="generator",model="gan",version="1"} 90.0
+genserve_compute_seconds_sum{graph="logprob",model="pixelcnn",version="1"} 1.0
+genserve_compute_seconds_count{graph="logprob",model="pixelcnn",version="1"} 4.0
+genserve_batch_size_sum{graph="logprob",model="pixelcnn",version="1"} 10.0
+genserve_batch_size_count{graph="logprob",model="pixelcnn",version="1"} 4.0
+genserve_http_requests_total{method="GET",route="/say \\"hi\\"",status="200"} 2.0
+"""
+
+AFTER = """\
+genserve_queue_wait_seconds_sum{graph="logprob",model="pixelcnn",version="1"} 2.5
+genserve_queue_wait_seconds_count{graph="logprob",model="pixelcnn",version="1"} 110.0
+genserve_queue_wait_seconds_sum{graph="logprob",model="pixelcnn",version="2"} 1.0
+genserve_queue_wait_seconds_count{graph="logprob",model="pixelcnn",version="2"} 100.0
+genserve_queue_wait_seconds_sum{graph="generator",model="gan",version="1"} 100.0
+genserve_queue_wait_seconds_count{graph="generator",model="gan",version="1"} 1000.0
+genserve_compute_seconds_sum{graph="logprob",model="pixelcnn",version="1"} 3.0
+genserve_compute_seconds_count{graph="logprob",model="pixelcnn",version="1"} 8.0
+genserve_batch_size_sum{graph="logprob",model="pixelcnn",version="1"} 110.0
+genserve_batch_size_count{graph="logprob",model="pixelcnn",version="1"} 8.0
+"""
+
+
+def test_parse_labels_and_escapes():
+    s = prom.parse(BEFORE)
+    key = ("genserve_queue_wait_seconds_bucket", (("graph", "logprob"), ("le", "0.001"), ("model", "pixelcnn"),
+                                                  ("version", "1")))
+    assert s[key] == 3.0
+    assert prom.total(s, "genserve_http_requests_total", route='/say "hi"') == 2.0
+    assert prom.total(s, "genserve_queue_wait_seconds_count") == 100.0    # no labels: every series
+    assert prom.total(s, "genserve_missing") == 0.0
+
+
+def test_split_filters_by_model_and_graph_over_all_versions():
+    before, after = prom.parse(BEFORE), prom.parse(AFTER)
+    split = prom.split(before, after, "pixelcnn", "logprob")
+    # queue wait: (2.5 + 1.0 - 0.5) s over (110 + 100 - 10) items = 15 ms per item (gan's series excluded)
+    assert split["queue_wait_ms"] == pytest.approx(15.0)
+    assert split["compute_per_batch_ms"] == pytest.approx(500.0)   # 2 s over 4 batches
+    assert split["mean_batch_size"] == pytest.approx(25.0)         # 100 items over 4 batches
+    assert split["batches"] == 4.0
+    assert prom.split(before, after, "gan", "generator")["queue_wait_ms"] == pytest.approx(100.0)
+    assert math.isnan(prom.split(after, after, "pixelcnn", "logprob")["queue_wait_ms"])  # nothing happened
+
+
+def test_ratio():
+    assert ratio(3.0, 2.0) == 1.5
+    assert math.isnan(ratio(1.0, 0.0)) and math.isnan(ratio(1.0, float("nan")))
+
+
+HAND = "# Benchmarks\n\nHand-written intro.\n\n## Tuning notes\n\nKeep me: max_delay_ms 2 -> 5.\n\n"
+
+
+def test_replace_block_keeps_hand_written_text():
+    first = report.replace_block(HAND, "table v1")
+    assert first.startswith(HAND) and first.endswith(f"{report.BEGIN}\ntable v1\n{report.END}\n")
+    after = first + "\n## Footer written by hand\n"
+    second = report.replace_block(after, "table v2\n")
+    assert second == after.replace("table v1", "table v2")
+    assert second.count(report.BEGIN) == 1 and "v1" not in second
+
+
+def test_replace_block_in_empty_text_and_regex_characters():
+    out = report.replace_block("", r"a \1 $0 (x)")
+    assert out == f"{report.BEGIN}\na \\1 $0 (x)\n{report.END}\n"   # the block is literal, not a regex template
+
+
+def test_update_doc_creates_skeleton(tmp_path):
+    doc = tmp_path / "docs" / "benchmarks.md"
+    report.update_doc(doc, "figures")
+    text = doc.read_text()
+    assert "## Tuning notes" in text and text.index("## Tuning notes") < text.index(report.BEGIN)
+    doc.write_text(text.replace("## Tuning notes\n", "## Tuning notes\n\nmine\n"))
+    report.update_doc(doc, "new figures")
+    assert "mine" in doc.read_text() and "new figures" in doc.read_text() and "\nfigures" not in doc.read_text()
+
+
+def test_json_is_strict(tmp_path):
+    path = tmp_path / "r.json"
+    report.write_json({"a": float("nan"), "b": [1.0, float("inf")], "c": {2: "x"}}, path)
+    assert path.read_text().split() == '{ "a": null, "b": [ 1.0, null ], "c": { "2": "x" } }'.split()
+
+
+def _fake_run() -> dict:
+    from dataclasses import asdict
+
+    from service.bench.load import Result
+
+    def res(name, mode, level, rps, statuses=None, **kw):
+        r = Result(name, mode, level, seconds=4.0, requests=int(rps * 4), ok=int(rps * 4), rps=rps, images_per_s=rps,
+                   latency={"p50_ms": 1.0, "p90_ms": 2.0, "p99_ms": 3.0}, statuses=statuses or {"200": 8},
+                   window_rps=[rps, rps, rps], stable=True, **kw)
+        return asdict(r)
+
+    floor = {"name": "gan ratio", "what": "ratio", "measured": 0.5, "floor": 0.6, "pass": False}
+    return {"machine": {"cpu": "Test CPU", "cores": 2, "ram": "1 GiB", "onnxruntime": "1", "provider": "CPU",
+                        "python": "3", "platform": "linux", "date": "today"},
+            "windows": {"seconds": 2.0, "max_windows": 8, "tolerance": 0.1}, "elapsed_s": 1.0,
+            "scenarios": {"gan": {"results": [res("gan", "closed", 64, 500.0, {"200": 8, "503": 2})],
+                                  "limits": {"http": res("healthz", "closed", 64, 1000.0)}, "floors": [floor]},
+                          "iteration": {"results": [res("sample-shared", "open", 2.5, 2.4, offered=50, unfinished=1)],
+                                        "iteration": {"single_latency_ms": 800.0, "rate_per_s": 2.5,
+                                                      "duration_s": 20.0, "drain_s": 20.0, "p50_ratio": 9.0,
+                                                      "throughput_ratio": 2.0, "shared_sustained": False},
+                                        "floors": []}}}
+
+
+def test_terminal_and_markdown_name_every_figure_and_floor():
+    run = _fake_run()
+    text = report.terminal(run)
+    assert "gan ratio" in text and "FAIL" in text and "0.50x" in text and "503: 2" in text
+    assert "2.50/s x50" in text and "unfinished: 1" in text and "1,000 requests/s" in text
+    md = report.markdown(run, "images/bench.png")
+    assert "| gan ratio | 0.50x | >= 0.6x | FAIL |" in md and "Test CPU, 2 cores" in md
+    assert "![" in md and "(images/bench.png)" in md and report.BEGIN not in md
+    assert "one at a time serves 1.25/s" in md and "sequential / shared = 9.00x" in md
+    assert "(sustained the rate): no" in md

@@ -1,0 +1,272 @@
+"""Unit tests for service.sampler.IterationSampler: iteration-level batching of PixelCNN sampling.
+
+A tiny randomly initialised PixelCNN is exported once per module; every result is compared with the single-batch
+`sample_fast` on the same uniforms, which must hold whatever other requests shared the steps.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Awaitable, Callable, Sequence
+
+import numpy as np
+import pytest
+
+from service.batcher import BatcherClosed, DeadlineExceeded, QueueFull
+from service.sampler import IterationSampler, SamplerConfig, sample_fast
+
+PIXELS = 28 * 28
+
+
+@pytest.fixture(scope="module")
+def tiny_pixelcnn_graphs(tiny_pixelcnn_onnx):
+    """(vstack fn, hrow fn) of the session's tiny random PixelCNN."""
+    return tiny_pixelcnn_onnx[1:]
+
+
+class Recorder:
+    """Wraps a graph fn, recording the batch size of every call; can be told to fail calls."""
+
+    def __init__(self, fn: Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]) -> None:
+        self.fn = fn
+        self.sizes: list[int] = []
+        self.heights: list[int] = []
+        self.fail_next = threading.Event()
+        self._lock = threading.Lock()
+
+    def __call__(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        with self._lock:
+            self.sizes.append(len(feeds["image"]))
+            self.heights.append(feeds["image"].shape[2])
+        if self.fail_next.is_set():
+            self.fail_next.clear()
+            raise RuntimeError("injected graph failure")
+        return self.fn(feeds)
+
+
+class RecordingObserver:
+    def __init__(self) -> None:
+        self.steps: list[int] = []
+        self.batches: list[tuple[int, list[float], float]] = []
+        self.items = 0
+        self.rejects: list[str] = []
+
+    def on_sampler_step(self, active: int) -> None:
+        self.steps.append(active)
+
+    def on_batch(self, batch_size: int, queue_waits_s: Sequence[float], compute_s: float) -> None:
+        self.batches.append((batch_size, list(queue_waits_s), compute_s))
+
+    def on_items(self, n: int) -> None:
+        self.items += n
+
+    def on_reject(self, reason: str) -> None:
+        self.rejects.append(reason)
+
+    def on_queue_depth(self, depth: int) -> None:
+        raise RuntimeError("observer failures must be swallowed")
+
+
+class Harness:
+    def __init__(self, graphs, **config: float) -> None:
+        self.vstack, self.hrow = Recorder(graphs[0]), Recorder(graphs[1])
+        self.observer = RecordingObserver()
+        self.sampler = IterationSampler(self.vstack, self.hrow, SamplerConfig(**config), observer=self.observer)
+
+    def run(self, scenario: Callable[[IterationSampler], Awaitable[None]]) -> None:
+        async def main() -> None:
+            await self.sampler.start()
+            try:
+                await asyncio.wait_for(scenario(self.sampler), 30)
+            finally:
+                await asyncio.wait_for(self.sampler.stop(), 30)
+
+        asyncio.run(main())
+
+
+def make_request(seed: int, labels: list[int]) -> tuple[np.ndarray, np.ndarray]:
+    return np.array(labels), np.random.default_rng(seed).random((len(labels), PIXELS))
+
+
+async def wait_until(condition: Callable[[], bool]) -> None:
+    while not condition():
+        await asyncio.sleep(0.001)
+
+
+def test_concurrent_requests_match_sample_fast(tiny_pixelcnn_graphs) -> None:
+    (la, ua), (lb, ub) = make_request(1, [3, 10]), make_request(2, [7])
+    want_a = sample_fast(*tiny_pixelcnn_graphs, la, ua, 1.0)
+    want_b = sample_fast(*tiny_pixelcnn_graphs, lb, ub, 0.7)  # temperature differs per request
+    h = Harness(tiny_pixelcnn_graphs)
+
+    async def scenario(sampler: IterationSampler) -> None:
+        a, b = await asyncio.gather(sampler.sample(la, ua, 1.0), sampler.sample(lb, ub, 0.7))
+        np.testing.assert_array_equal(a, want_a)
+        np.testing.assert_array_equal(b, want_b)
+        assert a.dtype == np.uint8 and a.shape == (2, 28, 28)
+
+    h.run(scenario)
+    assert h.hrow.sizes == [3] * PIXELS  # every step shared by all three sequences
+    assert h.vstack.sizes == [3] * 28 and h.vstack.heights == list(range(1, 29))  # cropped to rows 0..r
+    assert h.observer.steps == [3] * PIXELS and h.observer.items == 3 and h.observer.rejects == []
+    assert len(h.observer.batches[0][1]) == 3 and all(not waits for _, waits, _ in h.observer.batches[1:])
+
+
+def test_late_request_joins_mid_way(tiny_pixelcnn_graphs) -> None:
+    (la, ua), (lb, ub) = make_request(3, [1, 10]), make_request(4, [9])
+    want_a, want_b = sample_fast(*tiny_pixelcnn_graphs, la, ua), sample_fast(*tiny_pixelcnn_graphs, lb, ub)
+    h = Harness(tiny_pixelcnn_graphs)
+
+    async def scenario(sampler: IterationSampler) -> None:
+        first = asyncio.create_task(sampler.sample(la, ua, 1.0))
+        await wait_until(lambda: len(h.hrow.sizes) >= 100)  # the first request is well under way
+        b = await sampler.sample(lb, ub, 1.0)
+        np.testing.assert_array_equal(b, want_b)
+        np.testing.assert_array_equal(await first, want_a)
+
+    h.run(scenario)
+    sizes = h.hrow.sizes
+    joined = sizes.index(3)  # steps the first request had done alone before the second joined
+    assert 100 <= joined < PIXELS
+    # it joined at the next step rather than after the first finished: the steps overlap
+    assert sizes == [2] * joined + [3] * (PIXELS - joined) + [1] * joined
+    assert len(sizes) < 2 * PIXELS
+    # vstack runs on the sequences starting a row only: the joiner alone once the first request is done
+    assert h.vstack.sizes[0] == 2 and h.vstack.sizes[-1] == 1 and sum(h.vstack.sizes) == 3 * 28
+
+
+def test_sequences_beyond_max_active_wait_and_join(tiny_pixelcnn_graphs) -> None:
+    labels, u = make_request(5, [0, 4, 10])
+    want = sample_fast(*tiny_pixelcnn_graphs, labels, u)
+    h = Harness(tiny_pixelcnn_graphs, max_active=2)
+
+    async def scenario(sampler: IterationSampler) -> None:
+        task = asyncio.create_task(sampler.sample(labels, u))
+        await wait_until(lambda: sampler.active == 2)
+        assert sampler.queued == 1
+        np.testing.assert_array_equal(await task, want)
+
+    h.run(scenario)
+    assert max(h.hrow.sizes) == 2 and len(h.hrow.sizes) == 2 * PIXELS
+    assert h.observer.items == 3
+
+
+def test_queue_full(tiny_pixelcnn_graphs) -> None:
+    h = Harness(tiny_pixelcnn_graphs, max_active=2, max_queue=1)
+
+    async def scenario(sampler: IterationSampler) -> None:
+        first = asyncio.create_task(sampler.sample(*make_request(6, [1, 2])))
+        await asyncio.sleep(0)  # accepted
+        with pytest.raises(QueueFull):
+            await sampler.sample(*make_request(7, [3, 4]))  # 2 + 2 > max_active + max_queue
+        with pytest.raises(QueueFull):
+            await sampler.sample(*make_request(8, [0] * 4))  # could never fit
+        third = asyncio.create_task(sampler.sample(*make_request(9, [5])))  # 2 + 1 fits
+        await asyncio.sleep(0)
+        assert sampler.active + sampler.queued == 3
+        first.cancel()
+        third.cancel()
+        await asyncio.gather(first, third, return_exceptions=True)
+
+    h.run(scenario)
+    assert h.observer.rejects == ["queue_full", "queue_full"]
+
+
+def test_stop_finishes_accepted_work_then_refuses(tiny_pixelcnn_graphs) -> None:
+    (la, ua), (lb, ub) = make_request(10, [2]), make_request(11, [8])
+    want_a, want_b = sample_fast(*tiny_pixelcnn_graphs, la, ua), sample_fast(*tiny_pixelcnn_graphs, lb, ub)
+    h = Harness(tiny_pixelcnn_graphs, max_active=1)  # the second one is still queued at stop()
+
+    async def main() -> None:
+        sampler = h.sampler
+        with pytest.raises(BatcherClosed):
+            await sampler.sample(la, ua)  # not started
+        await sampler.start()
+        tasks = [asyncio.create_task(sampler.sample(la, ua)), asyncio.create_task(sampler.sample(lb, ub))]
+        await asyncio.sleep(0)
+        await asyncio.wait_for(sampler.stop(), 30)
+        assert all(t.done() for t in tasks)
+        np.testing.assert_array_equal(tasks[0].result(), want_a)
+        np.testing.assert_array_equal(tasks[1].result(), want_b)
+        with pytest.raises(BatcherClosed):
+            await sampler.sample(la, ua)
+        await asyncio.wait_for(sampler.stop(), 1)  # idempotent
+
+    asyncio.run(main())
+    assert h.observer.rejects == ["closed", "closed"]
+    assert len(h.hrow.sizes) == 2 * PIXELS
+
+
+def test_cancellation_drops_sequences(tiny_pixelcnn_graphs) -> None:
+    (la, ua), (lb, ub) = make_request(12, [6, 10]), make_request(13, [0])
+    want_b = sample_fast(*tiny_pixelcnn_graphs, lb, ub)
+    h = Harness(tiny_pixelcnn_graphs, max_active=3)
+
+    async def scenario(sampler: IterationSampler) -> None:
+        a = asyncio.create_task(sampler.sample(la, ua))
+        b = asyncio.create_task(sampler.sample(lb, ub))
+        queued = asyncio.create_task(sampler.sample(*make_request(14, [1])))  # no free slot: waits
+        await wait_until(lambda: len(h.hrow.sizes) >= 50)
+        assert sampler.queued == 1
+        queued.cancel()
+        await asyncio.sleep(0)
+        assert sampler.queued == 0  # dropped from the queue at once
+        a.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await a
+        np.testing.assert_array_equal(await b, want_b)
+        assert sampler.active == 0 and sampler.queued == 0
+
+    h.run(scenario)
+    sizes = h.hrow.sizes
+    cut = sizes.index(1)
+    assert sizes == [3] * cut + [1] * (PIXELS - cut)  # the cancelled sequences left at the next step
+    assert h.observer.items == 1
+
+
+def test_deadline_drops_sequences(tiny_pixelcnn_graphs) -> None:
+    lb, ub = make_request(15, [4])
+    want_b = sample_fast(*tiny_pixelcnn_graphs, lb, ub)
+    h = Harness(tiny_pixelcnn_graphs)
+
+    async def scenario(sampler: IterationSampler) -> None:
+        b = asyncio.create_task(sampler.sample(lb, ub))
+        with pytest.raises(DeadlineExceeded):
+            await sampler.sample(*make_request(16, [1, 2]), timeout_s=0.05)
+        np.testing.assert_array_equal(await b, want_b)
+
+    h.run(scenario)
+    assert h.observer.rejects == ["deadline"]
+    assert h.hrow.sizes[0] == 3 and h.hrow.sizes[-1] == 1 and len(h.hrow.sizes) == PIXELS
+
+
+def test_graph_failure_fails_the_step_and_the_sampler_goes_on(tiny_pixelcnn_graphs) -> None:
+    labels, u = make_request(17, [3])
+    want = sample_fast(*tiny_pixelcnn_graphs, labels, u)
+    h = Harness(tiny_pixelcnn_graphs)
+
+    async def scenario(sampler: IterationSampler) -> None:
+        h.hrow.fail_next.set()
+        with pytest.raises(RuntimeError, match="injected"):
+            await sampler.sample(*make_request(18, [1, 2]))
+        np.testing.assert_array_equal(await sampler.sample(labels, u), want)
+
+    h.run(scenario)
+    assert h.observer.rejects == ["error"]
+
+
+def test_bad_requests_are_refused(tiny_pixelcnn_graphs) -> None:
+    h = Harness(tiny_pixelcnn_graphs)
+
+    async def scenario(sampler: IterationSampler) -> None:
+        with pytest.raises(ValueError, match="labels"):
+            await sampler.sample(*make_request(19, [11]))
+        with pytest.raises(ValueError, match="u must have shape"):
+            await sampler.sample(np.array([1]), np.zeros((1, 100)))
+        with pytest.raises(ValueError, match="temperature"):
+            await sampler.sample(*make_request(20, [1]), temperature=-1.0)
+        assert sampler.active == sampler.queued == 0
+
+    h.run(scenario)
+    assert h.hrow.sizes == []

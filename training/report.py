@@ -1,0 +1,63 @@
+"""Render the held-out metrics of a model store as Markdown (the README's tables come from here).
+
+    python -m training.report [models_store]
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from service.store import discover, read_manifest
+
+
+def _f(x, digits=3) -> str:
+    return f"{x:.{digits}f}" if isinstance(x, float) else str(x)
+
+
+def render(store: Path) -> str:
+    ms = {m.name: m for m in (read_manifest(v) for v in discover(store))}
+    lines = []
+    if (pc := ms.get("pixelcnn")) is not None:
+        m = pc.metrics
+        lines += ["| held-out (500 digits) | bits/dim |", "|---|---|",
+                  f"| PixelCNN, exact NLL, log p(x) | **{_f(m['heldout_bits_per_dim'])}** |",
+                  f"| PixelCNN given the digit label, log p(x given y) | {_f(m['heldout_bits_per_dim_given_label'])} |"]
+        if (vae := ms.get("vae")) is not None:
+            lines += [f"| VAE, importance-weighted bound (k = {vae.metrics['iwae_samples']}) | "
+                      f"{_f(vae.metrics['heldout_iwae_bits_per_dim'])} |",
+                      f"| VAE, negative ELBO | {_f(vae.metrics['heldout_neg_elbo_bits_per_dim'])} |"]
+        lines += [f"| PNG (Pillow, optimize) | {_f(m['codec_bits_per_dim']['png'])} |",
+                  f"| WebP lossless (Pillow, method 6) | {_f(m['codec_bits_per_dim']['webp_lossless'])} |", ""]
+    if (gan := ms.get("gan")) is not None:
+        m = gan.metrics
+        judge = m["judge"]
+        lines += ["| GAN and judge | value |", "|---|---|",
+                  f"| judge classifier, held-out accuracy | {_f(judge['classifier']['heldout_accuracy'])} |",
+                  f"| conditional samples classified as their label ({m['conditional_samples']} samples) | "
+                  f"**{_f(m['conditional_accuracy'])}** |",
+                  f"| worst label | {min(m['conditional_accuracy_per_label'].values()):.3f} |",
+                  f"| unconditional samples, class histogram (500) | {m['unconditional_class_histogram']} |",
+                  f"| Frechet distance to held-out, GAN samples | {_f(m['frechet_distance_samples'], 2)} |"]
+        if (vae := ms.get("vae")) is not None:
+            fd = vae.metrics['frechet_distance_samples']
+            lines += [f"| Frechet distance to held-out, VAE samples | {_f(fd, 2)} |"]
+        lines += [f"| Frechet distance to held-out, real training digits (floor) | "
+                  f"{_f(judge['frechet_real_train_vs_heldout'], 2)} |", ""]
+    if (vae := ms.get("vae")) is not None:
+        lines += ["| VAE edit (strengths -2..+2) | Spearman per image (mean) | Spearman, pooled change | "
+                  "measured std per unit strength | digit kept |", "|---|---|---|---|---|"]
+        for name, e in vae.metrics["attribute_edits"]["attributes"].items():
+            lines.append(f"| {name} | **{_f(e['spearman_mean_per_image'])}** | {_f(e['spearman_pooled_change'])} | "
+                         f"{_f(e['measured_std_per_unit_strength'])} | {_f(e['class_kept_rate'])} |")
+        mse, mae = vae.metrics["reconstruction_mse"], vae.metrics["reconstruction_mae"]
+        lines += ["", f"VAE reconstruction error (held-out, pixel units): MSE {_f(mse, 1)}, MAE {_f(mae, 2)}.", ""]
+    lines += ["| model | training time (s) | files |", "|---|---|---|"]
+    for name, m in sorted(ms.items()):
+        size = sum(f.bytes for f in m.files.values())
+        lines.append(f"| {name} | {m.training['train_seconds']:.0f} | {size / 1e6:.2f} MB |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(render(Path(sys.argv[1] if len(sys.argv) > 1 else "models_store")))
