@@ -165,6 +165,7 @@ def eval_gan(g: gan_lib.Generator, cfg: gan_lib.GANConfig, clf: clf_lib.DigitCla
 
 def frechet_reference(clf: clf_lib.DigitClassifier, train: Dataset, heldout: Dataset) -> float:
     """Frechet distance of real training images to the held-out ones: the floor a perfect generator reaches."""
-    _, f_train = classify(clf, tensors(train)[0][:len(heldout.images)])
+    step = max(1, len(train.images) // len(heldout.images))   # evenly spaced: the source may be sorted by class
+    _, f_train = classify(clf, tensors(train)[0][::step][:len(heldout.images)])
     _, f_held = classify(clf, tensors(heldout)[0])
     return frechet_distance(f_held, f_train)
