@@ -154,31 +154,36 @@ def write_version(store: Path, name: str, family: str, version: int, graphs: dic
     final = store / name / str(version)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{version}-", dir=final.parent))
-    tmp_v = tmp / str(version)
-    tmp_v.mkdir()
+    try:
+        diffs = _stage_version(tmp, name, family, version, graphs, manifest_fields)
+        if final.exists():
+            shutil.rmtree(final)
+        (tmp / name / str(version)).rename(final)
+    finally:  # a failed export (parity, validation) leaves nothing behind in the store
+        shutil.rmtree(tmp, ignore_errors=True)
+    log.info("wrote %s (parity %s)", final, {k: f"{v:.1e}" for k, v in diffs.items()})
+    return final, diffs
+
+
+def _stage_version(tmp: Path, name: str, family: str, version: int, graphs: dict[str, GraphExport],
+                   manifest_fields: dict) -> dict[str, float]:
+    """Export, check parity, write the manifest and validate, all in `tmp/<name>/<version>/` (the store's layout,
+    so validation sees exactly what the service will)."""
+    vdir = tmp / name / str(version)
+    vdir.mkdir(parents=True)
     files, gspecs, diffs = {}, {}, {}
     for gname, spec in graphs.items():
         fname = f"{gname}.onnx"
-        export_onnx(spec, tmp_v / fname)
-        diffs[gname] = parity(spec, tmp_v / fname)
+        export_onnx(spec, vdir / fname)
+        diffs[gname] = parity(spec, vdir / fname)
         if diffs[gname] > PARITY_TOLERANCE:
             raise RuntimeError(f"{name}/{gname}: ONNX parity {diffs[gname]:.2e} exceeds {PARITY_TOLERANCE}")
-        ins, outs = tensor_specs(spec, tmp_v / fname)
-        files[fname] = file_entry(tmp_v / fname)
+        ins, outs = tensor_specs(spec, vdir / fname)
+        files[fname] = file_entry(vdir / fname)
         gspecs[gname] = GraphSpec(file=fname, inputs=ins, outputs=outs)
     manifest_fields.setdefault("created", dt.datetime.now(dt.UTC).replace(microsecond=0).isoformat())
     manifest_fields.setdefault("metrics", {})["onnx_parity_max_abs_diff"] = diffs
     manifest = Manifest(name=name, family=family, version=version, files=files, graphs=gspecs, **manifest_fields)
-    write_manifest(manifest, tmp_v)
-    # validate exactly as the service will, but in the temporary folder's layout
-    staged = tmp / name
-    tmp_v.rename(tmp / "v")
-    staged.mkdir()
-    (tmp / "v").rename(staged / str(version))
-    validate_version(staged / str(version))
-    if final.exists():
-        shutil.rmtree(final)
-    (staged / str(version)).rename(final)
-    shutil.rmtree(tmp)
-    log.info("wrote %s (parity %s)", final, {k: f"{v:.1e}" for k, v in diffs.items()})
-    return final, diffs
+    write_manifest(manifest, vdir)
+    validate_version(vdir)
+    return diffs

@@ -61,3 +61,14 @@ def test_onnx_runs_at_other_batch_sizes_than_exported(tiny_store):
         (img,) = sess.run(None, {"z": np.zeros((b, sess.get_inputs()[0].shape[1]), np.float32),
                                  "label": np.arange(b) % 10})
         assert img.shape == (b, 1, 28, 28) and -1 <= img.min() and img.max() <= 1     # tanh units
+
+
+def test_failed_export_leaves_nothing_behind(tmp_path, monkeypatch):
+    from training import export as ex
+    from training.gan import GANConfig, Generator
+
+    monkeypatch.setattr(ex, "PARITY_TOLERANCE", -1.0)            # every graph now "fails" parity
+    cfg = GANConfig(z_dim=4, g_channels=8)
+    with pytest.raises(RuntimeError, match="parity"):
+        ex.write_version(tmp_path, "gan", "gan", 1, ex.gan_graphs(Generator(cfg).eval(), cfg.z_dim))
+    assert [p.name for p in (tmp_path / "gan").iterdir()] == []
