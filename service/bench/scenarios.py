@@ -101,7 +101,7 @@ def logprob(ctx: Context) -> dict:
         reps = -(-b // len(images))
         return {"image": np.concatenate([images] * reps)[:b], "label": np.full(b, 10, np.int64)}
 
-    limit = limits.compute_limit(folder / m["graphs"]["logprob"]["file"], feeds, sizes, 0.3 if ctx.quick else 1.5)
+    limit = limits.compute_limit(folder / m["graphs"]["logprob"]["file"], feeds, sizes, 0.5 if ctx.quick else 2.5)
     print(f"  in-process limit: {limit['images_per_s']:.0f} img/s at batch {limit['best_batch_size']} "
           f"({limit['provider']})", flush=True)
     levels = [1, 8, 32, 64]
