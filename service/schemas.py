@@ -33,18 +33,22 @@ def _labels_ok(v: int | list[int] | None, n: int | None) -> None:
         raise ValueError(f"labels has {len(v)} entries but n is {n}: give one digit for all or a list of n digits")
 
 
-class GanSampleRequest(_Request):
+class _LabelsForN(_Request):
+    """Requests with `n` and `labels`: a list of labels must have n entries."""
+
+    @field_validator("labels", check_fields=False)
+    @classmethod
+    def _n_labels(cls, v, info):
+        _labels_ok(v, info.data.get("n"))
+        return v
+
+
+class GanSampleRequest(_LabelsForN):
     n: int = Field(1, ge=1, le=256)
     seed: int | None = Field(None, ge=0, le=MAX_SEED, description="default: drawn at random and returned")
     labels: Digit | list[Digit] | None = Field(None, description="one digit for all, a list of n, or absent: any")
     truncation: float = Field(1.0, gt=0.0, le=1.0, description="noise scale psi; < 1 trades variety for fidelity")
     format: ImageFormat = "png"
-
-    @field_validator("labels")
-    @classmethod
-    def _n_labels(cls, v, info):
-        _labels_ok(v, info.data.get("n"))
-        return v
 
 
 class SampleResponse(_Response):
@@ -132,15 +136,9 @@ class LogprobResponse(_Response):
     results: list[LogprobResult]
 
 
-class PixelCNNSampleRequest(_Request):
+class PixelCNNSampleRequest(_LabelsForN):
     n: int = Field(1, ge=1, le=64)
     seed: int | None = Field(None, ge=0, le=MAX_SEED)
     temperature: float = Field(1.0, gt=0.0, le=2.0, description="softmax temperature per pixel")
     labels: Digit | list[Digit] | None = None
     format: ImageFormat = "png"
-
-    @field_validator("labels")
-    @classmethod
-    def _n_labels(cls, v, info):
-        _labels_ok(v, info.data.get("n"))
-        return v
