@@ -15,6 +15,7 @@ import traceback
 from pathlib import Path
 
 from service.bench import report
+from service.bench.cpu import CpuMeter
 from service.bench.load import Windows
 from service.bench.scenarios import SCENARIOS, Context, load_digits
 from service.bench.server import REPO
@@ -48,8 +49,13 @@ def main(argv: list[str] | None = None) -> int:
     for name in names:
         print(f"== {name}", flush=True)
         t = time.monotonic()
+        meter = CpuMeter()
         try:
             run["scenarios"][name] = SCENARIOS[name](ctx) | {"elapsed_s": time.monotonic() - t}
+            run["scenarios"][name]["cpu_elsewhere"] = used = meter.read()
+            if used["others_share"] > 0.05:
+                print(f"  warning: other processes (or the hypervisor) took {used['others_share']:.0%} of the "
+                      f"machine during {name}: its figures are disturbed", flush=True)
         except Exception as exc:  # one broken scenario must not lose the others' figures
             traceback.print_exc()
             run["failed"][name] = f"{type(exc).__name__}: {exc}"

@@ -43,6 +43,10 @@ def _f(x: float, digits: int = 1) -> str:
     return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:,.{digits}f}"
 
 
+def _pct(x: float | None) -> str:
+    return "-" if x is None or math.isnan(x) else f"{x:.0%}"
+
+
 def result_rows(results: list[dict]) -> list[list[str]]:
     rows = []
     for r in results:
@@ -182,7 +186,7 @@ def plot(run: dict, path: Path) -> bool:
         ax.set_xlabel("concurrent clients (closed loop)")
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=8)
-    ax1.set_ylim(bottom=0)
+    ax1.set_yscale("log")  # the /healthz line sits an order of magnitude above the models
     ax1.set_ylabel("images/s (1 image per request)")
     ax2.set_ylabel("latency, ms")
     ax2.set_yscale("log")
@@ -205,6 +209,10 @@ def markdown(run: dict, plot_rel: str | None) -> str:
         f"- ONNX Runtime {m['onnxruntime']} ({m['provider']}), Python {m['python']}, {m['platform']}",
         f"- Client and server share this machine: the client is one asyncio process (aiohttp, keep-alive), the "
         f"server `python -m service` on a loopback port. Run took {run['elapsed_s']:.0f} s.",
+        "- Other processes' (and the hypervisor's) share of the machine during each scenario: "
+        + (", ".join(f"{n} {_pct(sc.get('cpu_elsewhere', {}).get('others_share'))}"
+                     for n, sc in run["scenarios"].items()) or "-")
+        + " (above a few percent the figures of that scenario are disturbed).",
         "",
         "### Floors",
         "",
