@@ -38,6 +38,11 @@ def tensors(ds: Dataset) -> tuple[torch.Tensor, torch.Tensor]:
     return x, y
 
 
+def one_cycle(opt: torch.optim.Optimizer, peak_lr: float, steps: int):
+    """Smith & Topin's one-cycle schedule: warm up to peak_lr, then anneal; stepped once per batch."""
+    return torch.optim.lr_scheduler.OneCycleLR(opt, peak_lr, total_steps=max(steps, 1))
+
+
 def batches(n: int, batch_size: int, gen: torch.Generator):
     perm = torch.randperm(n, generator=gen)
     for i in range(0, n - batch_size + 1, batch_size):  # drop the ragged last batch: stable BN statistics
@@ -81,7 +86,7 @@ def train_classifier(train: Dataset, cfg: ClassifierTrain, run_dir: Path) -> clf
     model = clf_lib.DigitClassifier(cfg.model)
     opt = torch.optim.AdamW(model.parameters(), cfg.lr, weight_decay=1e-4)
     steps = cfg.epochs * (len(x) // cfg.batch_size)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, cfg.lr, total_steps=max(steps, 1))
+    sched = one_cycle(opt, cfg.lr, steps)
     history: dict[str, list] = {"train_loss": []}
     t0 = time.time()
     for _ in tqdm(range(cfg.epochs), desc="classifier", unit="epoch"):
@@ -107,7 +112,7 @@ def train_pixelcnn(train: Dataset, cfg: PixelCNNTrain, run_dir: Path) -> pcnn_li
     any_digit = cfg.model.num_classes
     opt = torch.optim.Adam(model.parameters(), cfg.lr)
     steps = cfg.epochs * (len(x) // cfg.batch_size)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, cfg.lr, total_steps=max(steps, 1))
+    sched = one_cycle(opt, cfg.lr, steps)
     history: dict[str, list] = {"train_bits_per_dim": []}
     t0 = time.time()
     bar = tqdm(total=steps, desc="pixelcnn", unit="step")
@@ -144,7 +149,7 @@ def train_vae(train: Dataset, cfg: VAETrain, run_dir: Path) -> vae_lib.VAE:
     model = vae_lib.VAE(cfg.model)
     opt = torch.optim.Adam(model.parameters(), cfg.lr)
     steps = cfg.epochs * (len(x) // cfg.batch_size)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, cfg.lr, total_steps=max(steps, 1))
+    sched = one_cycle(opt, cfg.lr, steps)
     history: dict[str, list] = {"train_neg_elbo_bits_per_dim": [], "kl_nats": []}
     t0 = time.time()
     step = 0
