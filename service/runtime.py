@@ -10,7 +10,6 @@ import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
@@ -62,15 +61,6 @@ def session_factory(settings: Settings):
     return make
 
 
-def graph_fn(sess) -> Any:
-    """An ORT session as predict(dict of arrays) -> dict of arrays, with outputs by name."""
-    names = [o.name for o in sess.get_outputs()]
-
-    def predict(feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        return dict(zip(names, sess.run(names, feeds), strict=True))
-    return predict
-
-
 class ModelVersion:
     """One loaded version: its manifest, sessions, a batcher per batched graph, and the PixelCNN sampler."""
 
@@ -82,7 +72,7 @@ class ModelVersion:
         self.batching = BatchingConfig(max_batch_size=mbs, max_delay_s=delay_ms / 1000.0,
                                        max_queue_items=settings.max_queue_items, timeout_s=settings.request_timeout_s)
         batched = [g for g in lv.sessions if not (m.family == "pixelcnn" and g in ("vstack", "hrow"))]
-        self.batchers = {g: Batcher(f"{m.name}/{m.version}/{g}", graph_fn(lv.sessions[g]), self.batching, executor,
+        self.batchers = {g: Batcher(f"{m.name}/{m.version}/{g}", session_fn(lv.sessions[g]), self.batching, executor,
                                     metrics.observer(m.name, m.version, g), concurrency=settings.batch_concurrency)
                          for g in batched}
         self.sampler: IterationSampler | None = None

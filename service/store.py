@@ -135,6 +135,23 @@ def write_manifest(manifest: Manifest, version_dir: Path) -> Path:
     return path
 
 
+def ort_dtype(t: Any) -> str:
+    """An onnxruntime NodeArg's element type in manifest terms ('tensor(float)' -> 'float32')."""
+    return _ORT_DTYPES.get(t.type, t.type)
+
+
+def ort_shape(t: Any) -> list[int | None]:
+    """An onnxruntime NodeArg's shape with symbolic (dynamic) axes as None."""
+    return [d if isinstance(d, int) else None for d in t.shape]
+
+
+def graph_tensors(sess: Any) -> tuple[list[TensorSpec], list[TensorSpec]]:
+    """What an InferenceSession really takes and returns, as manifest tensor specs (inputs, outputs)."""
+    def specs(ts):
+        return [TensorSpec(name=t.name, dtype=ort_dtype(t), shape=ort_shape(t)) for t in ts]
+    return specs(sess.get_inputs()), specs(sess.get_outputs())
+
+
 def _check_tensors(kind: str, declared: list[TensorSpec], actual: list[Any]) -> list[str]:
     problems = []
     real = {t.name: t for t in actual}
@@ -143,10 +160,10 @@ def _check_tensors(kind: str, declared: list[TensorSpec], actual: list[Any]) -> 
         if t is None:
             problems.append(f"declared {kind} '{spec.name}' is not in the graph (graph has {sorted(real)})")
             continue
-        dtype = _ORT_DTYPES.get(t.type, t.type)
+        dtype = ort_dtype(t)
         if dtype != spec.dtype:
             problems.append(f"{kind} '{spec.name}' has dtype {dtype}, manifest says {spec.dtype}")
-        shape = [d if isinstance(d, int) else None for d in t.shape]
+        shape = ort_shape(t)
         if shape != spec.shape:
             problems.append(f"{kind} '{spec.name}' has shape {shape}, manifest says {spec.shape}")
     undeclared = sorted(set(real) - {s.name for s in declared})

@@ -23,7 +23,7 @@ import onnxruntime as ort
 import torch
 import torch.nn as nn
 
-from service.store import GraphSpec, Manifest, TensorSpec, file_entry, validate_version, write_manifest
+from service.store import GraphSpec, Manifest, file_entry, graph_tensors, validate_version, write_manifest
 from training import gan as gan_lib
 from training import pixelcnn as pcnn_lib
 from training import vae as vae_lib
@@ -31,7 +31,6 @@ from training import vae as vae_lib
 log = logging.getLogger(__name__)
 PARITY_TOLERANCE = 1e-4
 
-_DTYPES = {torch.float32: "float32", torch.int64: "int64", torch.uint8: "uint8"}
 
 
 @dataclass
@@ -120,7 +119,7 @@ def export_onnx(spec: GraphExport, path: Path) -> None:
                           external_data=False, verbose=False, optimize=True)
 
 
-def parity(spec: GraphExport, path: Path, batch: int = 5) -> float:
+def parity(spec: GraphExport, sess: ort.InferenceSession, batch: int = 5) -> float:
     """Max abs difference between PyTorch and ONNX Runtime on fresh inputs of another batch size."""
     inputs = []
     for t in spec.example:  # new values, new batch size: proves the batch axis really is dynamic
@@ -133,19 +132,8 @@ def parity(spec: GraphExport, path: Path, batch: int = 5) -> float:
     with torch.no_grad():
         ref = spec.module(*inputs)
     ref = ref if isinstance(ref, tuple) else (ref,)
-    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     got = sess.run(spec.output_names, {n: t.numpy() for n, t in zip(spec.input_names, inputs, strict=True)})
     return max(float(np.abs(r.numpy() - g).max()) for r, g in zip(ref, got, strict=True))
-
-
-def tensor_specs(spec: GraphExport, path: Path) -> tuple[list[TensorSpec], list[TensorSpec]]:
-    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    dtype = {"tensor(float)": "float32", "tensor(int64)": "int64", "tensor(uint8)": "uint8"}
-
-    def specs(ts):
-        return [TensorSpec(name=t.name, dtype=dtype[t.type], shape=[d if isinstance(d, int) else None
-                                                                     for d in t.shape]) for t in ts]
-    return specs(sess.get_inputs()), specs(sess.get_outputs())
 
 
 def write_version(store: Path, name: str, family: str, version: int, graphs: dict[str, GraphExport],
@@ -175,10 +163,11 @@ def _stage_version(tmp: Path, name: str, family: str, version: int, graphs: dict
     for gname, spec in graphs.items():
         fname = f"{gname}.onnx"
         export_onnx(spec, vdir / fname)
-        diffs[gname] = parity(spec, vdir / fname)
+        sess = ort.InferenceSession(str(vdir / fname), providers=["CPUExecutionProvider"])
+        diffs[gname] = parity(spec, sess)
         if diffs[gname] > PARITY_TOLERANCE:
             raise RuntimeError(f"{name}/{gname}: ONNX parity {diffs[gname]:.2e} exceeds {PARITY_TOLERANCE}")
-        ins, outs = tensor_specs(spec, vdir / fname)
+        ins, outs = graph_tensors(sess)
         files[fname] = file_entry(vdir / fname)
         gspecs[gname] = GraphSpec(file=fname, inputs=ins, outputs=outs)
     manifest_fields.setdefault("created", dt.datetime.now(dt.UTC).replace(microsecond=0).isoformat())
