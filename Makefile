@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install serve test test-fast train bench lint clean
+.PHONY: install system-deps serve test test-fast train bench lint clean
 
 install: $(STAMP)
 
@@ -14,13 +14,27 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet -e '.[serve,train,dev]'
 	touch $(STAMP)
 
+# Debian packages that the deploy tests drive as real programs. Installed with apt-get when one is missing.
+SYSTEM_TOOLS := prometheus promtool nginx docker-compose
+SYSTEM_PACKAGES := prometheus nginx docker-compose
+export PATH := $(PATH):/usr/sbin:/sbin
+
+system-deps:  ## prometheus (with promtool), nginx and docker-compose v1, via apt-get (as root, or with sudo)
+	@missing=; for t in $(SYSTEM_TOOLS); do command -v $$t >/dev/null 2>&1 || missing="$$missing $$t"; done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing Debian packages for:$$missing"; \
+	  if [ "$$(id -u)" = 0 ]; then sudo=; else sudo=sudo; fi; \
+	  $$sudo apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive $$sudo apt-get install -y -qq --no-install-recommends $(SYSTEM_PACKAGES); \
+	fi
+
 serve: install  ## serve models_store/ on 127.0.0.1:8000 (GENSERVE_* variables override settings)
 	$(PY) -m service
 
-test: install  ## every tier: unit, integration (tiny training + export), API (in-process and a real server)
+test: install system-deps  ## every tier: unit, integration (tiny training + export), API (in-process and a real server)
 	$(PY) -m pytest
 
-test-fast: install
+test-fast: install system-deps
 	$(PY) -m pytest -m "not slow"
 
 train: install  ## retrain, evaluate and re-export every shipped model into models_store/<name>/1
