@@ -16,7 +16,7 @@ from training.vae import VAEConfig
 @dataclass
 class ClassifierTrain:
     model: ClassifierConfig = field(default_factory=ClassifierConfig)
-    epochs: int = 12
+    epochs: int = 6              # 0.98+ held-out accuracy already; make train must fit in 45 minutes
     batch_size: int = 64
     lr: float = 2e-3
     seed: int = 0
@@ -35,7 +35,7 @@ class PixelCNNTrain:
 @dataclass
 class VAETrain:
     model: VAEConfig = field(default_factory=VAEConfig)
-    epochs: int = 60
+    epochs: int = 40
     batch_size: int = 64
     lr: float = 2e-3
     kl_warmup_epochs: int = 5    # KL weight ramps 0 -> 1; the reported bound always uses weight 1
@@ -46,7 +46,7 @@ class VAETrain:
 @dataclass
 class GANTrain:
     model: GANConfig = field(default_factory=GANConfig)
-    epochs: int = 60
+    epochs: int = 50
     batch_size: int = 64
     lr: float = 2e-4
     betas: tuple[float, float] = (0.5, 0.999)

@@ -2,7 +2,7 @@
 
 Radford et al., 2016, "Unsupervised Representation Learning with Deep Convolutional GANs" (arXiv:1511.06434):
 transposed-conv generator with batch norm, strided-conv discriminator.
-Conditioning: the generator gets a learned label embedding beside the noise; the discriminator is a projection
+Conditioning: the generator gets a fixed (unlearned) label code beside the noise; the discriminator is a projection
 discriminator (Miyato & Koyama, 2018, arXiv:1802.05637) with spectral normalisation (Miyato et al., 2018,
 arXiv:1802.05957). Loss: the non-saturating GAN loss of Goodfellow et al., 2014 (arXiv:1406.2661).
 
@@ -39,7 +39,12 @@ class Generator(nn.Module):
         super().__init__()
         c = cfg.g_channels
         self.c = c
-        self.embed = nn.Embedding(cfg.num_classes, cfg.z_dim)
+        # Label code, fixed rather than learned: row k has ones in the columns j with j % num_classes == k.
+        # A learned embedding grew until, after the first BatchNorm, it drowned the noise: every sample of a
+        # class came out the same digit (Frechet distance 362, within-class spread 0.2x the real one). A fixed
+        # code of the same width as z cannot outgrow it (15-epoch trial: spread 0.7x, distance halved).
+        code = (torch.arange(cfg.z_dim)[None, :] % cfg.num_classes == torch.arange(cfg.num_classes)[:, None])
+        self.register_buffer("label_code", code.float(), persistent=False)   # (num_classes, Z)
         self.fc = nn.Sequential(nn.Linear(2 * cfg.z_dim, c * 49, bias=False), nn.BatchNorm1d(c * 49), nn.ReLU())
         self.net = nn.Sequential(
             nn.ConvTranspose2d(c, c // 2, 4, 2, 1, bias=False), nn.BatchNorm2d(c // 2), nn.ReLU(),  # (B, c/2, 14, 14)
@@ -49,7 +54,7 @@ class Generator(nn.Module):
 
     def forward(self, z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """z (B, Z), y (B,) int64 0..9 -> image (B, 1, 28, 28) in -1..1."""
-        h = self.fc(torch.cat([z, self.embed(y)], dim=1)).view(-1, self.c, 7, 7)
+        h = self.fc(torch.cat([z, self.label_code[y]], dim=1)).view(-1, self.c, 7, 7)   # (B, c, 7, 7)
         return self.net(h)
 
 
