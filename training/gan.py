@@ -4,7 +4,9 @@ Radford et al., 2016, "Unsupervised Representation Learning with Deep Convolutio
 transposed-conv generator with batch norm, strided-conv discriminator.
 Conditioning: the generator gets a fixed (unlearned) label code beside the noise; the discriminator is a projection
 discriminator (Miyato & Koyama, 2018, arXiv:1802.05637) with spectral normalisation (Miyato et al., 2018,
-arXiv:1802.05957). Loss: the non-saturating GAN loss of Goodfellow et al., 2014 (arXiv:1406.2661).
+arXiv:1802.05957), plus an auxiliary classifier head as in AC-GAN (Odena et al., 2017, arXiv:1610.09585), trained
+on real images only, whose cross-entropy on the fakes pushes the generator to draw the digit it was asked for.
+Loss: the non-saturating GAN loss of Goodfellow et al., 2014 (arXiv:1406.2661).
 
 "Any digit" is not a separate mode of the network: the training data holds 500 images of each class, so
 p(x) = sum_k p(k) p(x | k) with p(k) = 1/10, and the host draws k uniformly from the request's seed.
@@ -71,11 +73,13 @@ class Discriminator(nn.Module):
         feat = 2 * c * 49
         self.out = spectral_norm(nn.Linear(feat, 1))
         self.embed = spectral_norm(nn.Embedding(cfg.num_classes, feat))
+        self.classes = spectral_norm(nn.Linear(feat, cfg.num_classes))    # the auxiliary classifier head
 
-    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """x (B, 1, 28, 28) in -1..1, y (B,) -> logit (B,): unconditional term + projection <embed(y), phi(x)>."""
-        h = self.net(x)
-        return self.out(h).squeeze(1) + (self.embed(y) * h).sum(dim=1)
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x (B, 1, 28, 28) in -1..1, y (B,) -> (real/fake logit (B,): unconditional term + projection
+        <embed(y), phi(x)>, class logits (B, num_classes))."""
+        h = self.net(x)                                                     # (B, 2c*49)
+        return self.out(h).squeeze(1) + (self.embed(y) * h).sum(dim=1), self.classes(h)
 
 
 def discriminator_loss(real_logits: torch.Tensor, fake_logits: torch.Tensor) -> torch.Tensor:
@@ -85,6 +89,11 @@ def discriminator_loss(real_logits: torch.Tensor, fake_logits: torch.Tensor) -> 
 def generator_loss(fake_logits: torch.Tensor) -> torch.Tensor:
     """Non-saturating: maximise log D(G(z)) rather than minimise log(1 - D(G(z)))."""
     return F.softplus(-fake_logits).mean()
+
+
+def class_loss(class_logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """AC-GAN's auxiliary term: the discriminator learns it on real images, the generator on its fakes."""
+    return F.cross_entropy(class_logits, y)
 
 
 def to_pixels(img: torch.Tensor) -> torch.Tensor:

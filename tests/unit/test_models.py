@@ -100,4 +100,5 @@ def test_gan_shapes_and_eval_mode_batch_independence():
         alone = g(z[:1], y[:1])
     assert img.shape == (4, 1, 28, 28) and img.abs().max() <= 1
     torch.testing.assert_close(alone, img[:1])       # served images never depend on batch neighbours
-    assert d(img, y).shape == (4,)
+    logit, classes = d(img, y)
+    assert logit.shape == (4,) and classes.shape == (4, cfg.num_classes)
