@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install system-deps serve test test-fast train bench lint clean
+.PHONY: install system-deps serve test test-fast train bench openapi lint clean
 
 install: $(STAMP)
 
@@ -42,6 +42,9 @@ train: install  ## retrain, evaluate and re-export every shipped model into mode
 
 bench: install  ## benchmark the running service against in-process ONNX Runtime (see docs/benchmarks.md)
 	$(PY) -m service.bench
+
+openapi: install  ## regenerate docs/openapi.json from the app (a test fails when it is stale)
+	$(PY) -m service.openapi --write
 
 lint: install
 	$(VENV)/bin/ruff check service training tests

@@ -4,21 +4,103 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import tempfile
+from pathlib import Path
 
 import uvicorn
 
 from service.settings import get_settings
 
 
+def _prepare_multiprocess_dir() -> str | None:
+    """Set up prometheus-client's multiprocess directory before any worker imports the client.
+
+    Returns the directory when this function created it (so the caller removes it at exit), else None.
+    Several workers need PROMETHEUS_MULTIPROC_DIR: without it each worker would expose only its own counts.
+    """
+    given = os.environ.get("PROMETHEUS_MULTIPROC_DIR") or os.environ.get("prometheus_multiproc_dir")
+    if given:
+        # The client's documentation: the directory must be wiped between runs (before start-up), or the
+        # counters of an earlier run (e.g. a restarted container) are summed into this one. Only the
+        # client's own *.db files are removed.
+        Path(given).mkdir(parents=True, exist_ok=True)
+        for stale in Path(given).glob("*.db"):
+            stale.unlink(missing_ok=True)
+        return None
+    if get_settings().workers > 1:
+        # Set here, before uvicorn spawns the workers, which inherit the environment and import the client.
+        created = tempfile.mkdtemp(prefix="genserve-metrics-")
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = created
+        return created
+    return None
+
+
+def _forget_dead_workers(path: str) -> None:
+    """uvicorn has no child-exit hook (gunicorn's `child_exit` is where the client's documentation calls
+    mark_process_dead), so each new worker does it for the processes that are gone, e.g. a crashed worker
+    that uvicorn replaced: otherwise its last queue depth (a `livesum` gauge) and model info (`livemax`)
+    would stay in the aggregate."""
+    from prometheus_client.multiprocess import mark_process_dead
+
+    for f in Path(path).glob("gauge_live*_*.db"):
+        pid = f.stem.rsplit("_", 1)[1]
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            mark_process_dead(int(pid), path)
+        except PermissionError:  # alive, another user's
+            pass
+
+
+class _WithdrawLiveGaugesOnShutdown:
+    """ASGI middleware: when the app's lifespan has shut down, the worker withdraws its live gauges itself
+    (mark_process_dead on its own pid). Not atexit: uvicorn re-raises SIGTERM after a graceful shutdown, so
+    the process ends by the signal and atexit handlers never run."""
+
+    def __init__(self, app, path: str) -> None:
+        self.app, self.path = app, path
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "lifespan":
+            await self.app(scope, receive, send)
+            return
+
+        async def send_wrapper(message):
+            if message["type"] in ("lifespan.shutdown.complete", "lifespan.shutdown.failed"):
+                from prometheus_client.multiprocess import mark_process_dead
+
+                mark_process_dead(os.getpid(), self.path)
+            await send(message)
+
+        await self.app(scope, receive, send_wrapper)
+
+
+def create_worker_app():
+    """The app factory each uvicorn worker calls: create_app() plus the multiprocess-metrics bookkeeping."""
+    from service.app import create_app
+    from service.metrics import multiprocess_dir
+
+    app = create_app()
+    path = multiprocess_dir()
+    if path:
+        _forget_dead_workers(path)
+        app.add_middleware(_WithdrawLiveGaugesOnShutdown, path=path)
+    return app
+
+
 def main() -> None:
     settings = get_settings()
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    if settings.workers > 1 and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
-        # several processes: prometheus-client must aggregate through files, set before it is imported
-        os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="genserve-metrics-")
-    uvicorn.run("service.app:create_app", factory=True, host=settings.host, port=settings.port,
-                workers=settings.workers, log_level=settings.log_level, access_log=False)
+    created = _prepare_multiprocess_dir()
+    try:
+        uvicorn.run("service.__main__:create_worker_app", factory=True, host=settings.host, port=settings.port,
+                    workers=settings.workers, log_level=settings.log_level, access_log=False)
+    finally:
+        if created:
+            shutil.rmtree(created, ignore_errors=True)
 
 
 if __name__ == "__main__":

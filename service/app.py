@@ -17,7 +17,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from service import errors
 from service.metrics import Metrics
-from service.routes import gan, health, models, pixelcnn, vae
+from service.routes import gan, health, models, pixelcnn, v2, vae
 from service.runtime import Registry
 from service.settings import Settings, get_settings
 
@@ -74,7 +74,8 @@ class LimitsAndMetrics:
         except BodyTooLarge:
             if not status["started"]:
                 resp = errors.to_response(errors.APIError(
-                    413, "payload_too_large", f"request body exceeds {self.limit} bytes", field="body"))
+                    413, "payload_too_large", f"request body exceeds {self.limit} bytes", field="body"),
+                    v2=errors.is_v2_path(scope.get("path", "")))
                 await resp(scope, receive, send_wrapper)
         finally:
             self.metrics.observe_request(self._route(scope), scope.get("method", ""), status["code"],
@@ -107,7 +108,7 @@ def create_app(settings: Settings | None = None, metrics: Metrics | None = None)
                          description="Generative image models (PixelCNN, VAE, GAN) over REST, on ONNX Runtime.")
     app.state.settings, app.state.metrics = settings, metrics
     errors.install(app)
-    for r in (health.router, models.router, gan.router, vae.router, pixelcnn.router):
+    for r in (health.router, models.router, gan.router, vae.router, pixelcnn.router, v2.router):
         app.include_router(r)
     app.add_middleware(LimitsAndMetrics, limit=settings.max_body_bytes, metrics=metrics)
     return app

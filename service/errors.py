@@ -1,6 +1,8 @@
 """The one place where exceptions become HTTP status codes.
 
-Error bodies: {"error": {"code": "...", "message": "...", "fields": [{"field": "images[2]", "message": "..."}]}}
+Error bodies: {"error": {"code": "...", "message": "...", "fields": [{"field": "images[2]", "message": "..."}]}},
+except under /v2 (the Open Inference Protocol), where the protocol's own {"error": "message"} is used with the
+same status codes.
 Internal details never leave the process: anything unexpected is logged and answered 500 "internal error".
 """
 
@@ -16,6 +18,7 @@ from starlette.responses import JSONResponse
 from service.batcher import BatcherClosed, DeadlineExceeded, QueueFull
 from service.imaging import ImageDecodeError
 from service.runtime import ModelNotFound
+from service.v2_codec import TensorError
 
 log = logging.getLogger(__name__)
 
@@ -62,46 +65,59 @@ def _field_name(loc: tuple) -> str:
     return out or "body"
 
 
-def to_response(exc: Exception) -> JSONResponse:
-    """Map any exception to its response. The whole status-code policy of the service is in this function."""
+def _classify(exc: Exception) -> tuple[int, str, str, list[dict] | None, dict[str, str] | None]:
+    """(status, code, message, fields, headers) of any exception: the whole status-code policy of the service."""
     if isinstance(exc, APIError):
         fields = [{"field": exc.field, "message": exc.message}] if exc.field else None
-        return JSONResponse(_body(exc.code, exc.message if not exc.field else f"{exc.field}: {exc.message}",
-                                  fields), exc.status, headers=exc.headers)
+        message = f"{exc.field}: {exc.message}" if exc.field else exc.message
+        return exc.status, exc.code, message, fields, exc.headers
     if isinstance(exc, ModelNotFound):
-        return JSONResponse(_body("not_found", str(exc)), 404)
+        return 404, "not_found", str(exc), None, None
     if isinstance(exc, ImageDecodeError):
-        return JSONResponse(_body("invalid_image", str(exc), [{"field": exc.field, "message": exc.message}]), 422)
+        return 422, "invalid_image", str(exc), [{"field": exc.field, "message": exc.message}], None
+    if isinstance(exc, TensorError):
+        return 400, "invalid_tensor", str(exc), None, None
     if isinstance(exc, RequestValidationError):
         errors = exc.errors()
         if any(e.get("type") == "json_invalid" for e in errors):
-            return JSONResponse(_body("malformed_json", "request body is not valid JSON",
-                                      [{"field": "body", "message": str(errors[0].get("msg", ""))}]), 400)
+            fields = [{"field": "body", "message": str(errors[0].get("msg", ""))}]
+            return 400, "malformed_json", "request body is not valid JSON", fields, None
         fields = []
         for e in errors:
             f = {"field": _field_name(tuple(e.get("loc", ()))), "message": e.get("msg", "invalid")}
             if f not in fields:
                 fields.append(f)
         summary = "; ".join(f"{f['field']}: {f['message']}" for f in fields[:5])
-        return JSONResponse(_body("invalid_request", summary, fields), 422)
+        return 422, "invalid_request", summary, fields, None
     if isinstance(exc, QueueFull):
-        return JSONResponse(_body("overloaded", "server is at capacity, retry later"), 503,
-                            headers={"Retry-After": "1"})
+        return 503, "overloaded", "server is at capacity, retry later", None, {"Retry-After": "1"}
     if isinstance(exc, BatcherClosed):
-        return JSONResponse(_body("shutting_down", "server is shutting down"), 503, headers={"Retry-After": "1"})
+        return 503, "shutting_down", "server is shutting down", None, {"Retry-After": "1"}
     if isinstance(exc, DeadlineExceeded):
-        return JSONResponse(_body("timeout", "request waited past its deadline and was dropped"), 504)
+        return 504, "timeout", "request waited past its deadline and was dropped", None, None
     if isinstance(exc, StarletteHTTPException):
         code = {404: "not_found", 405: "method_not_allowed", 413: "payload_too_large"}.get(exc.status_code, "error")
-        return JSONResponse(_body(code, str(exc.detail)), exc.status_code, headers=getattr(exc, "headers", None))
+        return exc.status_code, code, str(exc.detail), None, getattr(exc, "headers", None)
     log.exception("unhandled error", exc_info=exc)
-    return JSONResponse(_body("internal", "internal error"), 500)
+    return 500, "internal", "internal error", None, None
+
+
+def is_v2_path(path: str) -> bool:
+    """Paths of the Open Inference Protocol, whose errors use its own body: {"error": "message"}."""
+    return path == "/v2" or path.startswith("/v2/")
+
+
+def to_response(exc: Exception, v2: bool = False) -> JSONResponse:
+    """Map any exception to its response: the /v1 body, or with v2 the Open Inference Protocol's
+    {"error": "message"}; status and headers are the same either way."""
+    status, code, message, fields, headers = _classify(exc)
+    return JSONResponse({"error": message} if v2 else _body(code, message, fields), status, headers=headers)
 
 
 def install(app: FastAPI) -> None:
-    async def handler(_: Request, exc: Exception) -> JSONResponse:
-        return to_response(exc)
+    async def handler(request: Request, exc: Exception) -> JSONResponse:
+        return to_response(exc, v2=is_v2_path(request.url.path))
 
-    for exc_type in (APIError, ModelNotFound, ImageDecodeError, RequestValidationError, QueueFull, BatcherClosed,
-                     DeadlineExceeded, StarletteHTTPException, Exception):
+    for exc_type in (APIError, ModelNotFound, ImageDecodeError, TensorError, RequestValidationError, QueueFull,
+                     BatcherClosed, DeadlineExceeded, StarletteHTTPException, Exception):
         app.add_exception_handler(exc_type, handler)

@@ -62,7 +62,10 @@ def session_factory(settings: Settings):
 
 
 class ModelVersion:
-    """One loaded version: its manifest, sessions, a batcher per batched graph, and the PixelCNN sampler."""
+    """One loaded version: its manifest, sessions, a batcher per graph, and the PixelCNN sampler.
+
+    Every graph has a batcher (the /v1 routes and the /v2 raw tensor access share them); the sampler calls the
+    PixelCNN's vstack/hrow sessions itself, so only /v2 requests go through those two batchers."""
 
     def __init__(self, lv: LoadedVersion, settings: Settings, executor: ThreadPoolExecutor, metrics: Metrics):
         m = lv.manifest
@@ -71,10 +74,9 @@ class ModelVersion:
         mbs, delay_ms = settings.batching_for(m.name, m.batching.max_batch_size, m.batching.max_delay_ms)
         self.batching = BatchingConfig(max_batch_size=mbs, max_delay_s=delay_ms / 1000.0,
                                        max_queue_items=settings.max_queue_items, timeout_s=settings.request_timeout_s)
-        batched = [g for g in lv.sessions if not (m.family == "pixelcnn" and g in ("vstack", "hrow"))]
         self.batchers = {g: Batcher(f"{m.name}/{m.version}/{g}", session_fn(lv.sessions[g]), self.batching, executor,
                                     metrics.observer(m.name, m.version, g), concurrency=settings.batch_concurrency)
-                         for g in batched}
+                         for g in lv.sessions}
         self.sampler: IterationSampler | None = None
         if m.family == "pixelcnn":
             self.sampler = IterationSampler(

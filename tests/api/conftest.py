@@ -4,8 +4,17 @@ from __future__ import annotations
 
 import base64
 import io
+import os
+import signal
+import socket
+import subprocess
+import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
 
+import httpx
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
@@ -49,3 +58,42 @@ def png_array(b64: str) -> np.ndarray:
 def digit_images(digits) -> np.ndarray:
     """Four real held-out digits, (4, 28, 28) uint8."""
     return digits[2].images[:4]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def server_process(store: Path, log: Path, timeout_s: float = 90.0,
+                   **env: str) -> Iterator[tuple[str, subprocess.Popen]]:
+    """`python -m service` on `store` on a free loopback port, GENSERVE_* overrides from `env` (e.g.
+    MAX_DELAY_MS="20"); yields (base URL, process) once /readyz answers 200, and stops the process after."""
+    port = free_port()
+    full_env = {**os.environ, "GENSERVE_STORE_PATH": str(store), "GENSERVE_PORT": str(port),
+                "GENSERVE_LOG_LEVEL": "warning", **{f"GENSERVE_{k.upper()}": v for k, v in env.items()}}
+    with open(log, "w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "service"], env=full_env, stdout=out, stderr=subprocess.STDOUT)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:               # bounded: gives up after timeout_s
+            assert proc.poll() is None, log.read_text()
+            try:
+                if httpx.get(base + "/readyz", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            time.sleep(0.2)
+        else:
+            pytest.fail("server never became ready:\n" + log.read_text())
+        yield base, proc
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()

@@ -3,23 +3,15 @@
 from __future__ import annotations
 
 import concurrent.futures as cf
-import os
 import signal
-import socket
-import subprocess
-import sys
 import time
 
 import httpx
 import pytest
 
+from tests.api.conftest import server_process
+
 pytestmark = pytest.mark.slow
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def scrape(text: str, name: str, **labels: str) -> float:
@@ -33,33 +25,9 @@ def scrape(text: str, name: str, **labels: str) -> float:
 
 @pytest.fixture(scope="module")
 def server(tiny_store, tmp_path_factory):
-    port = free_port()
-    env = {**os.environ, "GENSERVE_STORE_PATH": str(tiny_store), "GENSERVE_PORT": str(port),
-           "GENSERVE_MAX_DELAY_MS": "20", "GENSERVE_LOG_LEVEL": "warning"}
     log = tmp_path_factory.mktemp("server") / "server.log"
-    with open(log, "w") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "service"], env=env, stdout=out, stderr=subprocess.STDOUT)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 90
-        while time.monotonic() < deadline:               # bounded: gives up after 90 s
-            assert proc.poll() is None, log.read_text()
-            try:
-                if httpx.get(base + "/readyz", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(0.2)
-        else:
-            pytest.fail("server never became ready:\n" + log.read_text())
+    with server_process(tiny_store, log, max_delay_ms="20") as (base, proc):
         yield base, proc
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
 
 
 def test_concurrent_requests_are_batched_and_deterministic(server):

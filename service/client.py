@@ -1,0 +1,330 @@
+"""Typed Python client for genserve's /v1 API: `GenserveClient` (blocking) and `AsyncGenserveClient` (asyncio).
+
+Every endpoint is defined once, as a function that builds the request and knows how to parse the answer (a
+`_Call`); the two clients differ only in how they send it. Responses are the models of service.schemas; those
+with images are subclasses whose `array` holds the images decoded to an (n, 28, 28) uint8 array. Images go in
+as uint8 arrays (one (28, 28) image, an (n, 28, 28) batch, or a sequence of (28, 28) arrays) and travel as
+PNG, the API's compact format. An error answer raises `GenserveError`; transport failures are httpx's own.
+
+Dependencies: httpx, pydantic, numpy and Pillow only (service.schemas and service.imaging import nothing
+else), so the client works without FastAPI or ONNX Runtime installed.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Concatenate, Generic, Literal, ParamSpec, TypeVar
+from urllib.parse import quote
+
+import httpx
+import numpy as np
+from pydantic import BaseModel, PrivateAttr
+
+from service.imaging import decode_images, encode_images
+from service.schemas import ImagesResponse, LogprobResponse, SampleResponse, VaeAttributesResponse, VaeEncodeResponse
+
+__all__ = ["AsyncGenserveClient", "GenserveClient", "GenserveError", "ImagesResult", "SampleResult"]
+
+T = TypeVar("T")
+P = ParamSpec("P")
+Images = np.ndarray | Sequence[np.ndarray]
+Labels = int | Sequence[int] | None
+
+
+class GenserveError(Exception):
+    """An error answer: HTTP status, the service's error code and message, the first field it names (all of
+    them in `fields`), Retry-After in seconds where given, and the X-Request-ID a proxy added."""
+
+    def __init__(self, status: int, code: str, message: str, fields: list[dict[str, str]] | None = None,
+                 retry_after: float | None = None, request_id: str | None = None):
+        super().__init__(f"{status} {code}: {message}")
+        self.status, self.code, self.message, self.fields = status, code, message, fields or []
+        self.field: str | None = self.fields[0].get("field") if self.fields else None
+        self.retry_after, self.request_id = retry_after, request_id
+
+    @classmethod
+    def from_response(cls, r: httpx.Response) -> GenserveError:
+        try:
+            err = r.json()["error"]
+            code, message, fields = str(err["code"]), str(err["message"]), list(err.get("fields") or [])
+        except (ValueError, KeyError, TypeError):   # not the service's format, e.g. a proxy's HTML page
+            code, message, fields = "http_error", r.text[:500] or r.reason_phrase, []
+        try:
+            retry_after = float(r.headers["retry-after"])
+        except (KeyError, ValueError):
+            retry_after = None
+        return cls(r.status_code, code, message, fields, retry_after, r.headers.get("x-request-id"))
+
+
+class _Decoded(BaseModel):
+    """Adds `array`: the response's images decoded once, at parse time, so a bad image fails the call."""
+    _array: np.ndarray = PrivateAttr()
+
+    def model_post_init(self, context: Any) -> None:
+        self._array = decode_images(list(self.images))  # type: ignore[attr-defined]
+
+    @property
+    def array(self) -> np.ndarray:
+        """The images, (n, 28, 28) uint8."""
+        return self._array
+
+
+class SampleResult(SampleResponse, _Decoded):
+    """SampleResponse (model, model_version, seed, labels, images) plus `array`."""
+
+
+class ImagesResult(ImagesResponse, _Decoded):
+    """ImagesResponse (model, model_version, images) plus `array`."""
+
+
+@dataclass(frozen=True)
+class _Call(Generic[T]):
+    """One request and the parser of its success answer."""
+    method: str
+    path: str
+    parse: Callable[[httpx.Response], T]
+    json: dict[str, Any] | None = None
+    params: dict[str, Any] | None = None
+    ok: tuple[int, ...] = (200,)
+    slow: bool = False                       # PixelCNN sampling: seconds, so the client's sample_timeout
+
+    def finish(self, r: httpx.Response) -> T:
+        if r.status_code not in self.ok:
+            raise GenserveError.from_response(r)
+        try:
+            return self.parse(r)
+        except ValueError as e:              # bad JSON, or a body that does not fit the schema
+            raise GenserveError(r.status_code, "invalid_response", f"unexpected response body: {e}") from e
+
+
+def _parse(cls: type[BaseModel]) -> Callable[[httpx.Response], Any]:
+    return lambda r: cls.model_validate(r.json())
+
+
+def _ready_body(r: httpx.Response) -> dict[str, Any]:
+    try:
+        body = r.json()
+    except ValueError:
+        body = None
+    if not (isinstance(body, dict) and "ready" in body):   # a 503 from elsewhere (a proxy) is an error
+        raise GenserveError.from_response(r)
+    return body
+
+
+def _post(path: str, cls: type[BaseModel], slow: bool = False, **fields: Any) -> _Call[Any]:
+    """A POST whose body holds the fields that are set: absent ones take the service's defaults."""
+    return _Call("POST", path, _parse(cls), json={k: v for k, v in fields.items() if v is not None}, slow=slow)
+
+
+def _pngs(images: Images) -> list[str]:
+    a = np.asarray(images)
+    if a.dtype != np.uint8 and (a.dtype.kind not in "iu" or (a.size and (a.min() < 0 or a.max() > 255))):
+        raise ValueError(f"images must be uint8 (or integers in 0..255), got dtype {a.dtype}")
+    a = a.astype(np.uint8, copy=False)
+    return encode_images(a[None] if a.ndim == 2 else a, "png")
+
+
+def _labels(labels: Labels) -> int | list[int] | None:
+    if labels is None or isinstance(labels, int | np.integer):
+        return None if labels is None else int(labels)
+    return [int(v) for v in labels]
+
+
+# ----------------------------------------------------------------------------- every endpoint, defined once
+
+
+def _gan_sample(n: int = 1, *, seed: int | None = None, labels: Labels = None, truncation: float = 1.0,
+                model_version: int | None = None) -> _Call[SampleResult]:
+    """POST /v1/gan/sample: n class-conditional samples; labels: one digit, n digits, or None (drawn)."""
+    return _post("/v1/gan/sample", SampleResult, n=n, seed=seed, labels=_labels(labels), truncation=truncation,
+                 model_version=model_version)
+
+
+def _vae_encode(images: Images, *, model_version: int | None = None) -> _Call[VaeEncodeResponse]:
+    """POST /v1/vae/encode: the posterior mean and standard deviation of each image."""
+    return _post("/v1/vae/encode", VaeEncodeResponse, images=_pngs(images), model_version=model_version)
+
+
+def _vae_decode(latents: np.ndarray | Sequence[Sequence[float]], *,
+                model_version: int | None = None) -> _Call[ImagesResult]:
+    """POST /v1/vae/decode: one image per latent vector ((d,) or (n, d))."""
+    z = np.atleast_2d(np.asarray(latents, dtype=np.float64)).tolist()
+    return _post("/v1/vae/decode", ImagesResult, latents=z, model_version=model_version)
+
+
+def _vae_sample(n: int = 1, *, seed: int | None = None, temperature: float = 1.0,
+                model_version: int | None = None) -> _Call[SampleResult]:
+    """POST /v1/vae/sample: decoded draws z ~ N(0, temperature^2 I)."""
+    return _post("/v1/vae/sample", SampleResult, n=n, seed=seed, temperature=temperature,
+                 model_version=model_version)
+
+
+def _vae_attributes(*, model_version: int | None = None) -> _Call[VaeAttributesResponse]:
+    """GET /v1/vae/attributes: what vae_edit understands, with training-set mean and std."""
+    params = {"model_version": model_version} if model_version is not None else None
+    return _Call("GET", "/v1/vae/attributes", _parse(VaeAttributesResponse), params=params)
+
+
+def _vae_edit(images: Images, edits: dict[str, float], *, model_version: int | None = None) -> _Call[ImagesResult]:
+    """POST /v1/vae/edit: move each image along attribute directions (strength in std units, -5..5)."""
+    return _post("/v1/vae/edit", ImagesResult, images=_pngs(images), edits={k: float(v) for k, v in edits.items()},
+                 model_version=model_version)
+
+
+def _vae_interpolate(start: np.ndarray, end: np.ndarray, *, steps: int = 8,
+                     method: Literal["slerp", "lerp"] = "slerp",
+                     model_version: int | None = None) -> _Call[ImagesResult]:
+    """POST /v1/vae/interpolate: `steps` images from start to end through the latent space."""
+    (a,), (b,) = _pngs(start), _pngs(end)
+    return _post("/v1/vae/interpolate", ImagesResult, start=a, end=b, steps=steps, method=method,
+                 model_version=model_version)
+
+
+def _pixelcnn_logprob(images: Images, *, per_pixel: bool = False, labels: Labels = None,
+                      model_version: int | None = None) -> _Call[LogprobResponse]:
+    """POST /v1/pixelcnn/logprob: exact log p(x) in nats and bits/dim (optionally per pixel, given digits)."""
+    return _post("/v1/pixelcnn/logprob", LogprobResponse, images=_pngs(images), per_pixel=per_pixel,
+                 labels=_labels(labels), model_version=model_version)
+
+
+def _pixelcnn_sample(n: int = 1, *, seed: int | None = None, temperature: float = 1.0, labels: Labels = None,
+                     model_version: int | None = None) -> _Call[SampleResult]:
+    """POST /v1/pixelcnn/sample: autoregressive samples, seconds per call (uses `sample_timeout`)."""
+    return _post("/v1/pixelcnn/sample", SampleResult, slow=True, n=n, seed=seed, temperature=temperature,
+                 labels=_labels(labels), model_version=model_version)
+
+
+def _models() -> _Call[dict[str, Any]]:
+    """GET /v1/models: every model with versions, provider, batching, graphs and metrics."""
+    return _Call("GET", "/v1/models", httpx.Response.json)
+
+
+def _model(name: str) -> _Call[dict[str, Any]]:
+    """GET /v1/models/{name}: one model, every version in detail."""
+    return _Call("GET", f"/v1/models/{quote(name, safe='')}", httpx.Response.json)
+
+
+def _health() -> _Call[dict[str, Any]]:
+    """GET /healthz: {"status": "ok"} while the process is alive."""
+    return _Call("GET", "/healthz", httpx.Response.json)
+
+
+def _ready() -> _Call[dict[str, Any]]:
+    """GET /readyz: {"ready": bool, "models": ..., "refused": ...}; not ready (503) is an answer, not an error."""
+    return _Call("GET", "/readyz", _ready_body, ok=(200, 503))
+
+
+# ----------------------------------------------------------------------------- the two ways of sending
+
+
+def _method(build: Callable[..., Any], impl: Callable[..., Any]) -> Any:
+    """impl, presented as the endpoint: its name, docstring and signature (with self) are the builder's."""
+    sig = inspect.signature(build)
+    ret = str(sig.return_annotation).removeprefix("_Call[").removesuffix("]")
+    impl.__name__ = impl.__qualname__ = build.__name__.lstrip("_")
+    impl.__doc__ = build.__doc__
+    impl.__signature__ = sig.replace(  # type: ignore[attr-defined]
+        parameters=[inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD), *sig.parameters.values()],
+        return_annotation=ret)
+    return impl
+
+
+def _sync(build: Callable[P, _Call[T]]) -> Callable[Concatenate[GenserveClient, P], T]:
+    def endpoint(self: GenserveClient, *args: P.args, **kwargs: P.kwargs) -> T:
+        return self._send(build(*args, **kwargs))
+    return _method(build, endpoint)
+
+
+def _async(build: Callable[P, _Call[T]]) -> Callable[Concatenate[AsyncGenserveClient, P], Awaitable[T]]:
+    async def endpoint(self: AsyncGenserveClient, *args: P.args, **kwargs: P.kwargs) -> T:
+        return await self._send(build(*args, **kwargs))
+    return _method(build, endpoint)
+
+
+class _Client:
+    """What both clients hold: the httpx client (a new one, or `http`, e.g. with a test transport, which is then
+    not closed here) and the timeouts. `sample_timeout` (for PixelCNN sampling) exceeds the service's default
+    deadline (300 s) so that its 504 arrives first; None: the httpx client's timeout."""
+
+    _http_class: type                        # httpx.Client or httpx.AsyncClient
+
+    def __init__(self, base_url: str = "http://127.0.0.1:8000", *, timeout: float = 60.0,
+                 sample_timeout: float | None = 330.0, headers: dict[str, str] | None = None, http: Any = None):
+        self._owns_http = http is None
+        self._http = http if http is not None else self._http_class(base_url=base_url, timeout=timeout,
+                                                                     headers=headers)
+        self.sample_timeout = sample_timeout
+
+    def _args(self, call: _Call[Any]) -> dict[str, Any]:
+        args: dict[str, Any] = {"json": call.json, "params": call.params}
+        if call.slow and self.sample_timeout is not None:
+            args["timeout"] = self.sample_timeout
+        return args
+
+
+class GenserveClient(_Client):
+    """Blocking client on httpx.Client."""
+
+    _http_class = httpx.Client
+
+    def _send(self, call: _Call[T]) -> T:
+        return call.finish(self._http.request(call.method, call.path, **self._args(call)))
+
+    def close(self) -> None:
+        if self._owns_http:
+            self._http.close()
+
+    def __enter__(self) -> GenserveClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    gan_sample = _sync(_gan_sample)
+    vae_encode = _sync(_vae_encode)
+    vae_decode = _sync(_vae_decode)
+    vae_sample = _sync(_vae_sample)
+    vae_attributes = _sync(_vae_attributes)
+    vae_edit = _sync(_vae_edit)
+    vae_interpolate = _sync(_vae_interpolate)
+    pixelcnn_logprob = _sync(_pixelcnn_logprob)
+    pixelcnn_sample = _sync(_pixelcnn_sample)
+    models = _sync(_models)
+    model = _sync(_model)
+    health = _sync(_health)
+    ready = _sync(_ready)
+
+
+class AsyncGenserveClient(_Client):
+    """asyncio client on httpx.AsyncClient."""
+
+    _http_class = httpx.AsyncClient
+
+    async def _send(self, call: _Call[T]) -> T:
+        return call.finish(await self._http.request(call.method, call.path, **self._args(call)))
+
+    async def aclose(self) -> None:
+        if self._owns_http:
+            await self._http.aclose()
+
+    async def __aenter__(self) -> AsyncGenserveClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    gan_sample = _async(_gan_sample)
+    vae_encode = _async(_vae_encode)
+    vae_decode = _async(_vae_decode)
+    vae_sample = _async(_vae_sample)
+    vae_attributes = _async(_vae_attributes)
+    vae_edit = _async(_vae_edit)
+    vae_interpolate = _async(_vae_interpolate)
+    pixelcnn_logprob = _async(_pixelcnn_logprob)
+    pixelcnn_sample = _async(_pixelcnn_sample)
+    models = _async(_models)
+    model = _async(_model)
+    health = _async(_health)
+    ready = _async(_ready)

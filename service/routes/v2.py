@@ -1,0 +1,175 @@
+"""Open Inference Protocol (KServe V2, REST): raw tensor access to every ONNX graph in the model store.
+
+Model names: each graph of each model in the store is one V2 model named `<model>.<graph>` (model names never
+hold a dot, so the name splits at its first one):
+
+    gan.generator    pixelcnn.logprob    pixelcnn.vstack    pixelcnn.hrow    vae.encoder    vae.decoder
+
+A V2 model's versions are the store versions of its model that have that graph (e.g. "1"); without a version
+the highest is used, as in /v1. Inputs and outputs are the graph's own (name, datatype such as FP32 or INT64,
+shape with -1 for a dynamic axis), and `platform` is "onnxruntime_onnx".
+
+Endpoints (prefix /v2): server metadata `GET /v2` (extensions: binary_tensor_data), `GET /v2/health/live`,
+`GET /v2/health/ready`, model metadata `GET /v2/models/{name}[/versions/{v}]`, model readiness `GET .../ready`,
+inference `POST .../infer` (JSON tensors, or the binary tensor data extension: see service/v2_codec.py), and
+`POST /v2/repository/index` listing every V2 model and version.
+
+Inference goes through the graph's batcher, the one /v1 uses: V2 and /v1 requests are batched together and
+counted in the same metrics. Status codes come from service/errors.py, which gives /v2 paths the protocol's
+error body {"error": "message"}: unknown model or version 404, a request that does not fit the model 400
+(naming the input or output), not ready 503 (also for the ready endpoints, as KServe's own server does),
+queue full 503, deadline 504.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from fastapi import APIRouter, Request
+from starlette.responses import Response
+
+from service.errors import APIError
+from service.routes.common import JSON, get_registry
+from service.runtime import ModelNotFound, ModelVersion, Registry
+from service.store import ort_dtype
+from service.v2_codec import TensorError, TensorMeta, decode_request, encode_response, v2_datatype
+
+router = APIRouter(prefix="/v2", tags=["v2 (Open Inference Protocol)"])
+PLATFORM = "onnxruntime_onnx"
+EXTENSIONS = ["binary_tensor_data"]
+_OFFLOAD_BYTES = 1 << 20          # decode/encode bodies above this off the event loop
+
+
+def _not_ready() -> APIError:
+    return APIError(503, "not_ready", "models are still loading", headers={"Retry-After": "1"})
+
+
+def v2_models(reg: Registry) -> dict[str, dict[int, ModelVersion]]:
+    """V2 model name -> {version: the ModelVersion holding that graph}."""
+    out: dict[str, dict[int, ModelVersion]] = {}
+    for model, versions in sorted(reg.models.items()):
+        for v, mv in sorted(versions.items()):
+            for graph in mv.manifest.graphs:
+                out.setdefault(f"{model}.{graph}", {})[v] = mv
+    return out
+
+
+def _resolve(request: Request, name: str, version: str | None) -> tuple[ModelVersion, str]:
+    """(model version, graph) of a V2 model name and optional version; 404 for unknown ones, 503 while the
+    store is still loading (a model may not be known yet)."""
+    reg = get_registry(request)
+    model, _, graph = name.partition(".")
+    versions = {v: m for v, m in reg.models.get(model, {}).items() if graph in m.manifest.graphs}
+    if version is None:
+        mv = versions[max(versions)] if versions else None
+    else:
+        mv = versions.get(int(version)) if version.isdigit() else None
+    if mv is not None:
+        return mv, graph
+    if not reg.ready:
+        raise _not_ready()
+    if not versions:
+        raise ModelNotFound(f"unknown model '{name}'; models: {sorted(v2_models(reg))}")
+    raise ModelNotFound(f"model '{name}' has no version '{version}'; versions: {[str(v) for v in sorted(versions)]}")
+
+
+def _dims(t) -> tuple[int | str, ...]:
+    """An onnxruntime NodeArg's shape, dynamic axes by their symbolic name (unnamed ones each unique)."""
+    return tuple(d if isinstance(d, int) else (d or f"{t.name}:{i}") for i, d in enumerate(t.shape))
+
+
+def graph_tensors(mv: ModelVersion, graph: str) -> tuple[list[TensorMeta], list[TensorMeta]]:
+    """(inputs, outputs) of one graph as its session has them (the store checked them against the manifest)."""
+    sess = mv.loaded.sessions[graph]
+    return ([TensorMeta(t.name, v2_datatype(ort_dtype(t)), _dims(t)) for t in sess.get_inputs()],
+            [TensorMeta(t.name, v2_datatype(ort_dtype(t)), _dims(t)) for t in sess.get_outputs()])
+
+
+@router.get("")
+async def server_metadata(request: Request):
+    return JSON({"name": "genserve", "version": request.app.version, "extensions": EXTENSIONS})
+
+
+@router.get("/health/live")
+async def live():
+    return JSON({"live": True})
+
+
+@router.get("/health/ready")
+async def ready(request: Request):
+    if not get_registry(request).ready:
+        raise _not_ready()
+    return JSON({"ready": True})
+
+
+@router.post("/repository/index")
+async def repository_index(request: Request):
+    """Every V2 model and version (Triton's model repository index); all are READY once the store is."""
+    reg = get_registry(request)
+    state = "READY" if reg.ready else "LOADING"
+    return JSON([{"name": name, "version": str(v), "state": state}
+                 for name, versions in v2_models(reg).items() for v in sorted(versions)])
+
+
+def _metadata(request: Request, name: str, version: str | None) -> JSON:
+    mv, graph = _resolve(request, name, version)
+    versions = v2_models(get_registry(request)).get(name, {mv.version: mv})
+    inputs, outputs = graph_tensors(mv, graph)
+    return JSON({"name": name, "versions": [str(v) for v in sorted(versions)], "platform": PLATFORM,
+                 "inputs": [t.metadata() for t in inputs], "outputs": [t.metadata() for t in outputs]})
+
+
+def _ready(request: Request, name: str, version: str | None) -> JSON:
+    mv, _ = _resolve(request, name, version)
+    if not get_registry(request).ready:
+        raise _not_ready()
+    return JSON({"name": name, "version": str(mv.version), "ready": True})
+
+
+# each endpoint with and without a version: one function under two paths (version None = the highest)
+@router.get("/models/{name}")
+@router.get("/models/{name}/versions/{version}")
+async def model_metadata(name: str, request: Request, version: str | None = None):
+    return _metadata(request, name, version)
+
+
+@router.get("/models/{name}/ready")
+@router.get("/models/{name}/versions/{version}/ready")
+async def model_ready(name: str, request: Request, version: str | None = None):
+    return _ready(request, name, version)
+
+
+def _ort_rejected(exc: Exception) -> bool:
+    """ONNX Runtime's INVALID_ARGUMENT: the values do not fit the graph (e.g. a label outside the embedding's
+    range), a request problem; onnxruntime's other failures stay server errors."""
+    t = type(exc)
+    return t.__module__.startswith("onnxruntime") and t.__name__ == "InvalidArgument"
+
+
+@router.post("/models/{name}/infer")
+@router.post("/models/{name}/versions/{version}/infer")
+async def infer(name: str, request: Request, version: str | None = None) -> Response:
+    mv, graph = _resolve(request, name, version)
+    if not get_registry(request).ready:
+        raise _not_ready()
+    inputs, outputs = graph_tensors(mv, graph)
+    body = await request.body()
+    header_length = request.headers.get("inference-header-content-length")
+    args = (body, header_length, inputs, [t.name for t in outputs])
+    req = await asyncio.to_thread(decode_request, *args) if len(body) > _OFFLOAD_BYTES else decode_request(*args)
+    if (n := next(iter(req.inputs.values())).shape[0]) > mv.batching.max_queue_items:
+        raise TensorError(f"a batch of {n} exceeds the {mv.batching.max_queue_items} items the server queues")
+    try:
+        result = await mv.run(graph, req.inputs)
+    except Exception as e:
+        if _ort_rejected(e):
+            detail = str(e).splitlines()[0].split("INVALID_ARGUMENT : ", 1)[-1][:400]
+            raise TensorError(f"model '{name}' rejected the inputs: {detail}") from None
+        raise
+    args = (name, str(mv.version), req.id, result, req.outputs)
+    big = sum(result[o].nbytes for o, _ in req.outputs) > _OFFLOAD_BYTES
+    payload, json_length = await asyncio.to_thread(encode_response, *args) if big else encode_response(*args)
+    if json_length is None:
+        return Response(payload, media_type="application/json")
+    return Response(payload, media_type="application/octet-stream",
+                    headers={"Inference-Header-Content-Length": str(json_length)})

@@ -1,0 +1,261 @@
+"""Open Inference Protocol (KServe V2) tensors over REST: decode requests, encode responses. No HTTP framework here.
+
+Request: a JSON object `{"id"?, "parameters"?, "inputs": [...], "outputs"?: [...]}`. Each input is
+`{"name", "datatype", "shape", "data"}` with `data` the elements in row-major order (flat or nested), or, with
+the binary tensor data extension, `"parameters": {"binary_data_size": n}` and no `data`: the tensor's n bytes
+(little-endian, row-major, no padding) follow the JSON in the body, in the order of the inputs, and the
+`Inference-Header-Content-Length` header gives the JSON's length in bytes.
+
+Response: `{"model_name", "model_version", "id"? (echoed), "outputs": [...]}`. An output is sent as binary when
+its request output says `"parameters": {"binary_data": true}`, or else when the request's parameters say
+`"binary_data_output": true`; its JSON then carries `"parameters": {"binary_data_size": n}` and its bytes follow
+the JSON, whose length the caller puts in the `Inference-Header-Content-Length` response header.
+
+Everything wrong with a request raises TensorError with a message that names the input or output; the API
+layer (service/errors.py) answers it 400. JSON cannot carry NaN or infinity: ask for binary outputs for those.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import NoReturn
+
+import numpy as np
+import orjson
+
+# V2 datatype names and their numpy types (BYTES, variable-length strings, is not supported)
+DATATYPES: dict[str, np.dtype] = {name: np.dtype(t) for name, t in (
+    ("BOOL", np.bool_), ("UINT8", np.uint8), ("UINT16", np.uint16), ("UINT32", np.uint32), ("UINT64", np.uint64),
+    ("INT8", np.int8), ("INT16", np.int16), ("INT32", np.int32), ("INT64", np.int64),
+    ("FP16", np.float16), ("FP32", np.float32), ("FP64", np.float64))}
+_BY_NUMPY = {dt: name for name, dt in DATATYPES.items()}
+# what a JSON array may hold for each kind of target type: numpy kinds of np.asarray(data)
+_JSON_KINDS = {"b": "b", "u": "iu", "i": "iu", "f": "iuf"}
+_KIND_WORDS = {"b": "boolean", "i": "integer", "u": "integer", "f": "floating-point", "U": "string"}
+
+
+class TensorError(ValueError):
+    """The request is malformed or does not fit the model: answered 400 with this message."""
+
+
+def v2_datatype(dtype) -> str:
+    """numpy dtype (or its name, e.g. the manifest's 'float32') -> V2 datatype ('FP32')."""
+    try:
+        name = _BY_NUMPY.get(np.dtype(dtype).newbyteorder("="))
+    except TypeError:
+        name = None
+    if name is None:
+        raise TensorError(f"dtype {dtype} has no V2 datatype")
+    return name
+
+
+@dataclass(frozen=True)
+class TensorMeta:
+    """A model input as the protocol sees it. dims: an int is a fixed size; a str names a dynamic axis (-1 in
+    metadata), and inputs sharing that name must agree on its size (e.g. 'batch')."""
+    name: str
+    datatype: str
+    dims: tuple[int | str, ...]
+
+    @property
+    def shape(self) -> list[int]:
+        return [d if isinstance(d, int) else -1 for d in self.dims]
+
+    def metadata(self) -> dict:
+        return {"name": self.name, "datatype": self.datatype, "shape": self.shape}
+
+
+@dataclass
+class InferRequest:
+    id: str | None
+    inputs: dict[str, np.ndarray]
+    outputs: list[tuple[str, bool]]       # (output name, as binary), in response order
+
+
+def _fail(msg: str) -> NoReturn:
+    raise TensorError(msg)
+
+
+def _short(x) -> str:
+    text = repr(x)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def split_body(body: bytes, header_length: str | None) -> tuple[dict, bytes]:
+    """(the JSON object, the binary section after it)."""
+    if header_length is None:
+        head, rest = body, b""
+    else:
+        if not header_length.strip().isdigit() or int(header_length) > len(body):
+            _fail(f"Inference-Header-Content-Length {header_length!r} is not a length within the "
+                  f"{len(body)}-byte body")
+        head, rest = body[:int(header_length)], body[int(header_length):]
+    try:
+        doc = orjson.loads(head)
+    except orjson.JSONDecodeError as e:
+        binary = header_length is None and b"binary_data_size" in head
+        hint = " (binary tensor data needs the Inference-Header-Content-Length header)" if binary else ""
+        _fail(f"request body is not valid JSON: {e}{hint}")
+    if not isinstance(doc, dict):
+        _fail("request body must be a JSON object")
+    return doc, rest
+
+
+def _params(obj: dict, where: str) -> dict:
+    params = obj.get("parameters") or {}
+    if not isinstance(params, dict):
+        _fail(f"{where}: parameters must be an object")
+    if "shared_memory_region" in params:
+        _fail(f"{where}: shared memory is not supported")
+    return params
+
+
+def _json_tensor(meta: TensorMeta, data, shape: list[int], count: int) -> np.ndarray:
+    target = DATATYPES[meta.datatype]
+    if not isinstance(data, list):
+        _fail(f"input '{meta.name}': data must be a list")
+    try:
+        arr = np.asarray(data)
+    except (ValueError, TypeError, OverflowError):
+        _fail(f"input '{meta.name}': data is not a regular (flat or nested) list of numbers")
+    if arr.size != count:
+        _fail(f"input '{meta.name}': shape {shape} needs {count} elements, data has {arr.size}")
+    if arr.dtype.kind not in _JSON_KINDS[target.kind]:
+        kind, example = _KIND_WORDS.get(arr.dtype.kind, "non-numeric"), _short(arr.reshape(-1)[:1].tolist()[0])
+        _fail(f"input '{meta.name}': data holds {kind} values (e.g. {example}), not {meta.datatype}")
+    if target.kind in "iu" and arr.size:
+        info = np.iinfo(target)
+        if int(arr.min()) < info.min or int(arr.max()) > info.max:
+            _fail(f"input '{meta.name}': values outside the {meta.datatype} range {info.min}..{info.max}")
+    return arr.astype(target).reshape(shape)
+
+
+def _input(item, specs: dict[str, TensorMeta], rest: bytes, offset: int) -> tuple[str, np.ndarray, int]:
+    """One request input -> (name, array, new offset into the binary section)."""
+    if not isinstance(item, dict) or not isinstance(item.get("name"), str):
+        _fail("every input must be an object with a string 'name'")
+    name = item["name"]
+    meta = specs.get(name)
+    if meta is None:
+        _fail(f"unknown input '{name}'; the model's inputs are {sorted(specs)}")
+    if item.get("datatype") != meta.datatype:
+        _fail(f"input '{name}': datatype {_short(item.get('datatype'))} does not match the model's {meta.datatype}")
+    shape = item.get("shape")
+    if not isinstance(shape, list) or not all(_is_int(d) for d in shape):
+        _fail(f"input '{name}': shape must be a list of integers")
+    if len(shape) != len(meta.dims) or any(isinstance(m, int) and d != m
+                                           for d, m in zip(shape, meta.dims, strict=True)):
+        _fail(f"input '{name}': shape {shape} does not match the model's {meta.shape}")
+    if any(d < 1 for d in shape):
+        _fail(f"input '{name}': shape {shape} has a dimension below 1")
+    count, params = math.prod(shape), _params(item, f"input '{name}'")
+    size = params.get("binary_data_size")
+    if size is None:
+        if "data" not in item:
+            _fail(f"input '{name}': neither data nor a binary_data_size parameter")
+        return name, _json_tensor(meta, item["data"], shape, count), offset
+    if "data" in item:
+        _fail(f"input '{name}': both data and binary_data_size given")
+    dtype = DATATYPES[meta.datatype]
+    if not _is_int(size) or size != count * dtype.itemsize:
+        _fail(f"input '{name}': binary_data_size {_short(size)} is not the {count * dtype.itemsize} bytes of a "
+              f"{meta.datatype} tensor of shape {shape}")
+    if offset + size > len(rest):
+        _fail(f"input '{name}': its {size} binary bytes are missing (the body has {len(rest) - offset} more after "
+              f"the JSON; is the Inference-Header-Content-Length header set?)")
+    arr = np.frombuffer(rest, dtype.newbyteorder("<"), count, offset).reshape(shape)
+    return name, arr.astype(dtype, copy=False), offset + size
+
+
+def _check_dims(specs: dict[str, TensorMeta], arrays: dict[str, np.ndarray]) -> None:
+    """Inputs that share a named dynamic axis must agree on its size."""
+    seen: dict[str, tuple[int, str]] = {}
+    for name, arr in arrays.items():
+        for i, d in enumerate(specs[name].dims):
+            if isinstance(d, str):
+                size, first = seen.setdefault(d, (arr.shape[i], name))
+                if size != arr.shape[i]:
+                    _fail(f"input '{name}': dimension {i} ('{d}') is {arr.shape[i]}, but input '{first}' "
+                          f"has {size}")
+
+
+def _outputs(doc: dict, names: Sequence[str], binary_default: bool) -> list[tuple[str, bool]]:
+    wanted = doc.get("outputs")
+    if wanted is None:
+        return [(n, binary_default) for n in names]
+    if not isinstance(wanted, list):
+        _fail("outputs must be a list")
+    out: list[tuple[str, bool]] = []
+    for item in wanted:
+        if not isinstance(item, dict) or not isinstance(item.get("name"), str):
+            _fail("every requested output must be an object with a string 'name'")
+        name = item["name"]
+        if name not in names:
+            _fail(f"unknown output '{name}'; the model's outputs are {sorted(names)}")
+        if any(name == n for n, _ in out):
+            _fail(f"output '{name}' is requested twice")
+        params = _params(item, f"output '{name}'")
+        if "classification" in params:
+            _fail(f"output '{name}': the classification extension is not supported")
+        binary = params.get("binary_data", binary_default)
+        if not isinstance(binary, bool):
+            _fail(f"output '{name}': binary_data must be true or false")
+        out.append((name, binary))
+    return out
+
+
+def decode_request(body: bytes, header_length: str | None, inputs: Sequence[TensorMeta],
+                   outputs: Sequence[str]) -> InferRequest:
+    """Parse and validate an inference request against the model's inputs and output names."""
+    doc, rest = split_body(body, header_length)
+    request_id = doc.get("id")
+    if request_id is not None and not isinstance(request_id, str):
+        _fail("id must be a string")
+    binary_default = _params(doc, "request").get("binary_data_output", False)
+    if not isinstance(binary_default, bool):
+        _fail("binary_data_output must be true or false")
+    items = doc.get("inputs")
+    if not isinstance(items, list) or not items:
+        _fail("inputs must be a non-empty list")
+    specs = {m.name: m for m in inputs}
+    arrays: dict[str, np.ndarray] = {}
+    offset = 0
+    for item in items:
+        name, arr, offset = _input(item, specs, rest, offset)
+        if name in arrays:
+            _fail(f"input '{name}' is given twice")
+        arrays[name] = arr
+    if offset != len(rest):
+        _fail(f"{len(rest)} bytes follow the JSON, but the inputs' binary_data_size add up to {offset}")
+    if missing := sorted(set(specs) - set(arrays)):
+        _fail(f"missing input{'s' if len(missing) > 1 else ''} {', '.join(repr(m) for m in missing)}")
+    _check_dims(specs, arrays)
+    return InferRequest(request_id, arrays, _outputs(doc, list(outputs), binary_default))
+
+
+def encode_response(model_name: str, model_version: str, request_id: str | None, arrays: dict[str, np.ndarray],
+                    outputs: Sequence[tuple[str, bool]]) -> tuple[bytes, int | None]:
+    """(body, JSON length when binary outputs follow it, else None)."""
+    doc: dict = {"model_name": model_name, "model_version": model_version}
+    if request_id is not None:
+        doc["id"] = request_id
+    entries, blobs = [], []
+    for name, binary in outputs:
+        arr = np.ascontiguousarray(arrays[name])
+        entry = {"name": name, "datatype": v2_datatype(arr.dtype), "shape": list(arr.shape)}
+        if binary:
+            blob = arr.astype(arr.dtype.newbyteorder("<"), copy=False).tobytes()
+            entry["parameters"] = {"binary_data_size": len(blob)}
+            blobs.append(blob)
+        else:
+            entry["data"] = (arr.astype(np.float32) if arr.dtype == np.float16 else arr).reshape(-1)
+        entries.append(entry)
+    doc["outputs"] = entries
+    head = orjson.dumps(doc, option=orjson.OPT_SERIALIZE_NUMPY)
+    return (head + b"".join(blobs), len(head)) if blobs else (head, None)

@@ -1,0 +1,203 @@
+"""service.client against the in-process app on the shipped models: every endpoint through both clients, compared
+with the raw API, and the error type. The sync client runs over Starlette's TestClient (an httpx.Client that
+drives the app and its lifespan); the async one over httpx.ASGITransport, with the lifespan entered here."""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import subprocess
+import sys
+
+import httpx
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+from pydantic import BaseModel
+
+from service.app import create_app
+from service.client import AsyncGenserveClient, GenserveClient, GenserveError
+from service.imaging import decode_images
+from service.schemas import ImagesResponse, LogprobResponse, SampleResponse, VaeAttributesResponse, VaeEncodeResponse
+from service.settings import Settings
+from tests.api.conftest import wait_ready
+from tests.conftest import REPO
+
+SETTINGS = {"store_path": REPO / "models_store", "warmup": False, "intra_op_threads": 1, "worker_threads": 1}
+RETURNS = {"gan_sample": SampleResponse, "vae_sample": SampleResponse, "pixelcnn_sample": SampleResponse,
+           "vae_decode": ImagesResponse, "vae_edit": ImagesResponse, "vae_interpolate": ImagesResponse,
+           "vae_encode": VaeEncodeResponse, "vae_attributes": VaeAttributesResponse,
+           "pixelcnn_logprob": LogprobResponse, "models": dict, "model": dict, "health": dict, "ready": dict}
+ENDPOINTS = sorted(RETURNS)
+
+
+@pytest.fixture(scope="module")
+def app_client():
+    with TestClient(create_app(Settings(**SETTINGS))) as tc:
+        wait_ready(tc)
+        yield tc
+
+
+@pytest.fixture(scope="module")
+def gs(app_client):
+    # sample_timeout=None: the TestClient warns about per-request timeouts (it has no network to time out).
+    with GenserveClient(http=app_client, sample_timeout=None) as client:
+        yield client
+
+
+def cases(images: np.ndarray) -> dict[str, tuple[tuple, dict, str, str, dict | None]]:
+    """Per endpoint: the client call (args, kwargs) and the same request in raw JSON (method, path, body), with
+    images sent as arrays, the API's other input format."""
+    z = np.linspace(-1.0, 1.0, 32).reshape(2, 16)
+    raw = images.tolist()
+    return {
+        "health": ((), {}, "GET", "/healthz", None),
+        "ready": ((), {}, "GET", "/readyz", None),
+        "models": ((), {}, "GET", "/v1/models", None),
+        "model": (("vae",), {}, "GET", "/v1/models/vae", None),
+        "gan_sample": ((2,), {"seed": 7, "labels": [3, 8], "truncation": 0.8}, "POST", "/v1/gan/sample",
+                       {"n": 2, "seed": 7, "labels": [3, 8], "truncation": 0.8}),
+        "vae_encode": ((images,), {}, "POST", "/v1/vae/encode", {"images": raw}),
+        "vae_decode": ((z,), {}, "POST", "/v1/vae/decode", {"latents": z.tolist()}),
+        "vae_sample": ((2,), {"seed": 1, "temperature": 0.9}, "POST", "/v1/vae/sample",
+                       {"n": 2, "seed": 1, "temperature": 0.9}),
+        "vae_attributes": ((), {"model_version": 1}, "GET", "/v1/vae/attributes?model_version=1", None),
+        "vae_edit": ((images[:2], {"thickness": 1.5, "slant": -1.0}), {}, "POST", "/v1/vae/edit",
+                     {"images": raw[:2], "edits": {"thickness": 1.5, "slant": -1.0}}),
+        "vae_interpolate": ((images[0], images[1]), {"steps": 5, "method": "lerp"}, "POST", "/v1/vae/interpolate",
+                            {"start": raw[0], "end": raw[1], "steps": 5, "method": "lerp"}),
+        "pixelcnn_logprob": ((images,), {"per_pixel": True, "labels": [7, 2, 1, 0]}, "POST", "/v1/pixelcnn/logprob",
+                             {"images": raw, "per_pixel": True, "labels": [7, 2, 1, 0]}),
+        "pixelcnn_sample": ((1,), {"seed": 3, "labels": np.int64(5)}, "POST", "/v1/pixelcnn/sample",
+                            {"n": 1, "seed": 3, "labels": 5}),
+    }
+
+
+def as_json(result) -> object:
+    """A result as the JSON it was parsed from (fields the answer did not carry stay out)."""
+    return result.model_dump(mode="json", exclude_unset=True) if isinstance(result, BaseModel) else result
+
+
+def test_cases_cover_every_endpoint(digit_images):
+    public = {n for n in dir(GenserveClient) if not n.startswith("_") and n not in ("close",)}
+    assert public == set(ENDPOINTS) == set(cases(digit_images))
+
+
+@pytest.mark.parametrize("name", ENDPOINTS)
+def test_sync_client_matches_the_raw_api(name, gs, app_client, digit_images):
+    args, kwargs, method, path, body = cases(digit_images)[name]
+    result = getattr(gs, name)(*args, **kwargs)
+    raw = app_client.request(method, path, json=body)
+    assert raw.status_code == 200, raw.text
+    assert isinstance(result, RETURNS[name])
+    assert as_json(result) == raw.json()        # PNG in (client) and arrays in (raw): the same answer
+    if isinstance(result, SampleResponse | ImagesResponse):
+        assert result.array.dtype == np.uint8 and result.array.shape == (len(result.images), 28, 28)
+        assert np.array_equal(result.array, decode_images(raw.json()["images"]))
+
+
+def test_async_client_gives_the_same_answers(gs, digit_images):
+    expected = {name: as_json(getattr(gs, name)(*a, **kw)) for name, (a, kw, *_) in cases(digit_images).items()
+                if name != "ready"}                              # ready differs: another app instance
+
+    async def main() -> dict:
+        app = create_app(Settings(**SETTINGS))                  # its own app: batchers live on this loop
+        async with app.router.lifespan_context(app):
+            http = httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://genserve")
+            async with http, AsyncGenserveClient(http=http) as ags:
+                for _ in range(600):                             # bounded: 60 s
+                    if (await ags.ready())["ready"]:
+                        break
+                    await asyncio.sleep(0.1)
+                got = {name: as_json(await getattr(ags, name)(*a, **kw))
+                       for name, (a, kw, *_) in cases(digit_images).items()}
+                with pytest.raises(GenserveError) as err:
+                    await ags.gan_sample(1000)
+                assert (err.value.status, err.value.field) == (422, "n")
+                return got
+
+    got = asyncio.run(main())
+    assert got.pop("ready")["ready"] is True
+    assert got == expected
+
+
+def test_service_errors_raise_a_typed_exception(gs, digit_images):
+    cases_ = [
+        (lambda: gs.gan_sample(1000), 422, "invalid_request", "n"),
+        (lambda: gs.model("nope"), 404, "not_found", None),
+        (lambda: gs.vae_edit(digit_images[:1], {"boldness": 1.0}), 422, "invalid_request", "edits.boldness"),
+        (lambda: gs.vae_encode(np.zeros((1, 27, 28), np.uint8)), 422, "invalid_image", "images[0]"),
+        (lambda: gs.pixelcnn_logprob(digit_images, labels=[1]), 422, "invalid_request", "labels"),
+        (lambda: gs.vae_decode(np.zeros((1, 3))), 422, "invalid_request", "latents[0]"),
+    ]
+    for call, status, code, field in cases_:
+        with pytest.raises(GenserveError) as err:
+            call()
+        e = err.value
+        assert (e.status, e.code, e.field) == (status, code, field), e
+        assert e.message and str(e).startswith(f"{status} {code}")
+        assert (e.fields[0]["field"] if e.fields else None) == field
+
+
+def test_images_are_checked_before_sending(gs, digit_images):
+    with pytest.raises(ValueError, match="uint8"):
+        gs.vae_encode(digit_images.astype(np.float32))
+    with pytest.raises(ValueError, match="uint8"):
+        gs.vae_encode(np.full((1, 28, 28), 300))
+    as_int = gs.vae_encode(digit_images.astype(np.int64)).latents
+    assert as_int == gs.vae_encode(list(digit_images)).latents == gs.vae_encode(digit_images).latents
+
+
+def mock_client(handler) -> GenserveClient:
+    return GenserveClient(http=httpx.Client(transport=httpx.MockTransport(handler), base_url="http://mock"))
+
+
+def test_answers_from_elsewhere_and_not_ready():
+    """What the service itself never sends here: a proxy's HTML page, 503 not_ready, a broken 200."""
+    html = mock_client(lambda r: httpx.Response(502, text="<html>bad gateway</html>",
+                                                headers={"x-request-id": "abc"}))
+    with pytest.raises(GenserveError) as err:
+        html.vae_sample()
+    assert (err.value.status, err.value.code, err.value.request_id) == (502, "http_error", "abc")
+    assert "bad gateway" in err.value.message
+    with pytest.raises(GenserveError):
+        html.ready()
+
+    def loading(request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/readyz":
+            return httpx.Response(503, json={"ready": False, "models": {}, "refused": []})
+        return httpx.Response(503, json={"error": {"code": "not_ready", "message": "models are still loading"}},
+                              headers={"retry-after": "1"})
+
+    gs = mock_client(loading)
+    assert gs.ready() == {"ready": False, "models": {}, "refused": []}
+    with pytest.raises(GenserveError) as err:
+        gs.gan_sample()
+    assert (err.value.status, err.value.code, err.value.retry_after, err.value.field) == (503, "not_ready", 1.0, None)
+    with pytest.raises(GenserveError) as err:
+        mock_client(lambda r: httpx.Response(200, json={"model": "gan"})).gan_sample()
+    assert err.value.code == "invalid_response"
+
+
+def test_both_clients_offer_the_same_documented_endpoints():
+    for name in ENDPOINTS:
+        sync, asyn = getattr(GenserveClient, name), getattr(AsyncGenserveClient, name)
+        assert inspect.signature(sync) == inspect.signature(asyn)
+        assert sync.__doc__ and sync.__doc__ == asyn.__doc__ and inspect.iscoroutinefunction(asyn)
+    with GenserveClient("http://x") as bound:
+        assert list(inspect.signature(bound.gan_sample).parameters)[0] == "n"
+
+
+def test_client_imports_without_the_server_stack():
+    """Installable with httpx, pydantic, numpy and Pillow alone: no FastAPI, Starlette, ONNX Runtime."""
+    code = ("import sys\n"
+            "class Block:\n"
+            "    def find_spec(self, name, path=None, target=None):\n"
+            "        if name.split('.')[0] in {'fastapi', 'starlette', 'onnxruntime', 'uvicorn', 'torch',\n"
+            "                                  'prometheus_client', 'orjson', 'pydantic_settings'}:\n"
+            "            raise ImportError('blocked: ' + name)\n"
+            "sys.meta_path.insert(0, Block())\n"
+            "from service.client import GenserveClient, AsyncGenserveClient\n"
+            "print('ok')\n")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr

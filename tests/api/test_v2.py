@@ -1,0 +1,189 @@
+"""The Open Inference Protocol (/v2) in-process on the tiny store: metadata, JSON and binary inference checked
+against ONNX Runtime on the same graphs, the shared batcher's metrics, and errors as {"error": "..."}."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+from tests.api.conftest import make_client, wait_ready
+
+V2_MODELS = ["gan.generator", "pixelcnn.hrow", "pixelcnn.logprob", "pixelcnn.vstack", "vae.decoder", "vae.encoder"]
+
+
+def _ort(store, path: str, feeds: dict) -> dict:
+    sess = ort.InferenceSession(str(store / path), providers=["CPUExecutionProvider"])
+    return dict(zip([o.name for o in sess.get_outputs()], sess.run(None, feeds), strict=True))
+
+
+def _tensor(name: str, arr: np.ndarray, datatype: str) -> dict:
+    return {"name": name, "datatype": datatype, "shape": list(arr.shape), "data": arr.ravel().tolist()}
+
+
+def _binary(inputs: dict[str, tuple[np.ndarray, str]], **doc) -> tuple[bytes, dict]:
+    """A binary-tensor request body and its header."""
+    doc["inputs"] = [{"name": n, "datatype": dt, "shape": list(a.shape), "parameters": {"binary_data_size": a.nbytes}}
+                     for n, (a, dt) in inputs.items()]
+    head = json.dumps(doc).encode()
+    return head + b"".join(a.tobytes() for a, _ in inputs.values()), {"Inference-Header-Content-Length": str(len(head))}
+
+
+def _error(r, status: int, *fragments: str) -> str:
+    assert r.status_code == status, r.text
+    body = r.json()
+    assert set(body) == {"error"} and isinstance(body["error"], str), body      # the V2 error format
+    for f in fragments:
+        assert f in body["error"], body
+    return body["error"]
+
+
+def test_server_health_metadata_and_index(client):
+    assert client.get("/v2/health/live").status_code == 200
+    assert client.get("/v2/health/ready").status_code == 200
+    meta = client.get("/v2").json()
+    assert meta["name"] == "genserve" and "binary_tensor_data" in meta["extensions"] and meta["version"]
+    index = client.post("/v2/repository/index").json()
+    assert sorted(m["name"] for m in index) == V2_MODELS
+    assert {(m["version"], m["state"]) for m in index} == {("1", "READY")}
+
+
+def test_model_metadata_and_ready(client):
+    for name in V2_MODELS:
+        assert client.get(f"/v2/models/{name}/ready").status_code == 200
+        assert client.get(f"/v2/models/{name}/versions/1/ready").status_code == 200
+    meta = client.get("/v2/models/gan.generator").json()
+    assert meta == client.get("/v2/models/gan.generator/versions/1").json()
+    assert meta["name"] == "gan.generator" and meta["versions"] == ["1"] and meta["platform"] == "onnxruntime_onnx"
+    z_dim = meta["inputs"][0]["shape"][1]
+    assert meta["inputs"] == [{"name": "z", "datatype": "FP32", "shape": [-1, z_dim]},
+                              {"name": "label", "datatype": "INT64", "shape": [-1]}]
+    assert meta["outputs"] == [{"name": "image", "datatype": "FP32", "shape": [-1, 1, 28, 28]}]
+    hrow = client.get("/v2/models/pixelcnn.hrow").json()
+    assert hrow["inputs"][0]["shape"] == [-1, 1, -1, 28]                         # dynamic height
+
+
+def test_json_inference_matches_onnxruntime(client, tiny_store, digit_images):
+    images = digit_images[:, None].astype(np.float32)
+    r = client.post("/v2/models/vae.encoder/infer", json={"id": "req-7", "inputs": [_tensor("image", images, "FP32")]})
+    assert r.status_code == 200 and r.headers["content-type"] == "application/json"
+    body = r.json()
+    assert (body["model_name"], body["model_version"], body["id"]) == ("vae.encoder", "1", "req-7")
+    ref = _ort(tiny_store, "vae/1/encoder.onnx", {"image": images})
+    assert [o["name"] for o in body["outputs"]] == ["mean", "logvar"]
+    for out in body["outputs"]:
+        assert out["datatype"] == "FP32" and out["shape"] == list(ref[out["name"]].shape)
+        np.testing.assert_allclose(np.asarray(out["data"]).reshape(out["shape"]), ref[out["name"]], atol=1e-5)
+
+
+def test_binary_inference_matches_onnxruntime(client, tiny_store):
+    rng = np.random.default_rng(0)
+    z, label = rng.standard_normal((3, _z_dim(client))).astype(np.float32), np.array([0, 5, 9], np.int64)
+    body, headers = _binary({"z": (z, "FP32"), "label": (label, "INT64")}, id="b1",
+                            parameters={"binary_data_output": True})
+    r = client.post("/v2/models/gan.generator/versions/1/infer", content=body, headers=headers)
+    assert r.status_code == 200 and r.headers["content-type"] == "application/octet-stream"
+    n = int(r.headers["inference-header-content-length"])
+    head = json.loads(r.content[:n])
+    assert head["id"] == "b1" and head["outputs"][0]["parameters"]["binary_data_size"] == 3 * 784 * 4
+    image = np.frombuffer(r.content[n:], np.float32).reshape(head["outputs"][0]["shape"])
+    np.testing.assert_allclose(image, _ort(tiny_store, "gan/1/generator.onnx", {"z": z, "label": label})["image"],
+                               atol=1e-5)
+
+
+def test_pixelcnn_graphs_chain_on_a_partial_image(client, tiny_store, digit_images):
+    """vstack then hrow on the top 5 rows: the graphs the sampler uses, reachable only through /v2."""
+    rows = digit_images[:2, None, :5].astype(np.float32)
+    label = np.array([3, 10], np.int64)
+    r = client.post("/v2/models/pixelcnn.vstack/infer", json={
+        "inputs": [_tensor("image", rows, "FP32"), _tensor("label", label, "INT64")],
+        "outputs": [{"name": "vfeats", "parameters": {"binary_data": True}}]})
+    n = int(r.headers["inference-header-content-length"])
+    shape = json.loads(r.content[:n])["outputs"][0]["shape"]
+    vfeats = np.frombuffer(r.content[n:], np.float32).reshape(shape)
+    body, headers = _binary({"image": (rows, "FP32"), "vfeats": (vfeats, "FP32")})
+    r = client.post("/v2/models/pixelcnn.hrow/infer", content=body, headers=headers)
+    out = r.json()["outputs"][0]                                  # no binary asked for: JSON
+    ref_v = _ort(tiny_store, "pixelcnn/1/vstack.onnx", {"image": rows, "label": label})["vfeats"]
+    ref = _ort(tiny_store, "pixelcnn/1/hrow.onnx", {"image": rows, "vfeats": ref_v})["logits"]
+    assert out["shape"] == [2, 256, 5, 28]
+    np.testing.assert_allclose(np.asarray(out["data"], np.float32).reshape(out["shape"]), ref, atol=1e-5)
+
+
+def _scrape(text: str, line_start: str) -> float:
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(line_start))
+
+
+def _z_dim(client) -> int:
+    return client.get("/v2/models/gan.generator").json()["inputs"][0]["shape"][1]
+
+
+def test_v2_goes_through_the_v1_batcher_and_metrics(client):
+    series = 'genserve_batch_size_sum{graph="generator",model="gan",version="1"}'
+    before = _scrape(client.get("/metrics").text, series)
+    assert client.post("/v1/gan/sample", json={"n": 2}).status_code == 200
+    z, label = np.zeros((5, _z_dim(client)), np.float32), np.ones(5, np.int64)
+    body, headers = _binary({"z": (z, "FP32"), "label": (label, "INT64")})
+    assert client.post("/v2/models/gan.generator/infer", content=body, headers=headers).status_code == 200
+    text = client.get("/metrics").text
+    assert _scrape(text, series) - before == 7                     # one batcher counts both
+    assert 'route="/v2/models/{name}/infer"' in text
+
+
+def test_unknown_models_and_versions_are_404(client):
+    _error(client.get("/v2/models/gan.nothing"), 404, "gan.nothing", "gan.generator")
+    _error(client.get("/v2/models/gan"), 404)
+    _error(client.get("/v2/models/gan.generator/versions/2"), 404, "version '2'")
+    _error(client.get("/v2/models/gan.generator/versions/latest/ready"), 404)
+    _error(client.post("/v2/models/nope.graph/infer", json={"inputs": []}), 404)
+    _error(client.get("/v2/nowhere"), 404)
+    _error(client.get("/v2/models/gan.generator/infer"), 405)
+
+
+def _gan_inputs(z_dim: int, **override) -> list[dict]:
+    z = {"name": "z", "datatype": "FP32", "shape": [1, z_dim], "data": [0.0] * z_dim}
+    label = {"name": "label", "datatype": "INT64", "shape": [1], "data": [1]}
+    return [{**z, **override.get("z", {})}, {**label, **override.get("label", {})}]
+
+
+@pytest.mark.parametrize("override,fragments", [
+    ({"z": {"name": "noise"}}, ("unknown input 'noise'",)),
+    ({"label": {"datatype": "FP32"}}, ("input 'label'", "FP32", "INT64")),
+    ({"z": {"shape": [1, 100], "data": [0.0] * 100}}, ("input 'z'", "[1, 100]")),
+    ({"z": {"data": [0.0] * 5}}, ("input 'z'", "data has 5")),
+    ({"label": {"data": [99]}}, ("rejected the inputs", "99")),            # ONNX Runtime refuses the value
+])
+def test_bad_inputs_are_400_naming_them(client, override, fragments):
+    body = {"inputs": _gan_inputs(_z_dim(client), **override)}
+    _error(client.post("/v2/models/gan.generator/infer", json=body), 400, *fragments)
+
+
+def test_malformed_bodies_are_400(client):
+    r = client.post("/v2/models/vae.decoder/infer", content=b"{nope", headers={"content-type": "application/json"})
+    _error(r, 400, "not valid JSON")
+    latent = client.get("/v2/models/vae.decoder").json()["inputs"][0]["shape"][1]
+    body, headers = _binary({"z": (np.zeros((1, latent), np.float32), "FP32")})
+    _error(client.post("/v2/models/vae.decoder/infer", content=body), 400, "Inference-Header-Content-Length")
+    _error(client.post("/v2/models/vae.decoder/infer", content=body[:-4], headers=headers), 400, "input 'z'")
+
+
+def test_not_ready_is_503(client):
+    reg = client.app.state.registry
+    reg.ready = False
+    try:
+        _error(client.get("/v2/health/ready"), 503, "loading")
+        _error(client.get("/v2/models/vae.decoder/ready"), 503)
+        _error(client.post("/v2/models/vae.decoder/infer", json={"inputs": []}), 503)
+        assert client.get("/v2/health/live").status_code == 200
+    finally:
+        reg.ready = True
+
+
+def test_body_over_limit_is_413_in_v2_format(tiny_store):
+    with make_client(tiny_store, max_body_bytes=4096) as c:
+        wait_ready(c)
+        image = np.zeros((2, 1, 28, 28), np.float32)
+        _error(c.post("/v2/models/vae.encoder/infer", json={"inputs": [_tensor("image", image, "FP32")]}), 413,
+               "4096")
