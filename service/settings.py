@@ -36,6 +36,7 @@ class Settings(BaseSettings):
     sample_timeout_s: float = Field(300.0, gt=0, description="deadline of a PixelCNN sample request")
     sampler_max_active: int = Field(64, ge=1, le=1024, description="PixelCNN sequences advanced per step")
     sampler_max_queue: int = Field(512, ge=1)
+    v2_max_batch: int = Field(256, ge=1, le=4096, description="items in one /v2 infer request (as /v1's n)")
     max_body_bytes: int = Field(8 * 1024 * 1024, ge=1024, description="request bodies above this get 413")
     warmup: bool = True
     log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"

@@ -87,15 +87,23 @@ def _is_int(x) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
 
 
+def decimal(s: str, max_digits: int = 12) -> int | None:
+    """A plain ASCII decimal of at most max_digits, else None. Not str.isdigit(): it accepts '²', which int()
+    refuses, and int() also refuses more than 4300 digits; either would escape as a 500."""
+    s = s.strip()
+    return int(s) if 0 < len(s) <= max_digits and s.isascii() and s.isdigit() else None
+
+
 def split_body(body: bytes, header_length: str | None) -> tuple[dict, bytes]:
     """(the JSON object, the binary section after it)."""
     if header_length is None:
         head, rest = body, b""
     else:
-        if not header_length.strip().isdigit() or int(header_length) > len(body):
-            _fail(f"Inference-Header-Content-Length {header_length!r} is not a length within the "
+        n = decimal(header_length)
+        if n is None or n > len(body):
+            _fail(f"Inference-Header-Content-Length {header_length[:40]!r} is not a length within the "
                   f"{len(body)}-byte body")
-        head, rest = body[:int(header_length)], body[int(header_length):]
+        head, rest = body[:n], body[n:]
     try:
         doc = orjson.loads(head)
     except orjson.JSONDecodeError as e:
@@ -183,6 +191,33 @@ def _check_dims(specs: dict[str, TensorMeta], arrays: dict[str, np.ndarray]) -> 
                 if size != arr.shape[i]:
                     _fail(f"input '{name}': dimension {i} ('{d}') is {arr.shape[i]}, but input '{first}' "
                           f"has {size}")
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one request may ask of a graph, checked before it is queued. max_batch keeps one request from
+    filling the queue it shares with /v1 (which caps a request at 256 items); max_axis bounds the other dynamic
+    axes (the PixelCNN step graphs' height, exported with max 28), so outputs stay bounded; ranges: input name
+    -> (low, high) of its values, because out-of-range indices are not errors in ONNX (a negative label is a
+    valid Gather index, a silently wrong answer) and pixel values index the 256-way output."""
+    max_batch: int
+    max_axis: int
+    ranges: dict[str, tuple[float, float]]
+
+
+def check_limits(arrays: dict[str, np.ndarray], specs: Sequence[TensorMeta], limits: Limits) -> None:
+    for meta in specs:
+        arr = arrays[meta.name]
+        for i, d in enumerate(meta.dims):
+            cap = limits.max_batch if i == 0 else limits.max_axis
+            if isinstance(d, str) and arr.shape[i] > cap:
+                _fail(f"input '{meta.name}': dimension {i} ('{d}') is {arr.shape[i]}, above the {cap} allowed")
+        if arr.dtype.kind == "f" and not np.isfinite(arr).all():
+            _fail(f"input '{meta.name}': values must be finite")
+        if meta.name in limits.ranges and arr.size:
+            lo, hi = limits.ranges[meta.name]
+            if arr.min() < lo or arr.max() > hi:
+                _fail(f"input '{meta.name}': values must lie in {lo:g}..{hi:g}, got {arr.min():g}..{arr.max():g}")
 
 
 def _outputs(doc: dict, names: Sequence[str], binary_default: bool) -> list[tuple[str, bool]]:

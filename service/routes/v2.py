@@ -32,7 +32,16 @@ from service.errors import APIError
 from service.routes.common import JSON, get_registry
 from service.runtime import ModelNotFound, ModelVersion, Registry
 from service.store import ort_dtype
-from service.v2_codec import TensorError, TensorMeta, decode_request, encode_response, v2_datatype
+from service.v2_codec import (
+    Limits,
+    TensorError,
+    TensorMeta,
+    check_limits,
+    decimal,
+    decode_request,
+    encode_response,
+    v2_datatype,
+)
 
 router = APIRouter(prefix="/v2", tags=["v2 (Open Inference Protocol)"])
 PLATFORM = "onnxruntime_onnx"
@@ -63,7 +72,7 @@ def _resolve(request: Request, name: str, version: str | None) -> tuple[ModelVer
     if version is None:
         mv = versions[max(versions)] if versions else None
     else:
-        mv = versions.get(int(version)) if version.isdigit() else None
+        mv = versions.get(v) if (v := decimal(version, 9)) is not None else None
     if mv is not None:
         return mv, graph
     if not reg.ready:
@@ -126,16 +135,25 @@ def _ready(request: Request, name: str, version: str | None) -> JSON:
     return JSON({"name": name, "version": str(mv.version), "ready": True})
 
 
-# each endpoint with and without a version: one function under two paths (version None = the highest)
+# Each endpoint with and without a version, as thin pairs: one function under both paths would turn
+# `version` into a query parameter of the unversioned path.
 @router.get("/models/{name}")
+async def model_metadata(name: str, request: Request):
+    return _metadata(request, name, None)
+
+
 @router.get("/models/{name}/versions/{version}")
-async def model_metadata(name: str, request: Request, version: str | None = None):
+async def model_version_metadata(name: str, version: str, request: Request):
     return _metadata(request, name, version)
 
 
 @router.get("/models/{name}/ready")
+async def model_ready(name: str, request: Request):
+    return _ready(request, name, None)
+
+
 @router.get("/models/{name}/versions/{version}/ready")
-async def model_ready(name: str, request: Request, version: str | None = None):
+async def model_version_ready(name: str, version: str, request: Request):
     return _ready(request, name, version)
 
 
@@ -146,19 +164,44 @@ def _ort_rejected(exc: Exception) -> bool:
     return t.__module__.startswith("onnxruntime") and t.__name__ == "InvalidArgument"
 
 
-@router.post("/models/{name}/infer")
-@router.post("/models/{name}/versions/{version}/infer")
-async def infer(name: str, request: Request, version: str | None = None) -> Response:
+# the body is read raw (JSON, or JSON followed by binary tensors), so the spec is declared by hand
+_INFER_BODY = {"requestBody": {"required": True, "content": {
+    "application/json": {"schema": {"type": "object", "required": ["inputs"]}},
+    "application/octet-stream": {"schema": {"type": "string", "format": "binary"},
+                                 "description": "JSON header (its length in Inference-Header-Content-Length), "
+                                                "then the binary tensors"}}}}
+
+
+@router.post("/models/{name}/infer", openapi_extra=_INFER_BODY)
+async def infer(name: str, request: Request) -> Response:
+    return await _infer(request, name, None)
+
+
+@router.post("/models/{name}/versions/{version}/infer", openapi_extra=_INFER_BODY)
+async def infer_version(name: str, version: str, request: Request) -> Response:
+    return await _infer(request, name, version)
+
+
+def _limits(mv: ModelVersion, max_batch: int) -> Limits:
+    """Every graph takes images of pixel values and labels; a PixelCNN label may also be num_classes ("any
+    digit"), a GAN label may not."""
+    k = int(mv.manifest.model.get("num_classes", 10))
+    ranges = {"image": (0.0, 255.0), "label": (0.0, float(k if mv.manifest.family == "pixelcnn" else k - 1))}
+    return Limits(max_batch=min(max_batch, mv.batching.max_queue_items), max_axis=28, ranges=ranges)
+
+
+async def _infer(request: Request, name: str, version: str | None) -> Response:
     mv, graph = _resolve(request, name, version)
     if not get_registry(request).ready:
         raise _not_ready()
+    if request.headers.get("content-encoding", "identity").lower() != "identity":
+        raise TensorError("compressed request bodies (Content-Encoding) are not supported")
     inputs, outputs = graph_tensors(mv, graph)
     body = await request.body()
     header_length = request.headers.get("inference-header-content-length")
     args = (body, header_length, inputs, [t.name for t in outputs])
     req = await asyncio.to_thread(decode_request, *args) if len(body) > _OFFLOAD_BYTES else decode_request(*args)
-    if (n := next(iter(req.inputs.values())).shape[0]) > mv.batching.max_queue_items:
-        raise TensorError(f"a batch of {n} exceeds the {mv.batching.max_queue_items} items the server queues")
+    check_limits(req.inputs, inputs, _limits(mv, request.app.state.settings.v2_max_batch))
     try:
         result = await mv.run(graph, req.inputs)
     except Exception as e:

@@ -75,7 +75,8 @@ def server_process(store: Path, log: Path, timeout_s: float = 90.0,
     full_env = {**os.environ, "GENSERVE_STORE_PATH": str(store), "GENSERVE_PORT": str(port),
                 "GENSERVE_LOG_LEVEL": "warning", **{f"GENSERVE_{k.upper()}": v for k, v in env.items()}}
     with open(log, "w") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "service"], env=full_env, stdout=out, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen([sys.executable, "-m", "service"], env=full_env, stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True)   # its own process group: stop_process reaches workers
     base = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + timeout_s
@@ -91,9 +92,22 @@ def server_process(store: Path, log: Path, timeout_s: float = 90.0,
             pytest.fail("server never became ready:\n" + log.read_text())
         yield base, proc
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+        stop_process(proc)
+
+
+def stop_process(proc: subprocess.Popen, timeout_s: float = 30.0) -> None:
+    """SIGTERM (graceful for uvicorn, fast shutdown for nginx), then after timeout_s SIGKILL to the whole process
+    group, so that uvicorn's or nginx's worker processes cannot outlive a hung parent; always reaped. Processes
+    are started with start_new_session=True, so their group id is their pid."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=timeout_s)
+            return
+        except subprocess.TimeoutExpired:
+            pass
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+    proc.wait(timeout=10)

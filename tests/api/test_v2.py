@@ -10,6 +10,7 @@ import onnxruntime as ort
 import pytest
 
 from tests.api.conftest import make_client, wait_ready
+from tests.api.test_server_process import scrape
 
 V2_MODELS = ["gan.generator", "pixelcnn.hrow", "pixelcnn.logprob", "pixelcnn.vstack", "vae.decoder", "vae.encoder"]
 
@@ -112,23 +113,19 @@ def test_pixelcnn_graphs_chain_on_a_partial_image(client, tiny_store, digit_imag
     np.testing.assert_allclose(np.asarray(out["data"], np.float32).reshape(out["shape"]), ref, atol=1e-5)
 
 
-def _scrape(text: str, line_start: str) -> float:
-    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(line_start))
-
-
 def _z_dim(client) -> int:
     return client.get("/v2/models/gan.generator").json()["inputs"][0]["shape"][1]
 
 
 def test_v2_goes_through_the_v1_batcher_and_metrics(client):
-    series = 'genserve_batch_size_sum{graph="generator",model="gan",version="1"}'
-    before = _scrape(client.get("/metrics").text, series)
+    series = {"name": "genserve_batch_size_sum", "graph": "generator", "model": "gan", "version": "1"}
+    before = scrape(client.get("/metrics").text, **series)
     assert client.post("/v1/gan/sample", json={"n": 2}).status_code == 200
     z, label = np.zeros((5, _z_dim(client)), np.float32), np.ones(5, np.int64)
     body, headers = _binary({"z": (z, "FP32"), "label": (label, "INT64")})
     assert client.post("/v2/models/gan.generator/infer", content=body, headers=headers).status_code == 200
     text = client.get("/metrics").text
-    assert _scrape(text, series) - before == 7                     # one batcher counts both
+    assert scrape(text, **series) - before == 7                     # one batcher counts both
     assert 'route="/v2/models/{name}/infer"' in text
 
 
@@ -153,11 +150,42 @@ def _gan_inputs(z_dim: int, **override) -> list[dict]:
     ({"label": {"datatype": "FP32"}}, ("input 'label'", "FP32", "INT64")),
     ({"z": {"shape": [1, 100], "data": [0.0] * 100}}, ("input 'z'", "[1, 100]")),
     ({"z": {"data": [0.0] * 5}}, ("input 'z'", "data has 5")),
-    ({"label": {"data": [99]}}, ("rejected the inputs", "99")),            # ONNX Runtime refuses the value
+    ({"label": {"data": [99]}}, ("input 'label'", "0..9", "99")),
+    ({"label": {"data": [-1]}}, ("input 'label'", "0..9")),     # a valid Gather index in ONNX: a wrong answer
 ])
 def test_bad_inputs_are_400_naming_them(client, override, fragments):
     body = {"inputs": _gan_inputs(_z_dim(client), **override)}
     _error(client.post("/v2/models/gan.generator/infer", json=body), 400, *fragments)
+
+
+def test_values_and_sizes_out_of_range_are_400_before_queueing(client, tiny_store):
+    image = np.full((1, 1, 28, 28), 300.0, np.float32)
+    label = np.array([0], np.int64)
+    body = {"inputs": [_tensor("image", image, "FP32"), _tensor("label", label, "INT64")]}
+    _error(client.post("/v2/models/pixelcnn.logprob/infer", json=body), 400, "input 'image'", "0..255")
+    tall = np.zeros((1, 1, 29, 28), np.float32)
+    body = {"inputs": [_tensor("image", tall, "FP32"), _tensor("label", label, "INT64")]}
+    _error(client.post("/v2/models/pixelcnn.vstack/infer", json=body), 400, "input 'image'", "29", "28 allowed")
+    latent = client.get("/v2/models/vae.decoder").json()["inputs"][0]["shape"][1]
+    data, headers = _binary({"z": (np.full((1, latent), np.nan, np.float32), "FP32")})   # JSON cannot carry NaN
+    _error(client.post("/v2/models/vae.decoder/infer", content=data, headers=headers), 400, "input 'z'", "finite")
+    with make_client(tiny_store, v2_max_batch=2) as c:
+        wait_ready(c)
+        body = {"inputs": [_tensor("z", np.zeros((3, latent), np.float32), "FP32")]}
+        _error(c.post("/v2/models/vae.decoder/infer", json=body), 400, "input 'z'", "above the 2 allowed")
+
+
+def test_odd_numbers_and_encodings_are_4xx_not_500(client):
+    _error(client.get("/v2/models/gan.generator/versions/\u00b2"), 404)             # '²'.isdigit() is True
+    _error(client.get("/v2/models/gan.generator/versions/" + "9" * 5000), 404)     # int() refuses > 4300 digits
+    body = {"inputs": _gan_inputs(_z_dim(client))}
+    for length in ("\u00b2", "9" * 5000, "-1"):
+        r = client.post("/v2/models/gan.generator/infer", content=json.dumps(body).encode(),
+                        headers={"Inference-Header-Content-Length": length.encode()})
+        _error(r, 400, "Inference-Header-Content-Length")
+    r = client.post("/v2/models/gan.generator/infer", content=json.dumps(body).encode(),
+                    headers={"content-encoding": "gzip", "content-type": "application/json"})
+    _error(r, 400, "Content-Encoding")
 
 
 def test_malformed_bodies_are_400(client):

@@ -5,6 +5,7 @@ requests batched together with /v1 ones."""
 from __future__ import annotations
 
 import concurrent.futures as cf
+import time
 
 import httpx
 import numpy as np
@@ -123,4 +124,8 @@ def test_v2_and_v1_requests_share_the_batcher(triton, server):
                - scrape(before, "genserve_batch_size_count", **labels))
     assert items == n_v2 + n_v1
     assert batches < n_v2 + n_v1, f"{n_v2 + n_v1} concurrent requests ran as {batches} batches: nothing was merged"
-    assert scrape(after, "genserve_http_requests_total", route="/v2/models/{name}/infer", status="200") >= n_v2
+    deadline = time.monotonic() + 10     # a request is counted just after its response is sent (bounded wait)
+    while scrape(after, "genserve_http_requests_total", route="/v2/models/{name}/infer", status="200") < n_v2:
+        assert time.monotonic() < deadline, "the /v2 requests were not all counted"
+        time.sleep(0.1)
+        after = httpx.get(server + "/metrics").text

@@ -6,31 +6,19 @@ test_server_process.py) and are re-exported here, not duplicated.
 
 from __future__ import annotations
 
-import signal
+import json
 import subprocess
 import time
 from pathlib import Path
 
 import httpx
 
-from tests.api.conftest import free_port, server_process
+from tests.api.conftest import free_port, server_process, stop_process
 from tests.api.test_server_process import scrape
 
-__all__ = ["REPO", "free_port", "scrape", "server_process", "stop_process", "wait_http"]
+__all__ = ["DASHBOARD", "REPO", "dashboard_exprs", "free_port", "scrape", "server_process", "stop_process", "wait_http"]
 
 REPO = Path(__file__).resolve().parents[2]
-
-
-def stop_process(proc: subprocess.Popen, timeout_s: float = 30.0) -> None:
-    """SIGTERM (graceful for uvicorn, fast shutdown for nginx), then SIGKILL after timeout_s."""
-    if proc.poll() is not None:
-        return
-    proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(timeout=timeout_s)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(timeout=10)
 
 
 def wait_http(url: str, proc: subprocess.Popen, log: Path, timeout_s: float = 30.0) -> None:
@@ -48,7 +36,7 @@ def wait_http(url: str, proc: subprocess.Popen, log: Path, timeout_s: float = 30
     raise AssertionError(f"{url} did not answer 200 within {timeout_s:.0f} s:\n{log.read_text()}")
 
 
-# ----------------------------------------------------------- system programs and the shipped store (appended)
+# ----------------------------------------------------------- system programs, the shipped store, the dashboard
 
 SHIPPED_STORE = REPO / "models_store"
 
@@ -82,3 +70,11 @@ def wait_ready_everywhere(base: str, consecutive: int = 12, timeout_s: float = 1
         streak = streak + 1 if ok else 0
         if not ok:
             time.sleep(0.2)
+
+
+DASHBOARD = REPO / "deploy" / "grafana" / "dashboards" / "genserve.json"
+
+
+def dashboard_exprs() -> list[str]:
+    """Every PromQL query of the provisioned Grafana dashboard."""
+    return [t["expr"] for p in json.loads(DASHBOARD.read_text())["panels"] for t in p.get("targets", [])]

@@ -12,10 +12,9 @@ import subprocess
 import pytest
 import yaml
 
-from tests.deploy.conftest import REPO, require_tool
+from tests.deploy.conftest import DASHBOARD, REPO, dashboard_exprs, require_tool
 
 DEPLOY = REPO / "deploy"
-DASHBOARD = DEPLOY / "grafana" / "dashboards" / "genserve.json"
 
 
 def compose_config(*options: str) -> dict:
@@ -128,10 +127,6 @@ def test_grafana_provisioning_fits_together(default):
     uids = {t["datasource"]["uid"] for p in dashboard["panels"] for t in p.get("targets", [])}
     uids |= {p["datasource"]["uid"] for p in dashboard["panels"] if "datasource" in p}
     assert uids == {ds["uid"]}, "every panel queries the provisioned datasource"
-
-
-def dashboard_exprs() -> list[str]:
-    return [t["expr"] for p in json.loads(DASHBOARD.read_text())["panels"] for t in p.get("targets", [])]
 
 
 def test_dashboard_shows_what_operations_need():

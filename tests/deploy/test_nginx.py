@@ -73,7 +73,8 @@ def stack(tmp_path_factory):
         error_log.touch()
         with open(logs / "nginx.out", "w") as out:
             proc = subprocess.Popen([nginx, "-p", str(state), "-c", str(conf), "-e", str(error_log),
-                                     "-g", "daemon off;"], stdout=out, stderr=subprocess.STDOUT)
+                                     "-g", "daemon off;"], stdout=out, stderr=subprocess.STDOUT,
+                                    start_new_session=True)   # the group: stop_process reaches nginx's workers
         stop.callback(stop_process, proc)
         proxy = f"http://127.0.0.1:{port}"
         wait_http(proxy + "/healthz", proc, error_log)

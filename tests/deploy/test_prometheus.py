@@ -21,6 +21,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from tests.deploy.conftest import (
     REPO,
     SHIPPED_STORE,
+    dashboard_exprs,
     free_port,
     require_tool,
     server_process,
@@ -28,7 +29,6 @@ from tests.deploy.conftest import (
     wait_http,
 )
 
-DASHBOARD = REPO / "deploy" / "grafana" / "dashboards" / "genserve.json"
 # Grafana's built-in variables, as Grafana would fill them in for a 1 s scrape interval.
 GRAFANA_VARIABLES = {"__rate_interval": "1m", "__interval": "15s", "__range": "5m"}
 ZERO_IMAGE = [[0] * 28 for _ in range(28)]
@@ -62,7 +62,8 @@ def prometheus(service, tmp_path_factory):
     with open(log, "w") as out:
         proc = subprocess.Popen([binary, f"--config.file={tmp / 'prometheus.yml'}",
                                  f"--storage.tsdb.path={tmp / 'data'}", f"--web.listen-address={base[7:]}",
-                                 "--log.level=warn"], stdout=out, stderr=subprocess.STDOUT, cwd=tmp)
+                                 "--log.level=warn"], stdout=out, stderr=subprocess.STDOUT, cwd=tmp,
+                                start_new_session=True)
     try:
         wait_http(base + "/-/ready", proc, log, timeout_s=60)
         deadline = time.monotonic() + 60
@@ -137,11 +138,6 @@ def test_batch_size_histogram_answers_promql(prometheus, traffic):
     median = query(prometheus, "histogram_quantile(0.5, sum by (le, model, graph) "
                                "(rate(genserve_batch_size_bucket[1m])))")
     assert median["status"] == "success" and median["data"]["result"], median
-
-
-def dashboard_exprs() -> list[str]:
-    dashboard = json.loads(DASHBOARD.read_text())
-    return [t["expr"] for p in dashboard["panels"] for t in p.get("targets", [])]
 
 
 def substitute(expr: str) -> str:

@@ -89,6 +89,9 @@ def test_two_workers_share_one_metrics_view(tmp_path, monkeypatch):
             counts = per_process_counts(mp_dir, tmp_path)
             if sum(1 for c in counts.values() if c > 0) >= 2:
                 break
+        # a request is counted just after its response is sent: wait for the last ones (bounded)
+        wait_until(lambda: metrics_total(base) == sent, 10, f"/metrics counts all {sent} requests")
+        counts = per_process_counts(mp_dir, tmp_path)
         serving = {pid: c for pid, c in counts.items() if c > 0}
         assert len(serving) == 2, f"one worker served every request: {counts}\n{log.read_text()}"
         assert proc.pid not in serving, "the requests are served by the workers, not the supervisor"
@@ -110,7 +113,7 @@ def test_two_workers_share_one_metrics_view(tmp_path, monkeypatch):
         wait_ready_everywhere(base)
         assert metrics_total(base) == sent
         send(base, 8, seed0=10_000)
-        assert metrics_total(base) == sent + 8
+        wait_until(lambda: metrics_total(base) == sent + 8, 10, f"/metrics counts all {sent + 8} requests")
         assert scrape(httpx.get(base + "/metrics", timeout=10).text, "genserve_model_info", model="gan") == 1
         workers = {int(f.stem.rsplit("_", 1)[1]) for f in mp_dir.glob("gauge_livemax_*.db")}
         assert len(workers) == 2 and victim not in workers, workers
