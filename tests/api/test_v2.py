@@ -94,6 +94,36 @@ def test_binary_inference_matches_onnxruntime(client, tiny_store):
                                atol=1e-5)
 
 
+def test_large_bodies_and_outputs_are_decoded_and_encoded_off_the_event_loop(client, tiny_store):
+    """Above 1 MiB the route decodes the request and encodes the response in a worker thread: both paths must
+    give the same answer as the small ones (a JSON body of 256 images; 256 decoded images as binary outputs)."""
+    images = np.random.default_rng(2).integers(0, 256, (256, 1, 28, 28)).astype(np.float32)
+    body = json.dumps({"inputs": [_tensor("image", images, "FP32")]}).encode()
+    assert len(body) > 1 << 20
+    r = client.post("/v2/models/vae.encoder/infer", content=body, headers={"content-type": "application/json"})
+    assert r.status_code == 200, r.text
+    ref = _ort(tiny_store, "vae/1/encoder.onnx", {"image": images})
+    for out in r.json()["outputs"]:
+        np.testing.assert_allclose(np.asarray(out["data"]).reshape(out["shape"]), ref[out["name"]], atol=1e-4)
+
+    latent = client.get("/v2/models/vae.decoder").json()["inputs"][0]["shape"][1]
+    z = np.random.default_rng(1).standard_normal((256, latent)).astype(np.float32)
+    body = json.dumps({"inputs": [_tensor("z", z, "FP32")], "parameters": {"binary_data_output": True}}).encode()
+    r = client.post("/v2/models/vae.decoder/infer", content=body, headers={"content-type": "application/json"})
+    assert r.status_code == 200, r.text
+    n = int(r.headers["inference-header-content-length"])
+    head = json.loads(r.content[:n])
+    assert sum(o["parameters"]["binary_data_size"] for o in head["outputs"]) > 1 << 20
+    ref = _ort(tiny_store, "vae/1/decoder.onnx", {"z": z})
+    offset = n
+    for out in head["outputs"]:
+        size = out["parameters"]["binary_data_size"]
+        got = np.frombuffer(r.content[offset:offset + size], np.float32).reshape(out["shape"])
+        np.testing.assert_allclose(got, ref[out["name"]], atol=1e-5)
+        offset += size
+    assert offset == len(r.content)
+
+
 def test_pixelcnn_graphs_chain_on_a_partial_image(client, tiny_store, digit_images):
     """vstack then hrow on the top 5 rows: the graphs the sampler uses, reachable only through /v2."""
     rows = digit_images[:2, None, :5].astype(np.float32)
