@@ -15,7 +15,8 @@ from tests.api.test_server_process import scrape
 V2_MODELS = ["gan.generator", "pixelcnn.hrow", "pixelcnn.logprob", "pixelcnn.vstack", "vae.decoder", "vae.encoder"]
 
 
-def _ort(store, path: str, feeds: dict) -> dict:
+def ort_outputs(store, path: str, feeds: dict) -> dict:
+    """The graph at store/path run directly by ONNX Runtime: the reference every /v2 answer is checked against."""
     sess = ort.InferenceSession(str(store / path), providers=["CPUExecutionProvider"])
     return dict(zip([o.name for o in sess.get_outputs()], sess.run(None, feeds), strict=True))
 
@@ -72,7 +73,7 @@ def test_json_inference_matches_onnxruntime(client, tiny_store, digit_images):
     assert r.status_code == 200 and r.headers["content-type"] == "application/json"
     body = r.json()
     assert (body["model_name"], body["model_version"], body["id"]) == ("vae.encoder", "1", "req-7")
-    ref = _ort(tiny_store, "vae/1/encoder.onnx", {"image": images})
+    ref = ort_outputs(tiny_store, "vae/1/encoder.onnx", {"image": images})
     assert [o["name"] for o in body["outputs"]] == ["mean", "logvar"]
     for out in body["outputs"]:
         assert out["datatype"] == "FP32" and out["shape"] == list(ref[out["name"]].shape)
@@ -90,8 +91,8 @@ def test_binary_inference_matches_onnxruntime(client, tiny_store):
     head = json.loads(r.content[:n])
     assert head["id"] == "b1" and head["outputs"][0]["parameters"]["binary_data_size"] == 3 * 784 * 4
     image = np.frombuffer(r.content[n:], np.float32).reshape(head["outputs"][0]["shape"])
-    np.testing.assert_allclose(image, _ort(tiny_store, "gan/1/generator.onnx", {"z": z, "label": label})["image"],
-                               atol=1e-5)
+    ref = ort_outputs(tiny_store, "gan/1/generator.onnx", {"z": z, "label": label})["image"]
+    np.testing.assert_allclose(image, ref, atol=1e-5)
 
 
 def test_large_bodies_and_outputs_are_decoded_and_encoded_off_the_event_loop(client, tiny_store):
@@ -102,7 +103,7 @@ def test_large_bodies_and_outputs_are_decoded_and_encoded_off_the_event_loop(cli
     assert len(body) > 1 << 20
     r = client.post("/v2/models/vae.encoder/infer", content=body, headers={"content-type": "application/json"})
     assert r.status_code == 200, r.text
-    ref = _ort(tiny_store, "vae/1/encoder.onnx", {"image": images})
+    ref = ort_outputs(tiny_store, "vae/1/encoder.onnx", {"image": images})
     for out in r.json()["outputs"]:
         np.testing.assert_allclose(np.asarray(out["data"]).reshape(out["shape"]), ref[out["name"]], atol=1e-4)
 
@@ -114,7 +115,7 @@ def test_large_bodies_and_outputs_are_decoded_and_encoded_off_the_event_loop(cli
     n = int(r.headers["inference-header-content-length"])
     head = json.loads(r.content[:n])
     assert sum(o["parameters"]["binary_data_size"] for o in head["outputs"]) > 1 << 20
-    ref = _ort(tiny_store, "vae/1/decoder.onnx", {"z": z})
+    ref = ort_outputs(tiny_store, "vae/1/decoder.onnx", {"z": z})
     offset = n
     for out in head["outputs"]:
         size = out["parameters"]["binary_data_size"]
@@ -137,8 +138,8 @@ def test_pixelcnn_graphs_chain_on_a_partial_image(client, tiny_store, digit_imag
     body, headers = _binary({"image": (rows, "FP32"), "vfeats": (vfeats, "FP32")})
     r = client.post("/v2/models/pixelcnn.hrow/infer", content=body, headers=headers)
     out = r.json()["outputs"][0]                                  # no binary asked for: JSON
-    ref_v = _ort(tiny_store, "pixelcnn/1/vstack.onnx", {"image": rows, "label": label})["vfeats"]
-    ref = _ort(tiny_store, "pixelcnn/1/hrow.onnx", {"image": rows, "vfeats": ref_v})["logits"]
+    ref_v = ort_outputs(tiny_store, "pixelcnn/1/vstack.onnx", {"image": rows, "label": label})["vfeats"]
+    ref = ort_outputs(tiny_store, "pixelcnn/1/hrow.onnx", {"image": rows, "vfeats": ref_v})["logits"]
     assert out["shape"] == [2, 256, 5, 28]
     np.testing.assert_allclose(np.asarray(out["data"], np.float32).reshape(out["shape"]), ref, atol=1e-5)
 

@@ -9,13 +9,13 @@ import time
 
 import httpx
 import numpy as np
-import onnxruntime as ort
 import pytest
 import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
 from tests.api.conftest import server_process
 from tests.api.test_server_process import scrape
+from tests.api.test_v2 import ort_outputs
 from tests.conftest import REPO
 
 pytestmark = pytest.mark.slow
@@ -34,11 +34,6 @@ def triton(server):
     client = httpclient.InferenceServerClient(url=server.removeprefix("http://"), concurrency=16)
     yield client
     client.close()
-
-
-def _ort(path: str, feeds: dict) -> dict:
-    sess = ort.InferenceSession(str(STORE / path), providers=["CPUExecutionProvider"])
-    return dict(zip([o.name for o in sess.get_outputs()], sess.run(None, feeds), strict=True))
 
 
 def _input(name: str, arr: np.ndarray, datatype: str, binary: bool) -> httpclient.InferInput:
@@ -70,7 +65,7 @@ def test_binary_inference_matches_onnxruntime(triton):
                           outputs=[httpclient.InferRequestedOutput("image", binary_data=True)], request_id="bin-1")
     assert result.get_response()["id"] == "bin-1"
     assert result.get_output("image")["parameters"]["binary_data_size"] == 4 * 784 * 4
-    ref = _ort("gan/1/generator.onnx", {"z": z, "label": label})["image"]
+    ref = ort_outputs(STORE, "gan/1/generator.onnx", {"z": z, "label": label})["image"]
     np.testing.assert_allclose(result.as_numpy("image"), ref, atol=1e-5)
 
 
@@ -79,13 +74,13 @@ def test_json_inference_matches_onnxruntime(triton, digits):
     result = triton.infer("vae.encoder", [_input("image", images, "FP32", False)], model_version="1",
                           outputs=[httpclient.InferRequestedOutput(n, binary_data=False) for n in ("mean", "logvar")])
     assert "data" in result.get_output("mean")                   # JSON, not binary
-    ref = _ort("vae/1/encoder.onnx", {"image": images})
+    ref = ort_outputs(STORE, "vae/1/encoder.onnx", {"image": images})
     for name in ("mean", "logvar"):
         np.testing.assert_allclose(result.as_numpy(name), ref[name], atol=1e-5)
     labels = np.array([10, 4, 4], np.int64)                       # default outputs: binary, as tritonclient asks
     result = triton.infer("pixelcnn.logprob", [_input("image", images, "FP32", False),
                                                _input("label", labels, "INT64", False)])
-    ref = _ort("pixelcnn/1/logprob.onnx", {"image": images, "label": labels})["log_probs"]
+    ref = ort_outputs(STORE, "pixelcnn/1/logprob.onnx", {"image": images, "label": labels})["log_probs"]
     np.testing.assert_allclose(result.as_numpy("log_probs"), ref, atol=1e-5)
 
 

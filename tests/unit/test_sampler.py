@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable
 
 import numpy as np
 import pytest
 
 from service.batcher import BatcherClosed, DeadlineExceeded, QueueFull
 from service.sampler import IterationSampler, SamplerConfig, sample_fast
+from tests.unit.test_batcher import RecordingObserver as BatcherRecorder
 
 PIXELS = 28 * 28
 
@@ -45,24 +46,15 @@ class Recorder:
         return self.fn(feeds)
 
 
-class RecordingObserver:
+class RecordingObserver(BatcherRecorder):
+    """The batcher tests' recorder plus the sampler's steps; its queue-depth hook fails on purpose."""
+
     def __init__(self) -> None:
+        super().__init__()
         self.steps: list[int] = []
-        self.batches: list[tuple[int, list[float], float]] = []
-        self.items = 0
-        self.rejects: list[str] = []
 
     def on_sampler_step(self, active: int) -> None:
         self.steps.append(active)
-
-    def on_batch(self, batch_size: int, queue_waits_s: Sequence[float], compute_s: float) -> None:
-        self.batches.append((batch_size, list(queue_waits_s), compute_s))
-
-    def on_items(self, n: int) -> None:
-        self.items += n
-
-    def on_reject(self, reason: str) -> None:
-        self.rejects.append(reason)
 
     def on_queue_depth(self, depth: int) -> None:
         raise RuntimeError("observer failures must be swallowed")
