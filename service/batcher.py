@@ -29,7 +29,10 @@ Signature = tuple[tuple[str, tuple[int, ...], str], ...]
 @dataclass(frozen=True)
 class BatchingConfig:
     max_batch_size: int = 64  # items per ONNX Runtime call
-    max_delay_s: float = 0.002  # how long the first queued item waits for more work
+    # How long the first queued item waits for more work. 0 (Triton's default too) is eager batching: a batch
+    # takes what is queued and goes, and work arriving while it computes forms the next batch; under load the
+    # batches grow by themselves, and a lone request never waits for company.
+    max_delay_s: float = 0.0
     max_queue_items: int = 1024  # bound on queued items (not requests)
     timeout_s: float = 30.0  # default per-request deadline, measured from submit()
 
@@ -239,9 +242,7 @@ class Batcher:
                 if not full:  # work that arrived while we waited for a free slot joins this batch
                     self._fill(batch, size)
                 self._forming = []
-                task = asyncio.create_task(self._execute(batch))
-                self._inflight.add(task)
-                task.add_done_callback(self._inflight.discard)
+                self._launch(batch)
             await asyncio.gather(*self._inflight)
         finally:
             # Normally empty; after a crash or cancellation nobody may be left waiting forever.
@@ -258,61 +259,92 @@ class Batcher:
             await self._wakeup.wait()
         return chunk
 
-    async def _call(self, inputs: Arrays, n: int) -> Arrays:
-        loop = asyncio.get_running_loop()
+    def _timed_predict(self, inputs: Arrays) -> tuple[Arrays, float]:
+        """predict and its duration, measured in the executor thread: compute only, not the time the event
+        loop takes to notice the result."""
+        started = time.perf_counter()
+        outputs = self._predict(inputs)
+        return outputs, time.perf_counter() - started
+
+    def _submit(self, inputs: Arrays) -> asyncio.Future[tuple[Arrays, float]]:
         # In the executor, so a long ONNX Runtime call never blocks the event loop.
-        outputs = await loop.run_in_executor(self._executor, self._predict, inputs)
+        return asyncio.get_running_loop().run_in_executor(self._executor, self._timed_predict, inputs)
+
+    def _launch(self, batch: list[_Chunk]) -> None:
+        """Hand the batch to the executor now, from the batch loop itself. Starting it from a new task would
+        queue the start behind every callback already on the loop: after a batch completes, those are the
+        handlers of its requests (image encoding, responses), and the runtime would idle until they ran."""
+        now = asyncio.get_running_loop().time()
+        batch = [chunk for chunk in batch if self._alive(chunk, now)]  # callers may have left
+        self._notify("on_queue_depth", self.queue_depth)
+        if not batch:
+            self._slots.release()
+            return
+        try:
+            if len(batch) == 1:
+                inputs = batch[0].inputs
+            else:
+                inputs = {name: np.concatenate([chunk.inputs[name] for chunk in batch]) for name in batch[0].inputs}
+            pending = self._submit(inputs)
+        except Exception as exc:  # e.g. the executor is shut down: these callers must not wait for nothing
+            self._slots.release()
+            for chunk in batch:
+                self._fail(chunk.request, exc)
+            return
+        task = asyncio.create_task(self._finish(batch, pending, now))
+        self._inflight.add(task)
+        task.add_done_callback(self._inflight.discard)
+
+    async def _finish(self, batch: list[_Chunk], pending: asyncio.Future, launched: float) -> None:
+        try:
+            results, compute_s = await self._collect(batch, pending)
+        finally:
+            # Free the slot before delivering: the batch loop's wake-up is then queued ahead of the handlers
+            # that the deliveries wake, so the next batch starts computing while those handlers run.
+            self._slots.release()
+        ok_items = 0
+        for chunk, result in zip(batch, results, strict=True):
+            if isinstance(result, BaseException):
+                self._fail(chunk.request, result)
+            elif result is not None:
+                ok_items += chunk.n
+                self._deliver(chunk, result)
+        batch_size = sum(chunk.n for chunk in batch)
+        self._notify("on_batch", batch_size, [launched - chunk.enqueued_at for chunk in batch], compute_s)
+        self._notify("on_items", ok_items)
+
+    async def _outputs(self, pending: asyncio.Future, n: int) -> tuple[Arrays, float]:
+        outputs, compute_s = await pending
         if not isinstance(outputs, dict) or any(np.shape(v)[:1] != (n,) for v in outputs.values()):
             raise ValueError(f"batcher {self.name!r}: predict must return arrays with leading dim {n}")
-        return outputs
+        return outputs, compute_s
 
-    async def _execute(self, batch: list[_Chunk]) -> None:
+    async def _collect(self, batch: list[_Chunk], pending: asyncio.Future,
+                       ) -> tuple[list[Arrays | BaseException | None], float]:
+        """Per chunk: its outputs, the exception its solo run raised, or None if skipped; and compute seconds."""
         try:
-            now = asyncio.get_running_loop().time()
-            batch = [chunk for chunk in batch if self._alive(chunk, now)]  # callers may have left
-            self._notify("on_queue_depth", self.queue_depth)
-            if not batch:
-                return
-            started = time.perf_counter()
-            results = await self._compute(batch)
-            compute_s = time.perf_counter() - started
-            ok_items = 0
-            for chunk, result in zip(batch, results, strict=True):
-                if isinstance(result, BaseException):
-                    self._fail(chunk.request, result)
-                elif result is not None:
-                    ok_items += chunk.n
-                    self._deliver(chunk, result)
-            batch_size = sum(chunk.n for chunk in batch)
-            self._notify("on_batch", batch_size, [now - chunk.enqueued_at for chunk in batch], compute_s)
-            self._notify("on_items", ok_items)
-        finally:
-            self._slots.release()
-
-    async def _compute(self, batch: list[_Chunk]) -> list[Arrays | BaseException | None]:
-        """Per chunk: its outputs, the exception its solo run raised, or None if skipped."""
-        try:
-            if len(batch) == 1:
-                return [await self._call(batch[0].inputs, batch[0].n)]
-            names = batch[0].inputs
-            merged = {name: np.concatenate([chunk.inputs[name] for chunk in batch]) for name in names}
-            outputs = await self._call(merged, sum(chunk.n for chunk in batch))
+            outputs, compute_s = await self._outputs(pending, sum(chunk.n for chunk in batch))
         except Exception as exc:
             if len(batch) == 1:
-                return [exc]
+                return [exc], 0.0
             # One poisoned item must not fail its neighbours: isolate it by running each chunk solo.
             results: list[Arrays | BaseException | None] = []
+            compute_s = 0.0
             for chunk in batch:
                 if chunk.request.future.done():
                     results.append(None)
                     continue
                 try:
-                    results.append(await self._call(chunk.inputs, chunk.n))
+                    part, seconds = await self._outputs(self._submit(chunk.inputs), chunk.n)
+                    results.append(part)
+                    compute_s += seconds
                 except Exception as solo_exc:
                     results.append(solo_exc)
-            return results
+            return results, compute_s
+        if len(batch) == 1:
+            return [outputs], compute_s
         starts = np.cumsum([0] + [chunk.n for chunk in batch[:-1]])
-        return [{k: v[s : s + c.n] for k, v in outputs.items()} for c, s in zip(batch, starts, strict=True)]
+        return [{k: v[s : s + c.n] for k, v in outputs.items()} for c, s in zip(batch, starts, strict=True)], compute_s
 
     def _deliver(self, chunk: _Chunk, part: Arrays) -> None:
         request = chunk.request

@@ -1,7 +1,7 @@
 """Image codec for the API: request images in, generated images out.
 
-Everything here works on 28x28 8-bit grayscale images (MNIST format). It uses numpy, Pillow and the
-standard library only, so it can be used and tested without the web stack.
+Everything here works on 28x28 8-bit grayscale images (MNIST format). It uses numpy, Pillow (decoding), pypng
+(encoding) and the standard library only, so it can be used and tested without the web stack.
 
 Input (``decode_image``): an image is either
 
@@ -32,6 +32,7 @@ import struct
 import warnings
 
 import numpy as np
+import png
 from PIL import Image
 
 __all__ = [
@@ -232,8 +233,10 @@ def encode_png_b64(img: np.ndarray) -> str:
     arr = np.asarray(img)
     if arr.ndim != 2 or arr.dtype != np.uint8:
         raise ValueError(f"expected a 2-D uint8 image, got shape {arr.shape} dtype {arr.dtype}")
+    # pypng, not Pillow: Pillow's PNG encoder costs ~170 us a 28x28 image (most of it setting up its zlib
+    # stream and adaptive filters), pypng ~20 us; on /v1/gan/sample that was a third of the request's CPU.
     buf = io.BytesIO()
-    Image.fromarray(np.ascontiguousarray(arr)).save(buf, format="PNG", compress_level=1)
+    png.Writer(arr.shape[1], arr.shape[0], greyscale=True, bitdepth=8, compression=1).write_packed(buf, arr)
     return base64.b64encode(buf.getvalue()).decode("ascii")
 
 
@@ -261,5 +264,6 @@ def to_uint8(x: np.ndarray) -> np.ndarray:
         return arr
     if arr.dtype.kind in "biu":
         return np.clip(arr, 0, 255).astype(np.uint8)
-    arr = np.nan_to_num(arr.astype(np.float64, copy=False), nan=0.0, posinf=255.0, neginf=0.0)
-    return np.clip(np.rint(arr), 0, 255).astype(np.uint8)
+    # fmax/fmin return the non-NaN operand, so NaN -> 0 with no separate nan_to_num pass; +-inf clip to 255/0.
+    # Three ufuncs in the input's own precision: ~4 us for a 28x28 image instead of ~20 us via float64.
+    return np.fmin(np.fmax(np.rint(arr), 0.0), 255.0).astype(np.uint8)

@@ -6,7 +6,6 @@ Nothing here knows HTTP; routes ask the registry for a model version and submit 
 from __future__ import annotations
 
 import logging
-import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -46,18 +45,26 @@ def resolve_providers(setting: str) -> list[str]:
     return [p for p in wanted if p in available] or [CPU]
 
 
+def session_options(settings: Settings):
+    import onnxruntime as ort
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.intra_op_num_threads = settings.ort_threads()
+    so.inter_op_num_threads = settings.inter_op_threads
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    # Spinning intra-op threads poll for work between kernels: lower latency for one call, but on a CPU
+    # shared with the event loop (and other workers) the polling takes cores the request path needs.
+    so.add_session_config_entry("session.intra_op.allow_spinning", "1" if settings.ort_spinning else "0")
+    so.log_severity_level = 3  # errors only: the CUDA provider's fallback chatter is reported by us
+    return so
+
+
 def session_factory(settings: Settings):
     import onnxruntime as ort
     providers = resolve_providers(settings.providers)
 
     def make(path: Path):
-        so = ort.SessionOptions()
-        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        so.intra_op_num_threads = settings.intra_op_threads
-        so.inter_op_num_threads = settings.inter_op_threads
-        so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        so.log_severity_level = 3  # errors only: the CUDA provider's fallback chatter is reported by us
-        return ort.InferenceSession(str(path), so, providers=providers)
+        return ort.InferenceSession(str(path), session_options(settings), providers=providers)
     return make
 
 
@@ -142,9 +149,8 @@ class Registry:
         self.ready = False
         threads = settings.worker_threads
         self.executor = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="ort")
-        if settings.intra_op_threads == 0 and threads > 1:
-            log.info("ONNX Runtime: %d calling threads, intra-op threads default to the %d cores",
-                     threads, os.cpu_count() or 1)
+        log.info("ONNX Runtime: %d calling threads, %d intra-op threads per session%s", threads,
+                 settings.ort_threads(), "" if settings.intra_op_threads else " (cores / workers)")
 
     def load(self) -> None:
         loaded, self.refused = load_store(self.settings.store_path, session_factory(self.settings))

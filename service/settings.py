@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from functools import lru_cache
 from pathlib import Path
 from typing import Literal
@@ -23,8 +24,10 @@ class Settings(BaseSettings):
     workers: int = Field(1, ge=1, le=64, description="uvicorn worker processes")
     store_path: Path = Path("models_store")
     providers: str = Field("auto", description="auto, cpu, cuda, or comma-separated ONNX Runtime provider names")
-    intra_op_threads: int = Field(0, ge=0, description="ONNX Runtime threads per session; 0 = one per core")
+    intra_op_threads: int = Field(0, ge=0, description="ONNX Runtime threads per session; 0 = the cores split "
+                                                       "between the workers")
     inter_op_threads: int = Field(1, ge=1)
+    ort_spinning: bool = Field(False, description="let idle ONNX Runtime threads spin (busy-wait) for work")
     worker_threads: int = Field(2, ge=1, le=64, description="threads that call ONNX Runtime off the event loop")
     batching: dict[str, BatchingOverride] = Field(
         default_factory=dict, description='per-model overrides of the manifest defaults, JSON: {"gan": {...}}')
@@ -40,6 +43,14 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(8 * 1024 * 1024, ge=1024, description="request bodies above this get 413")
     warmup: bool = True
     log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
+
+    def ort_threads(self) -> int:
+        """Intra-op threads per session: as set, or the cores this process may use divided between the workers,
+        so that N workers never run N x cores ONNX Runtime threads that preempt each other mid-operator."""
+        if self.intra_op_threads:
+            return self.intra_op_threads
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        return max(1, cores // self.workers)
 
     def batching_for(self, model: str, max_batch_size: int, max_delay_ms: float) -> tuple[int, float]:
         """Manifest defaults, then the global override, then the per-model override."""

@@ -57,7 +57,7 @@ class FileEntry(BaseModel):
 class BatchingDefaults(BaseModel):
     model_config = ConfigDict(extra="forbid")
     max_batch_size: int = Field(64, ge=1, le=4096)
-    max_delay_ms: float = Field(2.0, ge=0.0, le=1000.0)
+    max_delay_ms: float = Field(0.0, ge=0.0, le=1000.0)
 
 
 class AttributeDirection(BaseModel):

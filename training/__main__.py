@@ -77,7 +77,7 @@ def export_all(cfg: TrainAll, ds: Dataset, train: Dataset, heldout: Dataset, run
                      model=ck["model_args"], dataset=dataset,
                      training={"config": ck["config"], "train_seconds": ck["train_seconds"], "env": env},
                      metrics={**metrics, "eval_seconds": time.time() - t0},
-                     batching=batching.get("pixelcnn", {"max_batch_size": 64, "max_delay_ms": 2.0}))
+                     batching=batching.get("pixelcnn", {"max_batch_size": 64, "max_delay_ms": 0.0}))
 
     t0 = time.time()
     vae, ck = _load(runs, "vae", lambda a: vae_lib.VAE(vae_lib.VAEConfig(**a)))
@@ -92,7 +92,7 @@ def export_all(cfg: TrainAll, ds: Dataset, train: Dataset, heldout: Dataset, run
                      model=ck["model_args"], dataset=dataset,
                      training={"config": ck["config"], "train_seconds": ck["train_seconds"], "env": env},
                      metrics={**metrics, "eval_seconds": time.time() - t0}, attributes=attrs,
-                     batching=batching.get("vae", {"max_batch_size": 64, "max_delay_ms": 2.0}))
+                     batching=batching.get("vae", {"max_batch_size": 64, "max_delay_ms": 0.0}))
 
     t0 = time.time()
     g, ck = _load(runs, "gan", lambda a: gan_lib.Generator(gan_lib.GANConfig(**a)))
@@ -104,7 +104,7 @@ def export_all(cfg: TrainAll, ds: Dataset, train: Dataset, heldout: Dataset, run
                      model=ck["model_args"], dataset=dataset,
                      training={"config": ck["config"], "train_seconds": ck["train_seconds"], "env": env},
                      metrics={**metrics, "eval_seconds": time.time() - t0},
-                     batching=batching.get("gan", {"max_batch_size": 64, "max_delay_ms": 2.0}))
+                     batching=batching.get("gan", {"max_batch_size": 64, "max_delay_ms": 0.0}))
 
     report["classifier"] = clf_metrics
     if copy_images:

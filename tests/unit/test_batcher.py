@@ -332,3 +332,51 @@ def test_invalid_inputs_raise_value_error() -> None:
                 await batcher.submit(bad)  # type: ignore[arg-type]
 
     run(scenario, Recorder())
+
+
+def test_next_batch_starts_before_the_previous_batchs_callers_resume() -> None:
+    # The handlers that a finished batch wakes do real work on the loop (image encoding). The next batch must
+    # already be in the executor by then, or the runtime idles while they run.
+    predict = Recorder(delay_s=0.02)
+    starts: list[float] = []
+    handler_done: list[float] = []
+
+    def recording(inputs):
+        starts.append(time.perf_counter())
+        return predict(inputs)
+
+    async def scenario(batcher: Batcher) -> None:
+        async def caller(i: int) -> None:
+            await batcher.submit(rows(i, 1))
+            if i == 0:
+                time.sleep(0.1)  # a slow handler holding the loop
+                handler_done.append(time.perf_counter())
+
+        await asyncio.gather(caller(0), caller(1))
+
+    async def main() -> None:
+        batcher = Batcher("test", recording, BatchingConfig(max_batch_size=1, max_delay_s=0.0))
+        await batcher.start()
+        try:
+            await asyncio.wait_for(scenario(batcher), 4)
+        finally:
+            await asyncio.wait_for(batcher.stop(), 4)
+
+    asyncio.run(main())
+    assert len(starts) == 2 and len(handler_done) == 1
+    assert starts[1] < handler_done[0] - 0.05  # the second batch started while the first caller's handler ran
+
+
+def test_compute_time_is_the_call_not_the_loops_delay_in_noticing_it() -> None:
+    observer = RecordingObserver()
+    predict = Recorder(delay_s=0.01)
+
+    async def scenario(batcher: Batcher) -> None:
+        pending = asyncio.ensure_future(batcher.submit(rows(0, 1)))
+        await wait_until(predict.started.is_set)
+        time.sleep(0.15)  # the loop is busy long after predict finished
+        await pending
+
+    run(scenario, predict, observer, max_batch_size=4, max_delay_s=0.0)
+    [(size, _waits, compute_s)] = observer.batches
+    assert size == 1 and 0.01 <= compute_s < 0.1
