@@ -1,8 +1,11 @@
-"""Was the machine ours? CPU seconds used by other processes (and stolen by the hypervisor) during a scenario.
+"""CPU accounting from /proc (Linux only; elsewhere the figures are NaN).
 
-A benchmark on a shared machine is only as good as its quiet: /proc/stat gives every CPU-second the machine
-spent busy, os.times() the seconds this process and its finished children (the servers it stopped) spent, so
-the difference is what everything else took. Linux only; elsewhere the figures are NaN.
+Was the machine ours? A benchmark on a shared machine is only as good as its quiet: /proc/stat gives every
+CPU-second the machine spent busy, os.times() the seconds this process and its finished children (the servers
+it stopped) spent, so the difference is what everything else took (CpuMeter).
+
+Where does a request's CPU go? process_tree_seconds reads a live server (all its workers and threads), and
+own_seconds the load generator, so a level's CPU per request splits into server and client.
 """
 
 from __future__ import annotations
@@ -23,6 +26,37 @@ def _proc_stat() -> tuple[float, float]:
 def _ours() -> float:
     t = os.times()
     return t.user + t.system + t.children_user + t.children_system
+
+
+def process_tree_seconds(pid: int) -> float:
+    """User + system CPU seconds of `pid` and its live descendants (every thread); NaN when unreadable."""
+    tick = os.sysconf("SC_CLK_TCK")
+    stats: dict[int, tuple[int, float]] = {}  # pid -> (parent pid, cpu seconds)
+    try:
+        entries = [e for e in os.listdir("/proc") if e.isdigit()]
+    except OSError:
+        return math.nan
+    for entry in entries:
+        try:
+            text = open(f"/proc/{entry}/stat").read()
+        except OSError:  # gone since the listing
+            continue
+        fields = text.rsplit(")", 1)[1].split()  # after the command name, which may hold spaces
+        stats[int(entry)] = (int(fields[1]), (int(fields[11]) + int(fields[12])) / tick)
+    if pid not in stats:
+        return math.nan
+    total, frontier = 0.0, [pid]
+    while frontier:
+        p = frontier.pop()
+        total += stats[p][1]
+        frontier += [child for child, (parent, _) in stats.items() if parent == p]
+    return total
+
+
+def own_seconds() -> float:
+    """User + system CPU seconds of this process (all its threads), not of its children."""
+    t = os.times()
+    return t.user + t.system
 
 
 class CpuMeter:

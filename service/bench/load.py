@@ -16,7 +16,7 @@ import asyncio
 import itertools
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import aiohttp
@@ -70,6 +70,7 @@ class Result:
     offered: int = 0  # open loop: requests scheduled
     unfinished: int = 0  # open loop: still unanswered at the drain limit (latency counted up to it: a lower bound)
     server: dict[str, float] = field(default_factory=dict)
+    cpu_us: dict[str, float] = field(default_factory=dict)  # CPU per request: {"server": us, "client": us}
 
     @property
     def errors(self) -> dict[str, int]:
@@ -115,9 +116,13 @@ def _summarize(res: Result, records: Sequence[_Record], seconds: float) -> None:
     res.latency = latency_summary([r.latency for r in records if r.status == "200"])
 
 
+CpuProbe = Callable[[], tuple[float, float]]  # () -> (server CPU seconds, client CPU seconds) so far
+
+
 async def closed_loop(base: str, w: Workload, concurrency: int, windows: Windows,
-                      split_for: tuple[str, str] | None = None) -> Result:
-    """`concurrency` workers back to back; windows until stable; figures from the last two windows."""
+                      split_for: tuple[str, str] | None = None, cpu: CpuProbe | None = None) -> Result:
+    """`concurrency` workers back to back; windows until stable; figures from the last two windows.
+    With `cpu`, the CPU per request of the server and of this client over those windows too."""
     url = base + w.path
     records: list[_Record] = []
     stop = asyncio.Event()
@@ -135,9 +140,12 @@ async def closed_loop(base: str, w: Workload, concurrency: int, windows: Windows
         try:
             t_start = time.perf_counter()
             bounds, snaps, rates, cut = [t_start], [await scrape(scraper, base)], [], 0
+            cpus = [cpu()] if cpu else []
             for k in range(windows.max_windows):
                 await asyncio.sleep(max(0.0, t_start + (k + 1) * windows.seconds - time.perf_counter()))
                 bounds.append(time.perf_counter())
+                if cpu:
+                    cpus.append(cpu())
                 snaps.append(await scrape(scraper, base))
                 ok = 0
                 while cut < len(records) and records[cut].done <= bounds[-1]:  # records are in completion order
@@ -157,6 +165,10 @@ async def closed_loop(base: str, w: Workload, concurrency: int, windows: Windows
     res.images_per_s = res.rps * w.images_per_request
     if split_for is not None:
         res.server = prom.split(snaps[-3], snaps[-1], *split_for)
+    if cpu and res.requests:
+        (server0, client0), (server1, client1) = cpus[-3], cpus[-1]
+        res.cpu_us = {"server": 1e6 * (server1 - server0) / res.requests,
+                      "client": 1e6 * (client1 - client0) / res.requests}
     return res
 
 

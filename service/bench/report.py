@@ -12,7 +12,7 @@ from pathlib import Path
 
 BEGIN, END = "<!-- bench:begin -->", "<!-- bench:end -->"
 HEADER = ["workload", "mode", "level", "req/s", "img/s", "p50 ms", "p90 ms", "p99 ms", "errors",
-          "queue wait ms/item", "compute ms/batch", "batch size", "windows"]
+          "queue wait ms/item", "compute ms/batch", "batch size", "CPU us/req server+client", "windows"]
 
 
 # --------------------------------------------------------------------------------------------- machine
@@ -47,6 +47,10 @@ def _pct(x: float | None) -> str:
     return "-" if x is None or math.isnan(x) else f"{x:.0%}"
 
 
+def _cpu(cpu: dict) -> str:
+    return f"{cpu['server']:,.0f} + {cpu['client']:,.0f}" if cpu.get("server") is not None else "-"
+
+
 def result_rows(results: list[dict]) -> list[list[str]]:
     rows = []
     for r in results:
@@ -61,13 +65,17 @@ def result_rows(results: list[dict]) -> list[list[str]]:
                      _f(lat.get("p50_ms"), 2), _f(lat.get("p90_ms"), 2), _f(lat.get("p99_ms"), 2),
                      ", ".join(f"{k}: {v}" for k, v in errors.items()) or "0",
                      _f(srv.get("queue_wait_ms"), 2), _f(srv.get("compute_per_batch_ms"), 2),
-                     _f(srv.get("mean_batch_size"), 1), windows])
+                     _f(srv.get("mean_batch_size"), 1), _cpu(r.get("cpu_us") or {}), windows])
     return rows
+
+
+FLOOR_HEADER = ["floor", "measured", "floor", "result", "ceiling on this machine"]
 
 
 def floor_rows(floors: list[dict]) -> list[list[str]]:
     return [[f["name"], ("yes" if f["measured"] >= 1 else "no") if f["what"] == "bool" else f"{_f(f['measured'], 2)}x",
-             "yes" if f["what"] == "bool" else f">= {f['floor']:g}x", "PASS" if f["pass"] else "FAIL"]
+             "yes" if f["what"] == "bool" else f">= {f['floor']:g}x", "PASS" if f["pass"] else "FAIL",
+             f"{_f(f['ceiling'], 2)}x" if f.get("ceiling") is not None else "-"]
             for f in floors]
 
 
@@ -93,9 +101,19 @@ def limit_lines(run: dict) -> list[str]:
                    f"{c['images_per_s']:,.0f} images/s at batch {c['best_batch_size']} (images/s by batch size: "
                    f"{sizes}).")
     if "gan" in s:
-        h = s["gan"]["limits"]["http"]
-        out.append(f"HTTP limit, GET /healthz at c=64 on the same server: {h['rps']:,.0f} requests/s, "
-                   f"p50 {h['latency']['p50_ms']:.2f} ms, p99 {h['latency']['p99_ms']:.2f} ms.")
+        lim = s["gan"]["limits"]
+        for key, h in lim.items():
+            if key.startswith("http"):
+                server = "the same server" + (f" ({key.rsplit('_', 1)[1]} workers)" if key != "http" else "")
+                out.append(f"HTTP limit, GET /healthz at c=64 on {server}: {h['rps']:,.0f} requests/s, "
+                           f"p50 {h['latency']['p50_ms']:.2f} ms, p99 {h['latency']['p99_ms']:.2f} ms, "
+                           f"CPU per request {_cpu(h.get('cpu_us') or {})} us (server + client).")
+        if c := lim.get("compute"):
+            out.append(f"In-process ONNX Runtime on {Path(c['graph']).name} ({c['provider']}, one thread): best "
+                       f"{c['images_per_s']:,.0f} images/s at batch {c['best_batch_size']}; at least "
+                       f"{c['min_cpu_us_per_image']:,.0f} us of CPU per image. Ceiling of the GAN floor: client and "
+                       f"server saturate the CPU at c=64, so a GAN request costs at least a /healthz request plus "
+                       f"that compute, and GAN/healthz <= cpu(healthz) / (cpu(healthz) + compute).")
     if "sampling" in s:
         p = s["sampling"]["sampling"]
         out.append(f"PixelCNN sampling, 16 samples in-process: fast {p['fast_s']:.2f} s (full run); naive "
@@ -122,7 +140,7 @@ def all_results(run: dict) -> list[dict]:
     for name, s in run["scenarios"].items():
         rows += s.get("results", [])
         if name == "gan":
-            rows.append(s["limits"]["http"])
+            rows += [h for key, h in s["limits"].items() if key.startswith("http")]
     return rows
 
 
@@ -133,7 +151,7 @@ def all_floors(run: dict) -> list[dict]:
 def terminal(run: dict) -> str:
     parts = [text_table(HEADER, result_rows(all_results(run))), "", *limit_lines(run)]
     if floors := all_floors(run):
-        parts += ["", text_table(["floor", "measured", "floor", "result"], floor_rows(floors))]
+        parts += ["", text_table(FLOOR_HEADER, floor_rows(floors))]
     return "\n".join(parts)
 
 
@@ -163,7 +181,8 @@ def plot(run: dict, path: Path) -> bool:
         import matplotlib.pyplot as plt
     except ImportError:
         return False
-    sweeps = {n: run["scenarios"][n]["results"] for n in ("logprob", "gan") if n in run["scenarios"]}
+    sweeps = {n: [r for r in run["scenarios"][n]["results"] if r["workload"] == n]  # the default server's sweep
+              for n in ("logprob", "gan") if n in run["scenarios"]}
     if not sweeps:
         return False
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
@@ -216,7 +235,7 @@ def markdown(run: dict, plot_rel: str | None) -> str:
         "",
         "### Floors",
         "",
-        md_table(["floor", "measured", "floor", "result"], floor_rows(all_floors(run))),
+        md_table(FLOOR_HEADER, floor_rows(all_floors(run))),
         "",
         "### Results",
         "",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from service.bench import limits
+from service.bench.cpu import own_seconds
 from service.bench.load import Result, Windows, Workload, closed_loop, one_request, open_loop
 from service.bench.server import Server
 from service.bench.stats import ratio
@@ -78,10 +80,10 @@ def logprob_workload(ctx: Context) -> Workload:
     return Workload("logprob", "POST", "/v1/pixelcnn/logprob", bodies)
 
 
-def sweep(base: str, w: Workload, levels: list[int], ctx: Context, split_for) -> list[Result]:
+def sweep(base: str, w: Workload, levels: list[int], ctx: Context, split_for, cpu=None) -> list[Result]:
     out = []
     for c in levels:
-        r = run_async(closed_loop(base, w, c, ctx.windows, split_for))
+        r = run_async(closed_loop(base, w, c, ctx.windows, split_for, cpu))
         print(f"  {w.name:8s} c={c:<3d} {r.rps:8.1f} req/s  {r.images_per_s:8.1f} img/s  "
               f"p50 {r.latency['p50_ms']:7.2f} ms  p99 {r.latency['p99_ms']:7.2f} ms  windows {len(r.window_rps)}"
               f"{'' if r.stable else ' (not stable)'}  errors {r.errors or '-'}", flush=True)
@@ -113,17 +115,56 @@ def logprob(ctx: Context) -> dict:
                               limit["images_per_s"]), 0.7, "ratio")]}
 
 
+def cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def gan_ceiling(healthz: Result, compute: dict) -> float:
+    """The best GAN/healthz ratio this machine allows when client and server saturate its CPU (they do at
+    c=64 here): a request costs at least a /healthz request (server and client) plus the generator's compute
+    for one image, so rps_gan / rps_healthz <= cpu_healthz / (cpu_healthz + compute)."""
+    h = healthz.cpu_us.get("server", float("nan")) + healthz.cpu_us.get("client", float("nan"))
+    return h / (h + compute["min_cpu_us_per_image"])
+
+
 def gan(ctx: Context) -> dict:
+    folder, m = manifest(ctx.store, "gan")
+    z_dim = m["graphs"]["generator"]["inputs"][0]["shape"][1]
+
+    def feeds(b: int) -> dict:
+        return {"z": np.random.default_rng(b).standard_normal((b, z_dim)).astype(np.float32),
+                "label": np.arange(b, dtype=np.int64) % 10}
+
+    # One ONNX Runtime thread: the least CPU an image can cost (more threads add synchronisation).
+    compute = limits.compute_limit(folder / m["graphs"]["generator"]["file"], feeds, [1, 8, 64],
+                                   0.5 if ctx.quick else 2.0, intra_op_threads=1)
+    print(f"  in-process generator, 1 thread: {compute['images_per_s']:.0f} img/s at batch "
+          f"{compute['best_batch_size']}, at least {compute['min_cpu_us_per_image']:.0f} us of CPU per image",
+          flush=True)
     bodies = [_json({"n": 1, "seed": s}) for s in range(64)]
     w = Workload("gan", "POST", "/v1/gan/sample", bodies)
     health = Workload("healthz", "GET", "/healthz", images_per_request=0)
-    with Server(ctx.store) as srv:
-        results = sweep(srv.base, w, [1, 16, 64], ctx, ("gan", "generator"))
-        hz = sweep(srv.base, health, [64], ctx, None)[0]
-    at64 = next(r for r in results if r.level == 64)
-    return {"results": [_row(r) for r in results], "limits": {"http": _row(hz)},
-            "floors": [_floor("gan: requests/s at c=64 vs GET /healthz at c=64", ratio(at64.rps, hz.rps), 0.6,
-                              "ratio")]}
+    # The defaults, then worker processes fitted to the cores (ONNX Runtime threads split between them).
+    configs = [("", {}, [1, 16, 64])] + ([(f" x{cores()}w", {"workers": cores()}, [64])] if cores() > 1 else [])
+    results, http, floors = [], {}, []
+    for suffix, settings, levels in configs:
+        with Server(ctx.store, **settings) as srv:
+            def probe(srv=srv):
+                return srv.cpu_seconds(), own_seconds()
+            rows = sweep(srv.base, dataclasses.replace(w, name="gan" + suffix), levels, ctx, ("gan", "generator"),
+                         probe)
+            hz = sweep(srv.base, dataclasses.replace(health, name="healthz" + suffix), [64], ctx, None, probe)[0]
+        results += rows
+        http["http" if not settings else f"http_workers_{settings['workers']}"] = _row(hz)
+        at64 = next(r for r in rows if r.level == 64)
+        ceiling = gan_ceiling(hz, compute)
+        what = "defaults (1 worker)" if not settings else f"GENSERVE_WORKERS={settings['workers']}"
+        print(f"  {what}: GAN costs {sum(at64.cpu_us.values()):.0f} us of CPU per request (server "
+              f"{at64.cpu_us.get('server', float('nan')):.0f}, client {at64.cpu_us.get('client', float('nan')):.0f}), "
+              f"/healthz {sum(hz.cpu_us.values()):.0f}; ceiling {ceiling:.2f}x", flush=True)
+        floors.append(_floor(f"gan, {what}: requests/s at c=64 vs GET /healthz at c=64", ratio(at64.rps, hz.rps),
+                             0.6, "ratio") | {"ceiling": ceiling})
+    return {"results": [_row(r) for r in results], "limits": {**http, "compute": compute}, "floors": floors}
 
 
 def batching(ctx: Context) -> dict:

@@ -13,6 +13,8 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+from service.bench.cpu import process_tree_seconds
+
 HOST = "127.0.0.1"
 REPO = Path(__file__).resolve().parents[2]
 
@@ -88,6 +90,10 @@ class Server:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait(timeout=10)
+
+    def cpu_seconds(self) -> float:
+        """CPU seconds the server has used so far: the supervisor, its workers and all their threads."""
+        return process_tree_seconds(self.proc.pid) if self.proc is not None else float("nan")
 
     def tail(self, n: int = 40) -> str:
         try:

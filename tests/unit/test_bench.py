@@ -4,6 +4,7 @@ docs marker replacement. No test here measures or asserts a speed."""
 from __future__ import annotations
 
 import math
+import time
 
 import numpy as np
 import pytest
@@ -163,12 +164,14 @@ def _fake_run() -> dict:
                    window_rps=[rps, rps, rps], stable=True, **kw)
         return asdict(r)
 
-    floor = {"name": "gan ratio", "what": "ratio", "measured": 0.5, "floor": 0.6, "pass": False}
+    floor = {"name": "gan ratio", "what": "ratio", "measured": 0.5, "floor": 0.6, "pass": False, "ceiling": 0.55}
     return {"machine": {"cpu": "Test CPU", "cores": 2, "ram": "1 GiB", "onnxruntime": "1", "provider": "CPU",
                         "python": "3", "platform": "linux", "date": "today"},
             "windows": {"seconds": 2.0, "max_windows": 8, "tolerance": 0.1}, "elapsed_s": 1.0,
             "scenarios": {"gan": {"results": [res("gan", "closed", 64, 500.0, {"200": 8, "503": 2})],
-                                  "limits": {"http": res("healthz", "closed", 64, 1000.0)}, "floors": [floor]},
+                                  "limits": {"http": res("healthz", "closed", 64, 1000.0,
+                                                         cpu_us={"server": 150.0, "client": 140.0})},
+                                  "floors": [floor]},
                           "iteration": {"results": [res("sample-shared", "open", 2.5, 2.4, offered=50, unfinished=1)],
                                         "iteration": {"single_latency_ms": 800.0, "rate_per_s": 2.5,
                                                       "duration_s": 20.0, "drain_s": 20.0, "p50_ratio": 9.0,
@@ -182,7 +185,38 @@ def test_terminal_and_markdown_name_every_figure_and_floor():
     assert "gan ratio" in text and "FAIL" in text and "0.50x" in text and "503: 2" in text
     assert "2.50/s x50" in text and "unfinished: 1" in text and "1,000 requests/s" in text
     md = report.markdown(run, "images/bench.png")
-    assert "| gan ratio | 0.50x | >= 0.6x | FAIL |" in md and "Test CPU, 2 cores" in md
+    assert "| gan ratio | 0.50x | >= 0.6x | FAIL | 0.55x |" in md and "Test CPU, 2 cores" in md
+    assert "| 150 + 140 |" in md and "CPU per request 150 + 140 us" in md
     assert "![" in md and "(images/bench.png)" in md and report.BEGIN not in md
     assert "one at a time serves 1.25/s" in md and "sequential / shared = 9.00x" in md
     assert "(sustained the rate): no" in md
+
+
+def test_gan_ceiling_is_healthz_cpu_over_healthz_plus_compute():
+    from service.bench.load import Result
+    from service.bench.scenarios import gan_ceiling
+
+    hz = Result("healthz", "closed", 64, cpu_us={"server": 150.0, "client": 150.0})
+    assert gan_ceiling(hz, {"min_cpu_us_per_image": 200.0}) == pytest.approx(0.6)
+
+
+def test_process_tree_seconds_counts_children():
+    import subprocess
+    import sys
+
+    from service.bench.cpu import process_tree_seconds
+
+    burn = "import time\nt = time.process_time()\nwhile time.process_time() - t < 0.3: pass\n" \
+           "import sys; sys.stdin.read()"
+    # a parent whose child burns 0.3 s of CPU and then waits, so the tree is read while both are alive
+    parent = subprocess.Popen([sys.executable, "-c", f"import subprocess, sys; p = subprocess.Popen([sys.executable, "
+                               f"'-c', {burn!r}], stdin=subprocess.PIPE); p.wait()"], stdin=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and not process_tree_seconds(parent.pid) >= 0.3:
+            time.sleep(0.05)
+        assert process_tree_seconds(parent.pid) >= 0.3
+    finally:
+        parent.kill()
+        parent.wait(10)
+    assert math.isnan(process_tree_seconds(parent.pid))
