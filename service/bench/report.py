@@ -97,7 +97,11 @@ def limit_lines(run: dict) -> list[str]:
     if "logprob" in s:
         c = s["logprob"]["limits"]["compute"]
         sizes = ", ".join(f"{b}: {v['images_per_s']:,.0f}" for b, v in c["per_batch_size"].items())
-        out.append(f"In-process ONNX Runtime on {Path(c['graph']).name} ({c['provider']}): best "
+        spin = ""
+        if "spinning" in c:
+            spin = (f", intra-op threads spinning {'on' if c['spinning'] else 'off'}: the better of the two; "
+                    f"{c['images_per_s_other_spinning']:,.0f} with it {'off' if c['spinning'] else 'on'}")
+        out.append(f"In-process ONNX Runtime on {Path(c['graph']).name} ({c['provider']}{spin}): best "
                    f"{c['images_per_s']:,.0f} images/s at batch {c['best_batch_size']} (images/s by batch size: "
                    f"{sizes}).")
     if "gan" in s:

@@ -103,9 +103,16 @@ def logprob(ctx: Context) -> dict:
         reps = -(-b // len(images))
         return {"image": np.concatenate([images] * reps)[:b], "label": np.full(b, 10, np.int64)}
 
-    limit = limits.compute_limit(folder / m["graphs"]["logprob"]["file"], feeds, sizes, 0.5 if ctx.quick else 2.5)
+    # The limit is the hardware's, not our settings': spinning threads (off in the server, see
+    # service/runtime.py) make a lone ONNX Runtime call faster, so the better of the two counts.
+    by_spinning = {spin: limits.compute_limit(folder / m["graphs"]["logprob"]["file"], feeds, sizes,
+                                              0.5 if ctx.quick else 2.5, ort_spinning=spin) for spin in (False, True)}
+    limit = max(by_spinning.values(), key=lambda lim: lim["images_per_s"])
+    limit["spinning"] = limit is by_spinning[True]
+    limit["images_per_s_other_spinning"] = by_spinning[not limit["spinning"]]["images_per_s"]
     print(f"  in-process limit: {limit['images_per_s']:.0f} img/s at batch {limit['best_batch_size']} "
-          f"({limit['provider']})", flush=True)
+          f"({limit['provider']}, spinning {'on' if limit['spinning'] else 'off'}; "
+          f"{limit['images_per_s_other_spinning']:.0f} with it {'off' if limit['spinning'] else 'on'})", flush=True)
     levels = [1, 8, 32, 64]
     with Server(ctx.store) as srv:
         results = sweep(srv.base, logprob_workload(ctx), levels, ctx, ("pixelcnn", "logprob"))
