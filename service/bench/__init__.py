@@ -12,4 +12,7 @@ called in-process on the same graph file, and the same server's cheapest endpoin
     limits.py     the in-process ONNX Runtime limit and the sampling comparison
     scenarios.py  the five scenarios
     report.py     terminal table, JSON, PNG plot, docs/benchmarks.md
+
+Beside the main run: `python -m service.bench.latency` (single-request latency of every endpoint, for the
+README) and `python -m service.bench.arena` (ONNX Runtime's memory arena and pattern settings).
 """
