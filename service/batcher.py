@@ -259,14 +259,18 @@ class Batcher:
             await self._wakeup.wait()
         return chunk
 
-    def _timed_predict(self, inputs: Arrays) -> tuple[Arrays, float]:
-        """predict and its duration, measured in the executor thread: compute only, not the time the event
-        loop takes to notice the result."""
+    def _timed_predict(self, inputs: Arrays) -> tuple[Arrays | Exception, float]:
+        """predict's outputs, or the exception it raised (returned, so that a failed call's time is counted
+        too), and its duration measured in the executor thread: compute only, not the time the event loop
+        takes to notice the result."""
         started = time.perf_counter()
-        outputs = self._predict(inputs)
+        try:
+            outputs: Arrays | Exception = self._predict(inputs)
+        except Exception as exc:
+            outputs = exc
         return outputs, time.perf_counter() - started
 
-    def _submit(self, inputs: Arrays) -> asyncio.Future[tuple[Arrays, float]]:
+    def _submit(self, inputs: Arrays) -> asyncio.Future[tuple[Arrays | Exception, float]]:
         # In the executor, so a long ONNX Runtime call never blocks the event loop.
         return asyncio.get_running_loop().run_in_executor(self._executor, self._timed_predict, inputs)
 
@@ -298,6 +302,10 @@ class Batcher:
     async def _finish(self, batch: list[_Chunk], pending: asyncio.Future, launched: float) -> None:
         try:
             results, compute_s = await self._collect(batch, pending)
+        except asyncio.CancelledError:  # the batcher itself is being torn down: nobody may wait for nothing
+            for chunk in batch:
+                self._fail(chunk.request, BatcherClosed(f"batcher {self.name!r} stopped"), "closed")
+            raise
         finally:
             # Free the slot before delivering: the batch loop's wake-up is then queued ahead of the handlers
             # that the deliveries wake, so the next batch starts computing while those handlers run.
@@ -313,38 +321,40 @@ class Batcher:
         self._notify("on_batch", batch_size, [launched - chunk.enqueued_at for chunk in batch], compute_s)
         self._notify("on_items", ok_items)
 
-    async def _outputs(self, pending: asyncio.Future, n: int) -> tuple[Arrays, float]:
-        outputs, compute_s = await pending
-        if not isinstance(outputs, dict) or any(np.shape(v)[:1] != (n,) for v in outputs.values()):
-            raise ValueError(f"batcher {self.name!r}: predict must return arrays with leading dim {n}")
+    async def _outputs(self, pending: asyncio.Future, n: int) -> tuple[Arrays | Exception, float]:
+        """The call's outputs or its exception (never raised), and its compute seconds."""
+        try:
+            outputs, compute_s = await pending
+        except Exception as exc:  # the executor itself failed: no compute happened
+            return exc, 0.0
+        if not isinstance(outputs, Exception) and (
+                not isinstance(outputs, dict) or any(np.shape(v)[:1] != (n,) for v in outputs.values())):
+            outputs = ValueError(f"batcher {self.name!r}: predict must return arrays with leading dim {n}")
         return outputs, compute_s
 
     async def _collect(self, batch: list[_Chunk], pending: asyncio.Future,
                        ) -> tuple[list[Arrays | BaseException | None], float]:
-        """Per chunk: its outputs, the exception its solo run raised, or None if skipped; and compute seconds."""
-        try:
-            outputs, compute_s = await self._outputs(pending, sum(chunk.n for chunk in batch))
-        except Exception as exc:
+        """Per chunk: its outputs, the exception its solo run raised, or None if skipped; and the compute
+        seconds of every call made, failed ones included."""
+        outputs, compute_s = await self._outputs(pending, sum(chunk.n for chunk in batch))
+        if not isinstance(outputs, Exception):
             if len(batch) == 1:
-                return [exc], 0.0
-            # One poisoned item must not fail its neighbours: isolate it by running each chunk solo.
-            results: list[Arrays | BaseException | None] = []
-            compute_s = 0.0
-            for chunk in batch:
-                if chunk.request.future.done():
-                    results.append(None)
-                    continue
-                try:
-                    part, seconds = await self._outputs(self._submit(chunk.inputs), chunk.n)
-                    results.append(part)
-                    compute_s += seconds
-                except Exception as solo_exc:
-                    results.append(solo_exc)
-            return results, compute_s
+                return [outputs], compute_s
+            starts = np.cumsum([0] + [chunk.n for chunk in batch[:-1]])
+            return [{k: v[s : s + c.n] for k, v in outputs.items()}
+                    for c, s in zip(batch, starts, strict=True)], compute_s
         if len(batch) == 1:
             return [outputs], compute_s
-        starts = np.cumsum([0] + [chunk.n for chunk in batch[:-1]])
-        return [{k: v[s : s + c.n] for k, v in outputs.items()} for c, s in zip(batch, starts, strict=True)], compute_s
+        # One poisoned item must not fail its neighbours: isolate it by running each chunk solo.
+        results: list[Arrays | BaseException | None] = []
+        for chunk in batch:
+            if chunk.request.future.done():
+                results.append(None)
+                continue
+            part, seconds = await self._outputs(self._submit(chunk.inputs), chunk.n)
+            results.append(part)
+            compute_s += seconds
+        return results, compute_s
 
     def _deliver(self, chunk: _Chunk, part: Arrays) -> None:
         request = chunk.request
