@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from functools import lru_cache
 from pathlib import Path
@@ -9,6 +10,20 @@ from typing import Literal
 
 from pydantic import BaseModel, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+def available_cores(cpu_max: Path = Path("/sys/fs/cgroup/cpu.max")) -> int:
+    """Cores this process may use: its CPU affinity, capped by a cgroup v2 CPU quota ("200000 100000" is two
+    cores), which is how `docker run --cpus` and a Kubernetes CPU limit restrict a container; neither shows in
+    the affinity or in os.cpu_count(), which report the host's cores."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    try:
+        quota, period = cpu_max.read_text().split()[:2]
+        if quota != "max":
+            cores = min(cores, max(1, math.ceil(int(quota) / int(period))))
+    except (OSError, ValueError):  # no cgroup v2 here, or an unexpected format: the affinity stands
+        pass
+    return cores
 
 
 class BatchingOverride(BaseModel):
@@ -49,8 +64,7 @@ class Settings(BaseSettings):
         so that N workers never run N x cores ONNX Runtime threads that preempt each other mid-operator."""
         if self.intra_op_threads:
             return self.intra_op_threads
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-        return max(1, cores // self.workers)
+        return max(1, available_cores() // self.workers)
 
     def batching_for(self, model: str, max_batch_size: int, max_delay_ms: float) -> tuple[int, float]:
         """Manifest defaults, then the global override, then the per-model override."""

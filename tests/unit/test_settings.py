@@ -6,17 +6,25 @@ import os
 
 import pytest
 
+from service import settings as settings_module
 from service.runtime import session_options
-from service.settings import Settings
+from service.settings import Settings, available_cores
 
 
-def cores() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+@pytest.mark.parametrize(("cores", "workers", "threads"), [(2, 1, 2), (2, 2, 1), (8, 3, 2), (2, 64, 1)])
+def test_ort_threads_split_the_cores_between_workers(monkeypatch, cores, workers, threads) -> None:
+    monkeypatch.setattr(settings_module, "available_cores", lambda: cores)
+    assert Settings(workers=workers).ort_threads() == threads
 
 
-@pytest.mark.parametrize("workers", [1, 2, 3, 64])
-def test_ort_threads_split_the_cores_between_workers(workers: int) -> None:
-    assert Settings(workers=workers).ort_threads() == max(1, cores() // workers)
+@pytest.mark.parametrize(("cpu_max", "cap"), [("max 100000\n", None), ("200000 100000\n", 2), ("150000 100000", 2),
+                                              ("50000 100000", 1), ("garbage", None), (None, None)])
+def test_available_cores_reads_the_cgroup_quota(tmp_path, cpu_max, cap) -> None:
+    path = tmp_path / "cpu.max"
+    if cpu_max is not None:
+        path.write_text(cpu_max)
+    affinity = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    assert available_cores(path) == (affinity if cap is None else min(affinity, cap))
 
 
 def test_explicit_ort_threads_win() -> None:
@@ -25,8 +33,8 @@ def test_explicit_ort_threads_win() -> None:
 
 @pytest.mark.parametrize("spinning", [False, True])
 def test_session_options_carry_the_settings(spinning: bool) -> None:
-    so = session_options(Settings(workers=2, ort_spinning=spinning, inter_op_threads=1))
-    assert so.intra_op_num_threads == max(1, cores() // 2)
+    so = session_options(Settings(workers=2, intra_op_threads=3, ort_spinning=spinning))
+    assert so.intra_op_num_threads == 3
     assert so.get_session_config_entry("session.intra_op.allow_spinning") == ("1" if spinning else "0")
 
 
