@@ -48,7 +48,10 @@ def resolve_providers(setting: str) -> list[str]:
 def session_options(settings: Settings):
     import onnxruntime as ort
     so = ort.SessionOptions()
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.graph_optimization_level = {
+        "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL, "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+        "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED, "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+    }[settings.ort_graph_optimization]
     so.intra_op_num_threads = settings.ort_threads()
     so.inter_op_num_threads = settings.inter_op_threads
     so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL

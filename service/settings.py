@@ -37,12 +37,17 @@ class Settings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
     workers: int = Field(1, ge=1, le=64, description="uvicorn worker processes")
+    loop: Literal["auto", "asyncio", "uvloop"] = Field("auto", description="event loop (auto: uvloop if installed)")
+    http: Literal["auto", "h11", "httptools"] = Field("auto", description="HTTP parser (auto: httptools if "
+                                                                         "installed)")
     store_path: Path = Path("models_store")
     providers: str = Field("auto", description="auto, cpu, cuda, or comma-separated ONNX Runtime provider names")
     intra_op_threads: int = Field(0, ge=0, description="ONNX Runtime threads per session; 0 = the cores split "
                                                        "between the workers")
     inter_op_threads: int = Field(1, ge=1)
     ort_spinning: bool = Field(False, description="let idle ONNX Runtime threads spin (busy-wait) for work")
+    ort_graph_optimization: Literal["disable", "basic", "extended", "all"] = Field(
+        "all", description="ONNX Runtime graph optimisation level")
     worker_threads: int = Field(2, ge=1, le=64, description="threads that call ONNX Runtime off the event loop")
     batching: dict[str, BatchingOverride] = Field(
         default_factory=dict, description='per-model overrides of the manifest defaults, JSON: {"gan": {...}}')

@@ -42,3 +42,21 @@ def test_spinning_defaults_off_and_reads_the_environment(monkeypatch: pytest.Mon
     assert Settings().ort_spinning is False
     monkeypatch.setenv("GENSERVE_ORT_SPINNING", "true")
     assert Settings().ort_spinning is True
+
+
+@pytest.mark.parametrize(("level", "expected"), [("disable", "ORT_DISABLE_ALL"), ("basic", "ORT_ENABLE_BASIC"),
+                                                 ("extended", "ORT_ENABLE_EXTENDED"), ("all", "ORT_ENABLE_ALL")])
+def test_graph_optimization_level(level: str, expected: str) -> None:
+    import onnxruntime as ort
+
+    so = session_options(Settings(ort_graph_optimization=level))
+    assert so.graph_optimization_level == getattr(ort.GraphOptimizationLevel, expected)
+
+
+def test_server_knobs_are_checked() -> None:
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="loop"):
+        Settings(loop="trio")
+    with pytest.raises(ValidationError, match="http"):
+        Settings(http="h2")
