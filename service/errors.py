@@ -17,7 +17,7 @@ from starlette.responses import JSONResponse
 
 from service.batcher import BatcherClosed, DeadlineExceeded, QueueFull
 from service.imaging import ImageDecodeError
-from service.runtime import ModelNotFound
+from service.runtime import ModelNotFound, ResourceExhausted
 from service.v2_codec import TensorError
 
 log = logging.getLogger(__name__)
@@ -95,6 +95,8 @@ def _classify(exc: Exception) -> tuple[int, str, str, list[dict] | None, dict[st
         return 503, "shutting_down", "server is shutting down", None, {"Retry-After": "1"}
     if isinstance(exc, DeadlineExceeded):
         return 504, "timeout", "request waited past its deadline and was dropped", None, None
+    if isinstance(exc, ResourceExhausted):
+        return 503, "resource_exhausted", "the model ran out of device memory, retry later", None, {"Retry-After": "1"}
     if isinstance(exc, StarletteHTTPException):
         code = {404: "not_found", 405: "method_not_allowed", 413: "payload_too_large"}.get(exc.status_code, "error")
         return exc.status_code, code, str(exc.detail), None, getattr(exc, "headers", None)
@@ -118,6 +120,7 @@ def install(app: FastAPI) -> None:
     async def handler(request: Request, exc: Exception) -> JSONResponse:
         return to_response(exc, v2=is_v2_path(request.url.path))
 
-    for exc_type in (APIError, ModelNotFound, ImageDecodeError, TensorError, RequestValidationError, QueueFull,
+    for exc_type in (APIError, ModelNotFound, ResourceExhausted, ImageDecodeError, TensorError, RequestValidationError,
+                     QueueFull,
                      BatcherClosed, DeadlineExceeded, StarletteHTTPException, Exception):
         app.add_exception_handler(exc_type, handler)

@@ -45,6 +45,13 @@ class Settings(BaseSettings):
     intra_op_threads: int = Field(0, ge=0, description="ONNX Runtime threads per session; 0 = the cores split "
                                                        "between the workers")
     inter_op_threads: int = Field(1, ge=1)
+    cuda_conv_algo_search: Literal["HEURISTIC", "EXHAUSTIVE", "DEFAULT"] = Field(
+        "HEURISTIC", description="cuDNN convolution algorithm choice of the CUDA provider; EXHAUSTIVE benchmarks "
+                                 "each new input shape")
+    cuda_buckets: list[int] = Field(
+        [1, 8], description="on the CUDA provider, batch sizes with a session of their own (the max batch size "
+                            "always has one); batches are padded to the next, so each session keeps one shape. "
+                            "[] turns this off")
     ort_spinning: bool = Field(False, description="let idle ONNX Runtime threads spin (busy-wait) for work")
     ort_graph_optimization: Literal["disable", "basic", "extended", "all"] = Field(
         "all", description="ONNX Runtime graph optimisation level")

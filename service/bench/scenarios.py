@@ -151,8 +151,11 @@ def gan(ctx: Context) -> dict:
     bodies = [_json({"n": 1, "seed": s}) for s in range(64)]
     w = Workload("gan", "POST", "/v1/gan/sample", bodies)
     health = Workload("healthz", "GET", "/healthz", images_per_request=0)
-    # The defaults, then worker processes fitted to the cores (ONNX Runtime threads split between them).
-    configs = [("", {}, [1, 16, 64])] + ([(f" x{cores()}w", {"workers": cores()}, [64])] if cores() > 1 else [])
+    # The defaults, then worker processes fitted to the cores (ONNX Runtime threads split between them). On a
+    # GPU every worker holds its own sessions and cuDNN workspaces on the one device: 16 ran an H100 out of
+    # memory, so there at most 4.
+    workers = min(cores(), 4) if limits.provider() == "CUDAExecutionProvider" else cores()
+    configs = [("", {}, [1, 16, 64])] + ([(f" x{workers}w", {"workers": workers}, [64])] if workers > 1 else [])
     results, http, floors = [], {}, []
     for suffix, settings, levels in configs:
         with Server(ctx.store, **settings) as srv:

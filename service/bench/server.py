@@ -43,6 +43,7 @@ class Server:
                     "GENSERVE_STORE_PATH": str(self.store), "GENSERVE_LOG_LEVEL": "warning"}
         self.env.update({f"GENSERVE_{k.upper()}": str(v) for k, v in settings.items()})
         self.settings = {k: str(v) for k, v in settings.items()}
+        self.workers = int(self.env.get("GENSERVE_WORKERS", "1"))
         self.proc: subprocess.Popen | None = None
         self.log = Path(tempfile.mkstemp(prefix="genserve-bench-", suffix=".log")[1])
         self.startup_s = float("nan")
@@ -65,17 +66,21 @@ class Server:
         with open(self.log, "wb") as out:
             self.proc = subprocess.Popen([sys.executable, "-m", "service"], cwd=REPO, env=self.env,
                                          stdout=out, stderr=subprocess.STDOUT)
-        deadline = t0 + self.ready_timeout_s
+        deadline, streak = t0 + self.ready_timeout_s, 0
         while time.monotonic() < deadline:  # bounded: gives up after ready_timeout_s
             if self.proc.poll() is not None:
                 raise ServerError(f"server exited with {self.proc.returncode} (log {self.log}):\n{self.tail()}")
             try:
                 with urllib.request.urlopen(self.base + "/readyz", timeout=1) as r:
-                    if r.status == 200:
+                    streak += r.status == 200
+                    # Readiness is per worker, and each connection reaches whichever worker accepts it: with
+                    # several, many ready answers in a row (a fresh connection each) stand for all of them.
+                    if streak >= 4 * self.workers:
                         self.startup_s = time.monotonic() - t0
                         return
+                    continue
             except (urllib.error.URLError, OSError):
-                pass
+                streak = 0
             time.sleep(0.2)
         self.stop()
         raise ServerError(f"server not ready after {self.ready_timeout_s:.0f} s (log {self.log}):\n{self.tail()}")

@@ -94,3 +94,19 @@ def test_deadline_is_504(tiny_store):
     with make_client(tiny_store, request_timeout_s=1e-6) as c:
         wait_ready(c)
         _err(c.post("/v1/gan/sample", json={"n": 1}), 504)
+
+
+def test_device_out_of_memory_is_503_with_retry_after(tiny_store):
+    from onnxruntime.capi.onnxruntime_pybind11_state import Fail
+
+    def out_of_memory(names, feeds):
+        raise Fail("[ONNXRuntimeError] : 1 : FAIL : bfc_arena.cc:360 void* onnxruntime::BFCArena::AllocateRawInternal"
+                   "(size_t, bool, onnxruntime::Stream*) Failed to allocate memory for requested buffer of size 8")
+
+    with make_client(tiny_store) as c:
+        wait_ready(c)
+        c.app.state.registry.get("gan").loaded.sessions["generator"].run = out_of_memory  # the session itself
+        r = c.post("/v1/gan/sample", json={"n": 2})
+        body = _err(r, 503)
+        assert body["code"] == "resource_exhausted" and r.headers["retry-after"] == "1"
+        assert "bfc_arena" not in r.text  # internals stay in the log
