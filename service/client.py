@@ -212,7 +212,8 @@ def _health() -> _Call[dict[str, Any]]:
 
 
 def _ready() -> _Call[dict[str, Any]]:
-    """GET /readyz: {"ready": bool, "models": ..., "refused": ...}; not ready (503) is an answer, not an error."""
+    """GET /readyz: {"ready": bool, "models": ..., "refused": ..., "pid": the worker that answered}; not ready (503)
+    is an answer, not an error."""
     return _Call("GET", "/readyz", _ready_body, ok=(200, 503))
 
 

@@ -43,7 +43,7 @@ _OOM_MARKERS = ("Failed to allocate memory", "out of memory", "CUBLAS failure 3"
 
 
 def out_of_memory_guard(predict: Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]):
-    """predict, with ONNX Runtime's allocation failures raised as ResourceExhausted (logged once each)."""
+    """predict, with ONNX Runtime's allocation failures raised as ResourceExhausted (and logged)."""
     def guarded(inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         try:
             return predict(inputs)
@@ -153,21 +153,26 @@ class ModelVersion:
         # What each batcher calls, and the batch sizes warm-up runs it at.
         self.predict: dict[str, Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]] = {}
         self.warm_sizes: dict[str, list[int]] = {}
+        sizes = bucket_sizes(settings.cuda_buckets, mbs)
         for g, sess in lv.sessions.items():
-            sizes = bucket_sizes(settings.cuda_buckets, mbs)
+            self.predict[g], self.warm_sizes[g] = session_fn(sess), sorted({1, mbs})
             if self.provider == CUDA and make_session is not None and settings.cuda_buckets:
-                extra = {b: make_session(lv.path / m.graphs[g].file) for b in sizes[1:]}
+                try:
+                    extra = {b: make_session(lv.path / m.graphs[g].file) for b in sizes[1:]}
+                except Exception:  # e.g. the GPU is full: serve with one session (shape changes cost time)
+                    log.warning("%s v%d: no bucket sessions for graph %s; one session serves every batch size",
+                                m.name, m.version, g, exc_info=True)
+                    continue
                 self.predict[g], self.warm_sizes[g] = PaddedPredict({sizes[0]: sess, **extra}), sizes
-            else:
-                self.predict[g], self.warm_sizes[g] = session_fn(sess), sorted({1, mbs})
         self.batchers = {g: Batcher(f"{m.name}/{m.version}/{g}", out_of_memory_guard(self.predict[g]), self.batching,
                                     executor,
                                     metrics.observer(m.name, m.version, g), concurrency=settings.batch_concurrency)
                          for g in lv.sessions}
         self.sampler: IterationSampler | None = None
         if m.family == "pixelcnn":
+            vstack, hrow = (out_of_memory_guard(session_fn(lv.sessions[g])) for g in ("vstack", "hrow"))
             self.sampler = IterationSampler(
-                session_fn(lv.sessions["vstack"]), session_fn(lv.sessions["hrow"]),
+                vstack, hrow,
                 SamplerConfig(max_active=settings.sampler_max_active, max_queue=settings.sampler_max_queue,
                               timeout_s=settings.sample_timeout_s),
                 executor=executor, observer=metrics.observer(m.name, m.version, "sampler"))

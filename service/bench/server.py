@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -66,21 +67,22 @@ class Server:
         with open(self.log, "wb") as out:
             self.proc = subprocess.Popen([sys.executable, "-m", "service"], cwd=REPO, env=self.env,
                                          stdout=out, stderr=subprocess.STDOUT)
-        deadline, streak = t0 + self.ready_timeout_s, 0
+        deadline, ready = t0 + self.ready_timeout_s, set()
         while time.monotonic() < deadline:  # bounded: gives up after ready_timeout_s
             if self.proc.poll() is not None:
                 raise ServerError(f"server exited with {self.proc.returncode} (log {self.log}):\n{self.tail()}")
             try:
                 with urllib.request.urlopen(self.base + "/readyz", timeout=1) as r:
-                    streak += r.status == 200
-                    # Readiness is per worker, and each connection reaches whichever worker accepts it: with
-                    # several, many ready answers in a row (a fresh connection each) stand for all of them.
-                    if streak >= 4 * self.workers:
+                    # Readiness is per worker, and a worker still warming up accepts no connection, so each
+                    # worker's own ready answer (its pid) is awaited; one connection each time.
+                    ready.add(json.loads(r.read()).get("pid"))
+                    if len(ready) >= self.workers:
                         self.startup_s = time.monotonic() - t0
                         return
+                    time.sleep(0.01)
                     continue
-            except (urllib.error.URLError, OSError):
-                streak = 0
+            except (urllib.error.URLError, OSError, ValueError):
+                pass
             time.sleep(0.2)
         self.stop()
         raise ServerError(f"server not ready after {self.ready_timeout_s:.0f} s (log {self.log}):\n{self.tail()}")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 from fastapi import APIRouter, Request
 from starlette.responses import Response
 
@@ -21,7 +23,7 @@ async def readyz(request: Request):
     """200 once every valid model is loaded and warmed up; 503 before (and while draining at shutdown)."""
     reg = get_registry(request)
     body = {"ready": reg.ready, "models": {n: sorted(v) for n, v in reg.models.items()},
-            "refused": sorted(reg.refused)}
+            "refused": sorted(reg.refused), "pid": os.getpid()}  # readiness is per worker: which one answered
     return JSON(body, status_code=200 if reg.ready else 503)
 
 

@@ -110,3 +110,16 @@ def test_device_out_of_memory_is_503_with_retry_after(tiny_store):
         body = _err(r, 503)
         assert body["code"] == "resource_exhausted" and r.headers["retry-after"] == "1"
         assert "bfc_arena" not in r.text  # internals stay in the log
+
+
+def test_device_out_of_memory_while_sampling_is_503(tiny_store):
+    from onnxruntime.capi.onnxruntime_pybind11_state import Fail
+
+    def out_of_memory(names, feeds):
+        raise Fail("[ONNXRuntimeError] : 1 : FAIL : CUBLAS failure 3: the resource allocation failed")
+
+    with make_client(tiny_store) as c:
+        wait_ready(c)
+        c.app.state.registry.get("pixelcnn").loaded.sessions["vstack"].run = out_of_memory
+        r = c.post("/v1/pixelcnn/sample", json={"n": 1, "seed": 0})
+        assert _err(r, 503)["code"] == "resource_exhausted"

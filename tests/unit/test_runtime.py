@@ -50,3 +50,40 @@ def test_a_batch_over_the_largest_bucket_is_refused():
     with pytest.raises(ValueError, match="largest bucket"):
         PaddedPredict({1: FakeSession(), 4: FakeSession()})({"x": np.zeros((5, 2), np.float32),
                                                              "label": np.zeros(5, np.int64)})
+
+
+def _gan_version(make_session=None):
+    """The shipped GAN, loaded on the CPU but labelled as running on CUDA, so the CUDA wiring runs here."""
+    from concurrent.futures import ThreadPoolExecutor
+    from pathlib import Path
+
+    from service.metrics import Metrics
+    from service.runtime import CUDA, ModelVersion, session_factory
+    from service.settings import Settings
+    from service.store import validate_version
+
+    settings = Settings(providers="cpu", cuda_buckets=[1, 8])
+    cpu_session = session_factory(settings)
+    lv = validate_version(Path(__file__).resolve().parents[2] / "models_store" / "gan" / "1", cpu_session)
+    lv.providers = [CUDA, *lv.providers]
+    return ModelVersion(lv, settings, ThreadPoolExecutor(1), Metrics(), make_session or cpu_session), lv
+
+
+def test_cuda_versions_get_a_session_per_bucket_with_the_same_results():
+    mv, lv = _gan_version()
+    predict = mv.predict["generator"]
+    assert isinstance(predict, PaddedPredict) and predict.buckets == [1, 8, mv.batching.max_batch_size]
+    assert mv.warm_sizes["generator"] == predict.buckets
+    feeds = {"z": np.random.default_rng(0).standard_normal((3, 64)).astype(np.float32),
+             "label": np.array([1, 2, 3], np.int64)}
+    direct = lv.sessions["generator"].run(None, feeds)[0]
+    np.testing.assert_allclose(predict(feeds)["image"], direct, atol=1e-6)
+
+
+def test_a_bucket_session_that_fails_to_open_falls_back_to_one_session(caplog):
+    def full_gpu(path):
+        raise RuntimeError("CUDA out of memory")
+
+    mv, _ = _gan_version(make_session=full_gpu)
+    assert not isinstance(mv.predict["generator"], PaddedPredict)
+    assert "no bucket sessions" in caplog.text
