@@ -121,6 +121,5 @@ def install(app: FastAPI) -> None:
         return to_response(exc, v2=is_v2_path(request.url.path))
 
     for exc_type in (APIError, ModelNotFound, ResourceExhausted, ImageDecodeError, TensorError, RequestValidationError,
-                     QueueFull,
-                     BatcherClosed, DeadlineExceeded, StarletteHTTPException, Exception):
+                     QueueFull, BatcherClosed, DeadlineExceeded, StarletteHTTPException, Exception):
         app.add_exception_handler(exc_type, handler)

@@ -42,13 +42,18 @@ _OOM_MARKERS = ("Failed to allocate memory", "out of memory", "CUBLAS failure 3"
                 "the resource allocation failed")
 
 
+def from_onnxruntime(exc: BaseException) -> bool:
+    """Whether ONNX Runtime raised `exc` (its pybind exception types live in onnxruntime.capi)."""
+    return type(exc).__module__.startswith("onnxruntime")
+
+
 def out_of_memory_guard(predict: Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]):
     """predict, with ONNX Runtime's allocation failures raised as ResourceExhausted (and logged)."""
     def guarded(inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         try:
             return predict(inputs)
         except Exception as exc:
-            if type(exc).__module__.startswith("onnxruntime") and any(m in str(exc) for m in _OOM_MARKERS):
+            if from_onnxruntime(exc) and any(m in str(exc) for m in _OOM_MARKERS):
                 log.error("ONNX Runtime ran out of memory: %s", str(exc).splitlines()[0][:300])
                 raise ResourceExhausted(str(exc).splitlines()[0][:300]) from exc
             raise
@@ -102,8 +107,10 @@ def session_factory(settings: Settings):
                       "arena_extend_strategy": "kSameAsRequested"}}
     with_options = [(p, options[p]) if p in options else p for p in providers]
 
+    so = session_options(settings)  # one SessionOptions serves every session (it reads the cgroup quota once)
+
     def make(path: Path):
-        return ort.InferenceSession(str(path), session_options(settings), providers=with_options)
+        return ort.InferenceSession(str(path), so, providers=with_options)
     return make
 
 
@@ -150,12 +157,11 @@ class ModelVersion:
         mbs, delay_ms = settings.batching_for(m.name, m.batching.max_batch_size, m.batching.max_delay_ms)
         self.batching = BatchingConfig(max_batch_size=mbs, max_delay_s=delay_ms / 1000.0,
                                        max_queue_items=settings.max_queue_items, timeout_s=settings.request_timeout_s)
-        # What each batcher calls, and the batch sizes warm-up runs it at.
+        # What each batcher calls: the session, or on CUDA one session per batch-size bucket.
         self.predict: dict[str, Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]] = {}
-        self.warm_sizes: dict[str, list[int]] = {}
         sizes = bucket_sizes(settings.cuda_buckets, mbs)
         for g, sess in lv.sessions.items():
-            self.predict[g], self.warm_sizes[g] = session_fn(sess), sorted({1, mbs})
+            self.predict[g] = session_fn(sess)
             if self.provider == CUDA and make_session is not None and settings.cuda_buckets:
                 try:
                     extra = {b: make_session(lv.path / m.graphs[g].file) for b in sizes[1:]}
@@ -163,10 +169,10 @@ class ModelVersion:
                     log.warning("%s v%d: no bucket sessions for graph %s; one session serves every batch size",
                                 m.name, m.version, g, exc_info=True)
                     continue
-                self.predict[g], self.warm_sizes[g] = PaddedPredict({sizes[0]: sess, **extra}), sizes
-        self.batchers = {g: Batcher(f"{m.name}/{m.version}/{g}", out_of_memory_guard(self.predict[g]), self.batching,
-                                    executor,
-                                    metrics.observer(m.name, m.version, g), concurrency=settings.batch_concurrency)
+                self.predict[g] = PaddedPredict({sizes[0]: sess, **extra})
+        self.batchers = {g: Batcher(f"{m.name}/{m.version}/{g}", out_of_memory_guard(self.predict[g]),
+                                    self.batching, executor, metrics.observer(m.name, m.version, g),
+                                    concurrency=settings.batch_concurrency)
                          for g in lv.sessions}
         self.sampler: IterationSampler | None = None
         if m.family == "pixelcnn":
@@ -199,13 +205,18 @@ class ModelVersion:
         shapes are fixed), so the first request pays no allocation or kernel-selection cost. Returns seconds."""
         t0 = time.perf_counter()
         for gname, spec in self.manifest.graphs.items():
-            for b in self.warm_sizes[gname]:
+            for b in self.warm_sizes(gname):
                 feeds = {}
                 for t in spec.inputs:
                     shape = [b if i == 0 else (28 if d is None else d) for i, d in enumerate(t.shape)]
                     feeds[t.name] = np.zeros(shape, _NP_DTYPES[t.dtype])
                 self.predict[gname](feeds)
         return time.perf_counter() - t0
+
+    def warm_sizes(self, graph: str) -> list[int]:
+        """The batch sizes warm-up runs a graph at: every bucket where shapes are fixed, else 1 and the max."""
+        predict = self.predict[graph]
+        return predict.buckets if isinstance(predict, PaddedPredict) else sorted({1, self.batching.max_batch_size})
 
     def describe(self) -> dict:
         m = self.manifest

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +17,7 @@ from service.bench.load import Result, Windows, Workload, closed_loop, one_reque
 from service.bench.server import Server
 from service.bench.stats import ratio
 from service.imaging import encode_png_b64
+from service.settings import available_cores
 
 
 @dataclass
@@ -122,10 +122,6 @@ def logprob(ctx: Context) -> dict:
                               limit["images_per_s"]), 0.7, "ratio")]}
 
 
-def cores() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-
-
 def gan_ceiling(healthz: Result, compute: dict) -> float:
     """The best GAN/healthz ratio this machine allows when client and server saturate its CPU (they do at
     c=64 here): a request costs at least a /healthz request (server and client) plus the generator's compute
@@ -154,7 +150,8 @@ def gan(ctx: Context) -> dict:
     # The defaults, then worker processes fitted to the cores (ONNX Runtime threads split between them). On a
     # GPU every worker holds its own sessions and cuDNN workspaces on the one device: 16 ran an H100 out of
     # memory, so there at most 4.
-    workers = min(cores(), 4) if limits.provider() == "CUDAExecutionProvider" else cores()
+    cores = available_cores()
+    workers = min(cores, 4) if limits.provider() == "CUDAExecutionProvider" else cores
     configs = [("", {}, [1, 16, 64])] + ([(f" x{workers}w", {"workers": workers}, [64])] if workers > 1 else [])
     results, http, floors = [], {}, []
     for suffix, settings, levels in configs:

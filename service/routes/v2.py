@@ -30,7 +30,7 @@ from starlette.responses import Response
 
 from service.errors import APIError
 from service.routes.common import JSON, get_registry
-from service.runtime import ModelNotFound, ModelVersion, Registry
+from service.runtime import ModelNotFound, ModelVersion, Registry, from_onnxruntime
 from service.store import ort_dtype
 from service.v2_codec import (
     Limits,
@@ -160,8 +160,7 @@ async def model_version_ready(name: str, version: str, request: Request):
 def _ort_rejected(exc: Exception) -> bool:
     """ONNX Runtime's INVALID_ARGUMENT: the values do not fit the graph (e.g. a label outside the embedding's
     range), a request problem; onnxruntime's other failures stay server errors."""
-    t = type(exc)
-    return t.__module__.startswith("onnxruntime") and t.__name__ == "InvalidArgument"
+    return from_onnxruntime(exc) and type(exc).__name__ == "InvalidArgument"
 
 
 # the body is read raw (JSON, or JSON followed by binary tensors), so the spec is declared by hand

@@ -73,7 +73,7 @@ def test_cuda_versions_get_a_session_per_bucket_with_the_same_results():
     mv, lv = _gan_version()
     predict = mv.predict["generator"]
     assert isinstance(predict, PaddedPredict) and predict.buckets == [1, 8, mv.batching.max_batch_size]
-    assert mv.warm_sizes["generator"] == predict.buckets
+    assert mv.warm_sizes("generator") == predict.buckets
     feeds = {"z": np.random.default_rng(0).standard_normal((3, 64)).astype(np.float32),
              "label": np.array([1, 2, 3], np.int64)}
     direct = lv.sessions["generator"].run(None, feeds)[0]
