@@ -32,7 +32,8 @@ def new_seed(seed: int | None) -> int:
 
 def label_array(labels: int | list[int] | None, n: int, default: int | np.ndarray) -> np.ndarray:
     if labels is None:
-        return np.broadcast_to(np.asarray(default, np.int64), (n,)).copy()
+        default = np.asarray(default, np.int64)  # a fresh (n,) int64 array of draws passes through uncopied
+        return default if default.shape == (n,) else np.broadcast_to(default, (n,)).copy()
     return np.full(n, labels, np.int64) if isinstance(labels, int) else np.asarray(labels, np.int64)
 
 
