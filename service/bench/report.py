@@ -10,6 +10,8 @@ import re
 from datetime import UTC, datetime
 from pathlib import Path
 
+from service.bench.stats import ratio
+
 BEGIN, END = "<!-- bench:begin -->", "<!-- bench:end -->"
 HEADER = ["workload", "mode", "level", "req/s", "img/s", "p50 ms", "p90 ms", "p99 ms", "errors",
           "queue wait ms/item", "compute ms/batch", "batch size", "CPU us/req server+client", "windows"]
@@ -72,10 +74,18 @@ def result_rows(results: list[dict]) -> list[list[str]]:
 FLOOR_HEADER = ["floor", "measured", "floor", "result", "ceiling on this machine"]
 
 
+def _ceiling(floor: dict) -> str:
+    if floor.get("ceiling") is None:
+        return "-"
+    bound = f"{_f(floor['ceiling'], 2)}x"
+    free = floor.get("framework_free")
+    return bound if free is None else f"{bound}; framework-free {_f(free, 2)}x"
+
+
 def floor_rows(floors: list[dict]) -> list[list[str]]:
     return [[f["name"], ("yes" if f["measured"] >= 1 else "no") if f["what"] == "bool" else f"{_f(f['measured'], 2)}x",
              "yes" if f["what"] == "bool" else f">= {f['floor']:g}x", "PASS" if f["pass"] else "FAIL",
-             f"{_f(f['ceiling'], 2)}x" if f.get("ceiling") is not None else "-"]
+             _ceiling(f)]
             for f in floors]
 
 
@@ -118,6 +128,18 @@ def limit_lines(run: dict) -> list[str]:
                        f"{c['min_cpu_us_per_image']:,.0f} us of CPU per image. Ceiling of the GAN floor: client and "
                        f"server saturate the CPU at c=64, so a GAN request costs at least a /healthz request plus "
                        f"that compute, and GAN/healthz <= cpu(healthz) / (cpu(healthz) + compute).")
+        if b := lim.get("bare"):
+            g, h = b["gan"], b["healthz"]
+            out.append(f"Framework-free GAN route (service/bench/bare.py: the same registry, batcher, sessions, "
+                       f"draws and PNG encoding behind a bare ASGI callable, no routing, validation, middleware or "
+                       f"metrics): {g['rps']:,.0f} requests/s at c=64, {ratio(g['rps'], h['rps']):.2f}x its own "
+                       f"/healthz ({h['rps']:,.0f}/s) and {ratio(g['rps'], lim['http']['rps']):.2f}x the service's; "
+                       f"CPU per request {_cpu(g.get('cpu_us') or {})} us.")
+    if "batching" in s and (f := s["batching"]["floors"][0]).get("ceiling") is not None:
+        on, off = (r["images_per_s"] for r in s["batching"]["results"])
+        out.append(f"Batching at c=32: on {on:,.0f} images/s, off {off:,.0f}. Ceiling of the batching floor: batching "
+                   f"on cannot beat in-process ONNX Runtime at its best batch size, so on/off <= that limit / off = "
+                   f"{f['ceiling']:.2f}x.")
     if "sampling" in s:
         p = s["sampling"]["sampling"]
         out.append(f"PixelCNN sampling, 16 samples in-process: fast {p['fast_s']:.2f} s (full run); naive "

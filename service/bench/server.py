@@ -1,4 +1,5 @@
-"""The server under test: `python -m service` as a subprocess on a free loopback port, with given settings."""
+"""The server under test: `python -m service` (or service.bench.bare) as a subprocess on a free loopback port,
+with given settings."""
 
 from __future__ import annotations
 
@@ -37,8 +38,8 @@ class Server:
     log level and the given overrides are set on top.
     """
 
-    def __init__(self, store: Path, ready_timeout_s: float = 120.0, **settings: object):
-        self.store, self.ready_timeout_s = Path(store), ready_timeout_s
+    def __init__(self, store: Path, ready_timeout_s: float = 120.0, module: str = "service", **settings: object):
+        self.store, self.ready_timeout_s, self.module = Path(store), ready_timeout_s, module
         self.port = free_port()
         self.env = {**os.environ, "GENSERVE_HOST": HOST, "GENSERVE_PORT": str(self.port),
                     "GENSERVE_STORE_PATH": str(self.store), "GENSERVE_LOG_LEVEL": "warning"}
@@ -65,7 +66,7 @@ class Server:
     def start(self) -> None:
         t0 = time.monotonic()
         with open(self.log, "wb") as out:
-            self.proc = subprocess.Popen([sys.executable, "-m", "service"], cwd=REPO, env=self.env,
+            self.proc = subprocess.Popen([sys.executable, "-m", self.module], cwd=REPO, env=self.env,
                                          stdout=out, stderr=subprocess.STDOUT)
         deadline, ready = t0 + self.ready_timeout_s, set()
         while time.monotonic() < deadline:  # bounded: gives up after ready_timeout_s

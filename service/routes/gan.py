@@ -12,17 +12,26 @@ from service.schemas import GanSampleRequest, SampleResponse
 router = APIRouter(prefix="/v1/gan", tags=["gan"])
 
 
+def draw(seed: int, n: int, z_dim: int, truncation: float = 1.0,
+         labels: int | list[int] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """A request's host-side randomness, from its seed alone: labels (n,) int64 and z (n, z_dim) float32."""
+    rng = np.random.default_rng(seed)
+    drawn = rng.integers(0, 10, n)  # drawn even when labels are given: z stays the same
+    return label_array(labels, n, drawn), (rng.standard_normal((n, z_dim)) * truncation).astype(np.float32)
+
+
+def pixels(image: np.ndarray) -> np.ndarray:
+    """The generator's (n, 1, 28, 28) tanh output, -1..1, as (n, 28, 28) uint8 pixels."""
+    return to_uint8((image[:, 0] + 1.0) * 127.5)
+
+
 @router.post("/sample", response_model=SampleResponse)
 async def sample(body: GanSampleRequest, request: Request):
     """n images; `labels` picks digits (absent: each image's digit is drawn uniformly from the seed).
     Same seed, same request: same images, however the server batches it with others."""
     mv = resolve(request, "gan", body.model_version)
     seed = new_seed(body.seed)
-    rng = np.random.default_rng(seed)
     z_dim = mv.manifest.graphs["generator"].inputs[0].shape[1]
-    drawn = rng.integers(0, 10, body.n)                        # drawn even when labels are given: z stays the same
-    labels = label_array(body.labels, body.n, drawn)
-    z = (rng.standard_normal((body.n, z_dim)) * body.truncation).astype(np.float32)
+    labels, z = draw(seed, body.n, z_dim, body.truncation, body.labels)
     out = await mv.run("generator", {"z": z, "label": labels})
-    images = to_uint8((out["image"][:, 0] + 1.0) * 127.5)        # tanh output -1..1 -> pixels
-    return reply(mv, seed=seed, labels=labels.tolist(), images=encode_images(images, body.format))
+    return reply(mv, seed=seed, labels=labels.tolist(), images=encode_images(pixels(out["image"]), body.format))

@@ -186,6 +186,19 @@ def test_terminal_and_markdown_name_every_figure_and_floor():
     assert "2.50/s x50" in text and "unfinished: 1" in text and "1,000 requests/s" in text
     md = report.markdown(run, "images/bench.png")
     assert "| gan ratio | 0.50x | >= 0.6x | FAIL | 0.55x |" in md and "Test CPU, 2 cores" in md
+    run["scenarios"]["gan"]["floors"][0]["framework_free"] = 0.38
+    run["scenarios"]["gan"]["limits"]["bare"] = {
+        "gan": run["scenarios"]["gan"]["results"][0] | {"rps": 380.0},
+        "healthz": run["scenarios"]["gan"]["limits"]["http"] | {"rps": 1900.0}}
+    run["scenarios"]["batching"] = {
+        "results": [run["scenarios"]["gan"]["results"][0] | {"workload": w, "images_per_s": x}
+                    for w, x in (("batch-on", 160.0), ("batch-off", 130.0))],
+        "floors": [{"name": "batching ratio", "what": "ratio", "measured": 1.23, "floor": 3.0, "pass": False,
+                    "ceiling": 1.44}]}
+    text = report.terminal(run)
+    assert "on 160 images/s, off 130" in text and "that limit / off = 1.44x" in text
+    assert "0.55x; framework-free 0.38x" in text
+    assert "380 requests/s at c=64, 0.20x its own /healthz (1,900/s) and 0.38x the service's" in text
     assert "| 150 + 140 |" in md and "CPU per request 150 + 140 us" in md
     assert "![" in md and "(images/bench.png)" in md and report.BEGIN not in md
     assert "one at a time serves 1.25/s" in md and "sequential / shared = 9.00x" in md
