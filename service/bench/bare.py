@@ -1,11 +1,11 @@
-"""python -m service.bench.bare: POST /v1/gan/sample with no web framework, to bound floor 2 by measurement.
+"""python -m service.bench.bare: POST /v1/gan/sample with no web framework, a reference for floor 2.
 
 Floor 2 compares GAN requests/s with the server's cheapest endpoint. This server does the GAN route's own work
-the same way (model registry, batcher, ONNX Runtime sessions and threads, seeded draws, pixels, PNG, orjson),
-behind a bare ASGI callable on uvicorn with the service's settings; it leaves out what FastAPI and the
-service add per request: routing, dependency injection, body validation, middleware, metrics and error
-mapping. What it reaches is what any Python server on these cores could, so the bench reports it next to the
-floor (scenarios.gan). Only n=1 requests without labels, and no error handling: a measuring instrument, not a
+the same way (model registry, batcher and its metrics, ONNX Runtime sessions and threads, seeded draws,
+pixels, PNG, orjson) behind a bare ASGI callable on uvicorn with the service's settings, and leaves out what
+FastAPI and the service add per request: routing, dependency injection, body validation, the HTTP middleware
+and error mapping. It is one minimal server, not a bound on every server; the bench reports it next to the
+floor (scenarios.gan). Only n=1 requests without labels, no error handling: a measuring instrument, not a
 route to serve anyone.
 """
 
@@ -19,11 +19,9 @@ import uvicorn
 
 from service.imaging import encode_images
 from service.metrics import Metrics
-from service.routes.gan import draw, pixels
+from service.routes.gan import draw, pixels, z_dim
 from service.runtime import Registry
 from service.settings import Settings, get_settings
-
-_JSON = [(b"content-type", b"application/json")]
 
 
 class BareGan:
@@ -54,7 +52,7 @@ class BareGan:
             body, more = body + message.get("body", b""), message.get("more_body", False)
         seed = int(orjson.loads(body)["seed"])
         mv = self.registry.get("gan", None, family="gan")
-        labels, z = draw(seed, 1, mv.manifest.graphs["generator"].inputs[0].shape[1])
+        labels, z = draw(seed, 1, z_dim(mv))
         out = await mv.run("generator", {"z": z, "label": labels})
         return orjson.dumps({"model": mv.name, "model_version": mv.version, "seed": seed, "labels": labels.tolist(),
                              "images": encode_images(pixels(out["image"]), "png")})
@@ -71,7 +69,8 @@ class BareGan:
         elif scope["path"] == "/readyz":
             ready = self.registry is not None and self.registry.ready
             status, payload = (200 if ready else 503), orjson.dumps({"ready": ready, "pid": os.getpid()})
-        await send({"type": "http.response.start", "status": status, "headers": _JSON})
+        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode())]
+        await send({"type": "http.response.start", "status": status, "headers": headers})
         await send({"type": "http.response.body", "body": payload})
 
 

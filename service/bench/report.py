@@ -75,11 +75,12 @@ FLOOR_HEADER = ["floor", "measured", "floor", "result", "ceiling on this machine
 
 
 def _ceiling(floor: dict) -> str:
-    if floor.get("ceiling") is None:
-        return "-"
-    bound = f"{_f(floor['ceiling'], 2)}x"
-    free = floor.get("framework_free")
-    return bound if free is None else f"{bound}; framework-free {_f(free, 2)}x"
+    parts = []
+    if floor.get("ceiling") is not None:
+        parts.append(f"{_f(floor['ceiling'], 2)}x")
+    if floor.get("framework_free") is not None:
+        parts.append(f"framework-free reference {_f(floor['framework_free'], 2)}x")
+    return "; ".join(parts) or "-"
 
 
 def floor_rows(floors: list[dict]) -> list[list[str]]:
@@ -130,16 +131,18 @@ def limit_lines(run: dict) -> list[str]:
                        f"that compute, and GAN/healthz <= cpu(healthz) / (cpu(healthz) + compute).")
         if b := lim.get("bare"):
             g, h = b["gan"], b["healthz"]
-            out.append(f"Framework-free GAN route (service/bench/bare.py: the same registry, batcher, sessions, "
-                       f"draws and PNG encoding behind a bare ASGI callable, no routing, validation, middleware or "
-                       f"metrics): {g['rps']:,.0f} requests/s at c=64, {ratio(g['rps'], h['rps']):.2f}x its own "
-                       f"/healthz ({h['rps']:,.0f}/s) and {ratio(g['rps'], lim['http']['rps']):.2f}x the service's; "
-                       f"CPU per request {_cpu(g.get('cpu_us') or {})} us.")
+            out.append(f"Framework-free reference (service/bench/bare.py: the GAN route's work with the same "
+                       f"registry, batcher, sessions, draws and PNG encoding behind a bare ASGI callable, without "
+                       f"routing, validation or HTTP middleware): {_f(g['rps'], 0)} requests/s at c=64, "
+                       f"{_f(ratio(g['rps'], h['rps']), 2)}x its own /healthz ({_f(h['rps'], 0)}/s) and "
+                       f"{_f(ratio(g['rps'], lim['http']['rps']), 2)}x the service's; CPU per request "
+                       f"{_cpu(g.get('cpu_us') or {})} us.")
     if "batching" in s and (f := s["batching"]["floors"][0]).get("ceiling") is not None:
         on, off = (r["images_per_s"] for r in s["batching"]["results"])
-        out.append(f"Batching at c=32: on {on:,.0f} images/s, off {off:,.0f}. Ceiling of the batching floor: batching "
-                   f"on cannot beat in-process ONNX Runtime at its best batch size, so on/off <= that limit / off = "
-                   f"{f['ceiling']:.2f}x.")
+        out.append(f"Batching at c=32: on {_f(on, 0)} images/s, off {_f(off, 0)}. Ceiling of the batching floor: "
+                   f"batching on cannot beat in-process ONNX Runtime at its best batch size "
+                   f"({_f(f.get('limit_images_per_s'), 0)} images/s), so on/off <= that limit / off = "
+                   f"{_f(f['ceiling'], 2)}x.")
     if "sampling" in s:
         p = s["sampling"]["sampling"]
         out.append(f"PixelCNN sampling, 16 samples in-process: fast {p['fast_s']:.2f} s (full run); naive "
@@ -253,7 +256,8 @@ def markdown(run: dict, plot_rel: str | None) -> str:
         f"- CPU: {m['cpu']}, {m['cores']} cores, {m['ram']} RAM",
         f"- ONNX Runtime {m['onnxruntime']} ({m['provider']}), Python {m['python']}, {m['platform']}",
         f"- Client and server share this machine: the client is one asyncio process (aiohttp, keep-alive), the "
-        f"server `python -m service` on a loopback port. Run took {run['elapsed_s']:.0f} s.",
+        f"server `python -m service` on a loopback port (and, for the GAN reference, `python -m "
+        f"service.bench.bare`). Run took {run['elapsed_s']:.0f} s.",
         "- Other processes' (and the hypervisor's) share of the machine during each scenario: "
         + (", ".join(f"{n} {_pct(sc.get('cpu_elsewhere', {}).get('others_share'))}"
                      for n, sc in run["scenarios"].items()) or "-")

@@ -7,6 +7,7 @@ from fastapi import APIRouter, Request
 
 from service.imaging import encode_images, to_uint8
 from service.routes.common import label_array, new_seed, reply, resolve
+from service.runtime import ModelVersion
 from service.schemas import GanSampleRequest, SampleResponse
 
 router = APIRouter(prefix="/v1/gan", tags=["gan"])
@@ -20,6 +21,10 @@ def draw(seed: int, n: int, z_dim: int, truncation: float = 1.0,
     return label_array(labels, n, drawn), (rng.standard_normal((n, z_dim)) * truncation).astype(np.float32)
 
 
+def z_dim(mv: ModelVersion) -> int:
+    return mv.manifest.graphs["generator"].inputs[0].shape[1]
+
+
 def pixels(image: np.ndarray) -> np.ndarray:
     """The generator's (n, 1, 28, 28) tanh output, -1..1, as (n, 28, 28) uint8 pixels."""
     return to_uint8((image[:, 0] + 1.0) * 127.5)
@@ -31,7 +36,6 @@ async def sample(body: GanSampleRequest, request: Request):
     Same seed, same request: same images, however the server batches it with others."""
     mv = resolve(request, "gan", body.model_version)
     seed = new_seed(body.seed)
-    z_dim = mv.manifest.graphs["generator"].inputs[0].shape[1]
-    labels, z = draw(seed, body.n, z_dim, body.truncation, body.labels)
+    labels, z = draw(seed, body.n, z_dim(mv), body.truncation, body.labels)
     out = await mv.run("generator", {"z": z, "label": labels})
     return reply(mv, seed=seed, labels=labels.tolist(), images=encode_images(pixels(out["image"]), body.format))

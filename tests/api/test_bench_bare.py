@@ -1,11 +1,15 @@
-"""The framework-free GAN server that bounds floor 2 (service/bench/bare.py) must do the route's real work:
-the same seed gives the same labels and the same PNG bytes as POST /v1/gan/sample."""
+"""The framework-free GAN server that the bench sets beside floor 2 (service/bench/bare.py) must do the route's
+real work: the same seed gives the same response bytes as POST /v1/gan/sample."""
 
 from __future__ import annotations
+
+import json
+import urllib.request
 
 from fastapi.testclient import TestClient
 
 from service.bench.bare import BareGan
+from service.bench.server import Server
 from service.settings import Settings
 
 
@@ -19,6 +23,14 @@ def test_bare_server_answers_like_the_service(client, tiny_store):
             mine = bare.post("/v1/gan/sample", json={"n": 1, "seed": seed})
             theirs = client.post("/v1/gan/sample", json={"n": 1, "seed": seed})
             assert mine.status_code == theirs.status_code == 200
-            a, b = mine.json(), theirs.json()
-            assert (a["seed"], a["labels"], a["images"]) == (b["seed"], b["labels"], b["images"])
-            assert len(a["images"]) == 1 and a["images"][0]
+            assert mine.content == theirs.content and len(mine.json()["images"]) == 1
+            assert mine.headers["content-length"] == str(len(mine.content))
+
+
+def test_bench_starts_it_as_one_process_whatever_the_environment(tiny_store, monkeypatch):
+    monkeypatch.setenv("GENSERVE_WORKERS", "2")  # the service's setting must not make the bench wait for 2 pids
+    with Server(tiny_store, ready_timeout_s=60, module="service.bench.bare", workers=1) as srv:
+        req = urllib.request.Request(srv.base + "/v1/gan/sample", data=json.dumps({"seed": 3}).encode(),
+                                     method="POST")
+        with urllib.request.urlopen(req, timeout=30) as r:
+            assert r.status == 200 and json.loads(r.read())["seed"] == 3

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import base64
 import io
+import struct
+import zlib
 
 import numpy as np
 import pytest
@@ -57,6 +59,33 @@ def test_png_round_trip(img):
     out = decode_image(s, "images[0]")
     assert out.dtype == np.uint8 and out.shape == (28, 28)
     np.testing.assert_array_equal(out, img)
+
+
+def _chunks(png: bytes) -> list[tuple[bytes, bytes]]:
+    """(type, data) of every chunk, asserting each one's CRC-32 (Pillow's decoder does not check IDAT's)."""
+    out, pos = [], 8
+    while pos < len(png):
+        (length,) = struct.unpack(">I", png[pos : pos + 4])
+        kind, data = png[pos + 4 : pos + 8], png[pos + 8 : pos + 8 + length]
+        (crc,) = struct.unpack(">I", png[pos + 8 + length : pos + 12 + length])
+        assert crc == zlib.crc32(kind + data), kind
+        out.append((kind, data))
+        pos += 12 + length
+    return out
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (1, 7), (7, 1), (3, 500), (500, 3), (28, 28)])
+def test_png_any_shape_decodes_with_valid_chunks(shape):
+    a = np.random.default_rng(sum(shape)).integers(0, 256, size=(2, *shape), dtype=np.uint8)
+    for s, expected in zip(encode_images(a, "png"), a, strict=True):
+        raw = base64.b64decode(s)
+        assert [kind for kind, _ in _chunks(raw)] == [b"IHDR", b"IDAT", b"IEND"]
+        with Image.open(io.BytesIO(raw)) as im:
+            assert im.mode == "L" and im.size == (shape[1], shape[0])  # width first
+            np.testing.assert_array_equal(np.asarray(im), expected)
+    with pytest.raises(ValueError, match="one row and one column"):
+        encode_images(np.zeros((1, 0, 5), np.uint8), "png")
+    assert encode_images(np.zeros((0, *shape), np.uint8), "png") == []
 
 
 def test_data_uri_prefix(img):
