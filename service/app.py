@@ -13,6 +13,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 from fastapi_offline import FastAPIOffline
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from service import errors
@@ -25,8 +26,12 @@ log = logging.getLogger(__name__)
 API_VERSION = "1.0.0"
 
 
-class BodyTooLarge(Exception):
-    pass
+class BodyTooLarge(StarletteHTTPException):
+    """Raised from inside receive() once a streamed body passes the limit. An HTTPException, because FastAPI's
+    body reader re-raises those and turns any other exception into a generic 400."""
+
+    def __init__(self, limit: int):
+        super().__init__(413, f"request body exceeds {limit} bytes")
 
 
 class LimitsAndMetrics:
@@ -63,14 +68,14 @@ class LimitsAndMetrics:
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > self.limit:
-                    raise BodyTooLarge()
+                    raise BodyTooLarge(self.limit)
             return message
 
         try:
             length = dict(scope.get("headers", [])).get(b"content-length")
             # at most 19 digits: int() of bytes refuses > 4300 digits, and no real body is near 10**19
             if length is not None and len(length) <= 19 and length.isdigit() and int(length) > self.limit:
-                raise BodyTooLarge()
+                raise BodyTooLarge(self.limit)
             await self.app(scope, receive_wrapper, send_wrapper)
         except BodyTooLarge:
             if not status["started"]:

@@ -9,12 +9,16 @@ Internal details never leave the process: anything unexpected is logged and answ
 from __future__ import annotations
 
 import logging
+import types
+import typing
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import JSONResponse
 
+from service import schemas
 from service.batcher import BatcherClosed, DeadlineExceeded, QueueFull
 from service.imaging import ImageDecodeError
 from service.runtime import ModelNotFound, ResourceExhausted
@@ -47,20 +51,31 @@ def _body(code: str, message: str, fields: list[dict] | None = None) -> dict:
     return {"error": err}
 
 
-# pydantic names the branch of a union that failed ('constrained-int', 'list[constrained-int]'): not a field
-_UNION_TAGS = {"int", "str", "float", "bool", "list", "dict", "none"}
+def _union_fields() -> frozenset[str]:
+    """The /v1 request fields typed as a union (None aside). In a validation error's location pydantic puts the
+    failing branch's tag ('constrained-int', 'list[constrained-int]') right after such a field's name."""
+    names = set()
+    for model in vars(schemas).values():
+        if isinstance(model, type) and issubclass(model, BaseModel):
+            for name, info in model.model_fields.items():
+                branches = [a for a in typing.get_args(info.annotation) if a is not type(None)]
+                if typing.get_origin(info.annotation) in (typing.Union, types.UnionType) and len(branches) > 1:
+                    names.add(name)
+    return frozenset(names)
 
 
-def _is_union_tag(part) -> bool:
-    return isinstance(part, str) and ("[" in part or "-" in part or part in _UNION_TAGS)
+_UNION_FIELDS = _union_fields()
 
 
 def _field_name(loc: tuple) -> str:
-    """('body', 'images', 3) -> 'images[3]'; ('body', 'edits', 'thick') -> 'edits.thick';
-    ('body', 'labels', 'list[constrained-int]', 2) -> 'labels[2]'."""
-    parts = [p for p in loc if p != "body" and not _is_union_tag(p)]
+    """('body', 'images', 3) -> 'images[3]'; ('body', 'edits', 'thick-ness') -> 'edits.thick-ness';
+    ('body', 'labels', 'list[constrained-int]', 2) -> 'labels[2]'. Only a union's tag is dropped, by its
+    position: a key the client wrote ('foo-bar', 'int') is named as written."""
+    parts = loc[1:] if loc[:1] == ("body",) else loc
     out = ""
-    for p in parts:
+    for i, p in enumerate(parts):
+        if i and isinstance(p, str) and parts[i - 1] in _UNION_FIELDS:
+            continue
         out += f"[{p}]" if isinstance(p, int) else (f".{p}" if out else str(p))
     return out or "body"
 
@@ -98,8 +113,13 @@ def _classify(exc: Exception) -> tuple[int, str, str, list[dict] | None, dict[st
     if isinstance(exc, ResourceExhausted):
         return 503, "resource_exhausted", "the model ran out of device memory, retry later", None, {"Retry-After": "1"}
     if isinstance(exc, StarletteHTTPException):
+        if exc.status_code == 400:  # FastAPI read a body it could not decode: bad UTF-8, nesting too deep...
+            return 400, "malformed_json", "request body is not valid JSON", [
+                {"field": "body", "message": str(exc.detail)}], None
         code = {404: "not_found", 405: "method_not_allowed", 413: "payload_too_large"}.get(exc.status_code, "error")
-        return exc.status_code, code, str(exc.detail), None, getattr(exc, "headers", None)
+        fields = [{"field": "body", "message": str(exc.detail)}] if exc.status_code == 413 else None
+        message = f"body: {exc.detail}" if fields else str(exc.detail)
+        return exc.status_code, code, message, fields, getattr(exc, "headers", None)
     log.exception("unhandled error", exc_info=exc)
     return 500, "internal", "internal error", None, None
 

@@ -7,14 +7,23 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
 
 MAX_SEED = 2**63 - 1
 ImageFormat = Literal["png", "array"]
 Image = Annotated[Any, Field(description="base64 PNG string, or a 28x28 array of integers 0..255")]
 OutImage = str | list[list[int]]
 Digit = Annotated[int, Field(ge=0, le=9)]
-Finite = Annotated[float, Field(allow_inf_nan=False)]
+F32_MAX = 3.4028234663852886e38  # float32's largest value
+
+
+def _fits_float32(x: float) -> float:
+    if abs(x) > F32_MAX:  # it would become inf in the graph's float32 input, and the answer a black image
+        raise ValueError(f"{x:g} is outside float32's range (|x| <= 3.4e38)")
+    return x
+
+
+Float32 = Annotated[float, Field(allow_inf_nan=False), AfterValidator(_fits_float32)]
 
 
 class _Request(BaseModel):
@@ -75,7 +84,7 @@ class VaeEncodeResponse(_Response):
 
 
 class VaeDecodeRequest(_Request):
-    latents: list[list[Finite]] = Field(min_length=1, max_length=256, description="each a list of d floats")
+    latents: list[list[Float32]] = Field(min_length=1, max_length=256, description="each a list of d floats")
     format: ImageFormat = "png"
 
 
@@ -139,6 +148,7 @@ class LogprobResponse(_Response):
 class PixelCNNSampleRequest(_LabelsForN):
     n: int = Field(1, ge=1, le=64)
     seed: int | None = Field(None, ge=0, le=MAX_SEED)
-    temperature: float = Field(1.0, gt=0.0, le=2.0, description="softmax temperature per pixel")
+    # logits / temperature overflows float64 below ~1e-306; from 1e-3 on, sampling is all but argmax anyway
+    temperature: float = Field(1.0, ge=1e-3, le=2.0, description="softmax temperature per pixel")
     labels: Digit | list[Digit] | None = None
     format: ImageFormat = "png"

@@ -67,6 +67,8 @@ class Settings(BaseSettings):
     sampler_max_active: int = Field(64, ge=1, le=1024, description="PixelCNN sequences advanced per step")
     sampler_max_queue: int = Field(512, ge=1)
     v2_max_batch: int = Field(256, ge=1, le=4096, description="items in one /v2 infer request (as /v1's n)")
+    v2_max_output_bytes: int = Field(32 * 1024 * 1024, ge=1024, description="a /v2 request's outputs as raw "
+                                     "tensors at most this many bytes: caps the batch of graphs with big outputs")
     max_body_bytes: int = Field(8 * 1024 * 1024, ge=1024, description="request bodies above this get 413")
     warmup: bool = True
     log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"

@@ -203,6 +203,15 @@ class Limits:
     max_batch: int
     max_axis: int
     ranges: dict[str, tuple[float, float]]
+    batch_why: str = ""  # said when a batch is refused: what set max_batch, if not the plain cap
+    whole: frozenset[str] = frozenset()  # inputs whose values must be whole numbers (pixel values)
+
+
+def output_bytes_per_item(outputs: Sequence[TensorMeta], max_axis: int) -> int:
+    """An upper bound on the bytes one batch item's outputs take as raw tensors: dynamic axes other than the
+    batch at max_axis. The PixelCNN vstack graph gives 7 x 64 x 28 x 28 floats, 1.4 MB, per image."""
+    sizes = ([max_axis if isinstance(d, str) else d for d in t.dims[1:]] for t in outputs)
+    return sum(int(np.prod(dims)) * DATATYPES[t.datatype].itemsize for dims, t in zip(sizes, outputs, strict=True))
 
 
 def check_limits(arrays: dict[str, np.ndarray], specs: Sequence[TensorMeta], limits: Limits) -> None:
@@ -211,13 +220,16 @@ def check_limits(arrays: dict[str, np.ndarray], specs: Sequence[TensorMeta], lim
         for i, d in enumerate(meta.dims):
             cap = limits.max_batch if i == 0 else limits.max_axis
             if isinstance(d, str) and arr.shape[i] > cap:
-                _fail(f"input '{meta.name}': dimension {i} ('{d}') is {arr.shape[i]}, above the {cap} allowed")
+                why = limits.batch_why if i == 0 and limits.batch_why else ""
+                _fail(f"input '{meta.name}': dimension {i} ('{d}') is {arr.shape[i]}, above the {cap} allowed{why}")
         if arr.dtype.kind == "f" and not np.isfinite(arr).all():
             _fail(f"input '{meta.name}': values must be finite")
         if meta.name in limits.ranges and arr.size:
             lo, hi = limits.ranges[meta.name]
             if arr.min() < lo or arr.max() > hi:
                 _fail(f"input '{meta.name}': values must lie in {lo:g}..{hi:g}, got {arr.min():g}..{arr.max():g}")
+        if meta.name in limits.whole and arr.dtype.kind == "f" and (arr != np.rint(arr)).any():
+            _fail(f"input '{meta.name}': values must be whole numbers, got {arr[arr != np.rint(arr)].flat[0]:g}")
 
 
 def _outputs(doc: dict, names: Sequence[str], binary_default: bool) -> list[tuple[str, bool]]:

@@ -13,12 +13,14 @@ router = APIRouter(tags=["health"])
 
 
 @router.get("/healthz")
+@router.head("/healthz", include_in_schema=False)  # HEAD: what some load balancers probe with
 async def healthz():
     """The process is alive and its event loop answers."""
     return JSON({"status": "ok"})
 
 
 @router.get("/readyz")
+@router.head("/readyz", include_in_schema=False)
 async def readyz(request: Request):
     """200 once every valid model is loaded and warmed up; 503 before (and while draining at shutdown)."""
     reg = get_registry(request)

@@ -40,6 +40,7 @@ from service.v2_codec import (
     decimal,
     decode_request,
     encode_response,
+    output_bytes_per_item,
     v2_datatype,
 )
 
@@ -47,6 +48,7 @@ router = APIRouter(prefix="/v2", tags=["v2 (Open Inference Protocol)"])
 PLATFORM = "onnxruntime_onnx"
 EXTENSIONS = ["binary_tensor_data"]
 _OFFLOAD_BYTES = 1 << 20          # decode/encode bodies above this off the event loop
+_MAX_AXIS = 28                    # dynamic axes besides the batch: the PixelCNN step graphs' height
 
 
 def _not_ready() -> APIError:
@@ -181,12 +183,19 @@ async def infer_version(name: str, version: str, request: Request) -> Response:
     return await _infer(request, name, version)
 
 
-def _limits(mv: ModelVersion, max_batch: int) -> Limits:
-    """Every graph takes images of pixel values and labels; a PixelCNN label may also be num_classes ("any
-    digit"), a GAN label may not."""
+def _limits(mv: ModelVersion, outputs: list[TensorMeta], settings) -> Limits:
+    """Every graph takes images of whole pixel values (/v1's 0..255 integers; the PixelCNN indexes its 256-way
+    output with them) and labels; a PixelCNN label may also be num_classes ("any digit"), a GAN label may not.
+    The batch is capped by the queue, and by the outputs' size: 256 vstack images would answer ~360 MB of
+    tensors (~940 MB as JSON)."""
     k = int(mv.manifest.model.get("num_classes", 10))
     ranges = {"image": (0.0, 255.0), "label": (0.0, float(k if mv.manifest.family == "pixelcnn" else k - 1))}
-    return Limits(max_batch=min(max_batch, mv.batching.max_queue_items), max_axis=28, ranges=ranges)
+    per_item = output_bytes_per_item(outputs, _MAX_AXIS)
+    by_size = max(1, settings.v2_max_output_bytes // max(per_item, 1))
+    max_batch = min(settings.v2_max_batch, mv.batching.max_queue_items, by_size)
+    why = (f" (outputs of up to {per_item:,} bytes an item, GENSERVE_V2_MAX_OUTPUT_BYTES="
+           f"{settings.v2_max_output_bytes:,} a request)") if max_batch == by_size else ""
+    return Limits(max_batch=max_batch, max_axis=_MAX_AXIS, ranges=ranges, batch_why=why, whole=frozenset({"image"}))
 
 
 async def _infer(request: Request, name: str, version: str | None) -> Response:
@@ -200,7 +209,7 @@ async def _infer(request: Request, name: str, version: str | None) -> Response:
     header_length = request.headers.get("inference-header-content-length")
     args = (body, header_length, inputs, [t.name for t in outputs])
     req = await asyncio.to_thread(decode_request, *args) if len(body) > _OFFLOAD_BYTES else decode_request(*args)
-    check_limits(req.inputs, inputs, _limits(mv, request.app.state.settings.v2_max_batch))
+    check_limits(req.inputs, inputs, _limits(mv, outputs, request.app.state.settings))
     try:
         result = await mv.run(graph, req.inputs)
     except Exception as e:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Query, Request
 
 from service.errors import invalid
 from service.imaging import decode_image, decode_images, encode_images, to_uint8
@@ -71,7 +71,7 @@ async def sample(body: VaeSampleRequest, request: Request):
 
 
 @router.get("/attributes", response_model=VaeAttributesResponse)
-async def attributes(request: Request, model_version: int | None = None):
+async def attributes(request: Request, model_version: int | None = Query(None, ge=1)):
     mv = resolve(request, "vae", model_version)
     return reply(mv, attributes=[{"name": k, "description": a.description, "unit": a.unit, "mean": a.mean,
                                   "std": a.std} for k, a in mv.manifest.attributes.items()])

@@ -80,6 +80,60 @@ def test_body_over_limit_is_413(tiny_store):
         assert c.post("/v1/vae/encode", json={"images": [ZERO]}).status_code == 200
 
 
+def test_streamed_body_over_limit_is_413(tiny_store):
+    def chunks():  # no Content-Length: the limit trips while FastAPI reads the body
+        yield b'{"images": ["'
+        for _ in range(8):
+            yield b"A" * 1024
+        yield b'"]}'
+    with make_client(tiny_store, max_body_bytes=4096) as c:
+        wait_ready(c)
+        for path in ("/v1/vae/encode", "/v1/gan/sample"):
+            body = _err(c.post(path, content=chunks(), headers={"content-type": "application/json"}), 413, "body")
+            assert body["code"] == "payload_too_large"
+
+
+@pytest.mark.parametrize("raw", [
+    b'{"n": 1, "format": "\xff\xfe"}',                      # not UTF-8
+    b'{"labels": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",  # nested past Python's recursion limit
+    b'{"n": ' + b"9" * 5000 + b"}",                           # int() refuses more than 4300 digits
+])
+def test_undecodable_json_is_400_malformed_json(client, raw):
+    r = client.post("/v1/gan/sample", content=raw, headers={"content-type": "application/json"})
+    assert _err(r, 400, "body")["code"] == "malformed_json"
+
+
+def test_fields_are_named_as_the_client_wrote_them(client):
+    r = client.post("/v1/gan/sample", json={"foo-bar": 1, "int": 2, "a[0]": 3})
+    assert {f["field"] for f in _err(r, 422)["fields"]} == {"foo-bar", "int", "a[0]"}
+    _err(client.post("/v1/vae/edit", json={"images": [ZERO], "edits": {"thick-ness": 50}}), 422, "edits.thick-ness")
+    _err(client.post("/v1/gan/sample", json={"n": 2, "labels": [1, "x"]}), 422, "labels[1]")  # union tag dropped
+
+
+def test_out_of_range_numbers_are_422(client):
+    latent = len(client.post("/v1/vae/encode", json={"images": [ZERO]}).json()["latents"][0]["mean"])
+    r = client.post("/v1/vae/decode", json={"latents": [[1e39] + [0.0] * (latent - 1)]})
+    assert "float32" in _err(r, 422, "latents[0][0]")["message"]
+    _err(client.post("/v1/pixelcnn/sample", json={"temperature": 1e-300}), 422, "temperature")
+    _err(client.get("/v1/vae/attributes?model_version=0"), 422, "query.model_version")
+
+
+def test_health_answers_head(client):
+    for path in ("/healthz", "/readyz"):
+        r = client.head(path)
+        assert r.status_code == 200 and r.content == b""
+
+
+def test_model_details_while_loading_are_503(client):
+    reg = client.app.state.registry
+    reg.ready = False
+    try:
+        _err(client.get("/v1/models/not-yet-loaded"), 503)
+    finally:
+        reg.ready = True
+    _err(client.get("/v1/models/not-yet-loaded"), 404)
+
+
 def test_queue_full_is_503_with_retry_after(tiny_store):
     with make_client(tiny_store, max_queue_items=4) as c:
         wait_ready(c)

@@ -206,6 +206,28 @@ def test_values_and_sizes_out_of_range_are_400_before_queueing(client, tiny_stor
         _error(c.post("/v2/models/vae.decoder/infer", json=body), 400, "input 'z'", "above the 2 allowed")
 
 
+def test_pixels_must_be_whole_and_big_outputs_cap_the_batch(client, tiny_store):
+    label = np.array([10], np.int64)
+    half = {"inputs": [_tensor("image", np.full((1, 1, 28, 28), 0.5, np.float32), "FP32"),
+                       _tensor("label", label, "INT64")]}
+    _error(client.post("/v2/models/pixelcnn.logprob/infer", json=half), 400, "input 'image'", "whole numbers", "0.5")
+    # vstack answers (channels..., height, 28) floats an image, height counted at its max of 28 (~1.4 MB for the
+    # shipped model): a cap just over one image's worth admits one image and refuses two
+    dims = client.get("/v2/models/pixelcnn.vstack").json()["outputs"][0]["shape"][1:]
+    per_image = int(np.prod([28 if d == -1 else d for d in dims])) * 4
+    with make_client(tiny_store, v2_max_output_bytes=per_image + 1) as c:
+        wait_ready(c)
+        def body(n):
+            return {"inputs": [_tensor("image", np.zeros((n, 1, 8, 28), np.float32), "FP32"),
+                               _tensor("label", np.full(n, 10, np.int64), "INT64")]}
+        assert c.post("/v2/models/pixelcnn.vstack/infer", json=body(1)).status_code == 200
+        _error(c.post("/v2/models/pixelcnn.vstack/infer", json=body(2)), 400, "input 'image'", "above the 1 allowed",
+               "GENSERVE_V2_MAX_OUTPUT_BYTES")
+        z = np.zeros((3, _z_dim(c)), np.float32)  # a small output: three images pass the same cap
+        gan = {"inputs": [_tensor("z", z, "FP32"), _tensor("label", np.array([1, 2, 3], np.int64), "INT64")]}
+        assert c.post("/v2/models/gan.generator/infer", json=gan).status_code == 200
+
+
 def test_odd_numbers_and_encodings_are_4xx_not_500(client):
     _error(client.get("/v2/models/gan.generator/versions/\u00b2"), 404)             # '²'.isdigit() is True
     _error(client.get("/v2/models/gan.generator/versions/" + "9" * 5000), 404)     # int() refuses > 4300 digits
