@@ -114,7 +114,7 @@ def create_app(settings: Settings | None = None, metrics: Metrics | None = None)
                          description="Generative image models (PixelCNN, VAE, GAN) over REST, on ONNX Runtime.")
     app.state.settings, app.state.metrics = settings, metrics
     errors.install(app)
-    for r in (health.router, gan.router, pixelcnn.router, vae.router, models.router, v2.router):
+    for r in (health.router, gan.router, pixelcnn.router, vae.router, models.router, v2.router, health.head_router):
         app.include_router(r)
     app.add_middleware(LimitsAndMetrics, limit=settings.max_body_bytes, metrics=metrics)
     return app
