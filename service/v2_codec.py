@@ -124,6 +124,13 @@ def _params(obj: dict, where: str) -> dict:
     return params
 
 
+def _past_range(x, info: np.iinfo) -> bool:
+    """An integer (or an integral float: JSON parsers turn ints past 64 bits into floats) outside info's range."""
+    if isinstance(x, bool) or not isinstance(x, int | float) or (isinstance(x, float) and not x.is_integer()):
+        return False
+    return not info.min <= x <= info.max
+
+
 def _json_tensor(meta: TensorMeta, data, shape: list[int], count: int) -> np.ndarray:
     target = DATATYPES[meta.datatype]
     if not isinstance(data, list):
@@ -135,7 +142,12 @@ def _json_tensor(meta: TensorMeta, data, shape: list[int], count: int) -> np.nda
     if arr.size != count:
         _fail(f"input '{meta.name}': shape {shape} needs {count} elements, data has {arr.size}")
     if arr.dtype.kind not in _JSON_KINDS[target.kind]:
-        kind, example = _KIND_WORDS.get(arr.dtype.kind, "non-numeric"), _short(arr.reshape(-1)[:1].tolist()[0])
+        values = arr.reshape(-1).tolist()
+        # ints past int64 make numpy fall back to float or object: say what is wrong with them
+        if target.kind in "iu" and any(_past_range(x, info := np.iinfo(target)) for x in values):
+            _fail(f"input '{meta.name}': values outside the {meta.datatype} range {info.min}..{info.max}")
+        odd = next((x for x in values if isinstance(x, float) and not x.is_integer()), values[0])  # 1.5, not 1.0
+        kind, example = _KIND_WORDS.get(arr.dtype.kind, "non-numeric"), _short(odd)
         _fail(f"input '{meta.name}': data holds {kind} values (e.g. {example}), not {meta.datatype}")
     if target.kind in "iu" and arr.size:
         info = np.iinfo(target)
