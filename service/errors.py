@@ -14,7 +14,6 @@ import typing
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import JSONResponse
 
@@ -55,8 +54,8 @@ def _union_fields() -> frozenset[str]:
     """The /v1 request fields typed as a union (None aside). In a validation error's location pydantic puts the
     failing branch's tag ('constrained-int', 'list[constrained-int]') right after such a field's name."""
     names = set()
-    for model in vars(schemas).values():
-        if isinstance(model, type) and issubclass(model, BaseModel):
+    for model in vars(schemas).values():  # top-level fields only: no request nests a union deeper (yet)
+        if isinstance(model, type) and issubclass(model, schemas._Request):
             for name, info in model.model_fields.items():
                 branches = [a for a in typing.get_args(info.annotation) if a is not type(None)]
                 if typing.get_origin(info.annotation) in (typing.Union, types.UnionType) and len(branches) > 1:
@@ -65,6 +64,7 @@ def _union_fields() -> frozenset[str]:
 
 
 _UNION_FIELDS = _union_fields()
+_BODY_PARSE_FAILED = "There was an error parsing the body"  # FastAPI's detail when json.loads raised
 
 
 def _field_name(loc: tuple) -> str:
@@ -113,7 +113,7 @@ def _classify(exc: Exception) -> tuple[int, str, str, list[dict] | None, dict[st
     if isinstance(exc, ResourceExhausted):
         return 503, "resource_exhausted", "the model ran out of device memory, retry later", None, {"Retry-After": "1"}
     if isinstance(exc, StarletteHTTPException):
-        if exc.status_code == 400:  # FastAPI read a body it could not decode: bad UTF-8, nesting too deep...
+        if exc.status_code == 400 and exc.detail == _BODY_PARSE_FAILED:  # bad UTF-8, nesting too deep...
             return 400, "malformed_json", "request body is not valid JSON", [
                 {"field": "body", "message": str(exc.detail)}], None
         code = {404: "not_found", 405: "method_not_allowed", 413: "payload_too_large"}.get(exc.status_code, "error")

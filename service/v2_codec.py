@@ -124,11 +124,19 @@ def _params(obj: dict, where: str) -> dict:
     return params
 
 
-def _past_range(x, info: np.iinfo) -> bool:
-    """An integer (or an integral float: JSON parsers turn ints past 64 bits into floats) outside info's range."""
-    if isinstance(x, bool) or not isinstance(x, int | float) or (isinstance(x, float) and not x.is_integer()):
+def _past_range(arr: np.ndarray, info: np.iinfo) -> bool:
+    """Whether data that numpy could not hold as integers holds integers past info's range: those beyond 64 bits
+    come as Python ints in an object array, or as integral floats (a JSON parser's reading of them)."""
+    flat = arr.reshape(-1)
+    if arr.dtype.kind == "O":  # only ints past uint64 make one; bounded by the body limit
+        return any(isinstance(x, int) and not isinstance(x, bool) and not info.min <= x <= info.max
+                   for x in flat.tolist())
+    if arr.dtype.kind != "f":
         return False
-    return not info.min <= x <= info.max
+    whole = np.isfinite(flat) & (flat == np.floor(flat))
+    # float(2**63 - 1) is 2**63, and -2**63 - 1 parses as -2**63: at the edges the float itself is out of range
+    low = flat <= info.min if info.min < 0 else flat < info.min
+    return bool((whole & (low | (flat >= float(info.max)))).any())
 
 
 def _json_tensor(meta: TensorMeta, data, shape: list[int], count: int) -> np.ndarray:
@@ -142,13 +150,13 @@ def _json_tensor(meta: TensorMeta, data, shape: list[int], count: int) -> np.nda
     if arr.size != count:
         _fail(f"input '{meta.name}': shape {shape} needs {count} elements, data has {arr.size}")
     if arr.dtype.kind not in _JSON_KINDS[target.kind]:
-        values = arr.reshape(-1).tolist()
-        # ints past int64 make numpy fall back to float or object: say what is wrong with them
-        if target.kind in "iu" and any(_past_range(x, info := np.iinfo(target)) for x in values):
+        if target.kind in "iu" and _past_range(arr, info := np.iinfo(target)):
             _fail(f"input '{meta.name}': values outside the {meta.datatype} range {info.min}..{info.max}")
-        odd = next((x for x in values if isinstance(x, float) and not x.is_integer()), values[0])  # 1.5, not 1.0
-        kind, example = _KIND_WORDS.get(arr.dtype.kind, "non-numeric"), _short(odd)
-        _fail(f"input '{meta.name}': data holds {kind} values (e.g. {example}), not {meta.datatype}")
+        flat = arr.reshape(-1)
+        fractional = np.flatnonzero(flat != np.floor(flat)) if arr.dtype.kind == "f" else ()
+        example = flat[fractional[0] if len(fractional) else 0].item()  # 1.5 rather than the 1.0 beside it
+        kind = _KIND_WORDS.get(arr.dtype.kind, "non-numeric")
+        _fail(f"input '{meta.name}': data holds {kind} values (e.g. {_short(example)}), not {meta.datatype}")
     if target.kind in "iu" and arr.size:
         info = np.iinfo(target)
         if int(arr.min()) < info.min or int(arr.max()) > info.max:
@@ -241,7 +249,7 @@ def check_limits(arrays: dict[str, np.ndarray], specs: Sequence[TensorMeta], lim
             if arr.min() < lo or arr.max() > hi:
                 _fail(f"input '{meta.name}': values must lie in {lo:g}..{hi:g}, got {arr.min():g}..{arr.max():g}")
         if meta.name in limits.whole and arr.dtype.kind == "f" and (arr != np.rint(arr)).any():
-            _fail(f"input '{meta.name}': values must be whole numbers, got {arr[arr != np.rint(arr)].flat[0]:g}")
+            _fail(f"input '{meta.name}': values must be whole numbers, got {arr[arr != np.rint(arr)].flat[0]:.9g}")
 
 
 def _outputs(doc: dict, names: Sequence[str], binary_default: bool) -> list[tuple[str, bool]]:

@@ -184,8 +184,8 @@ async def infer_version(name: str, version: str, request: Request) -> Response:
 
 
 def _limits(mv: ModelVersion, outputs: list[TensorMeta], settings) -> Limits:
-    """Every graph takes images of whole pixel values (/v1's 0..255 integers; the PixelCNN indexes its 256-way
-    output with them) and labels; a PixelCNN label may also be num_classes ("any digit"), a GAN label may not.
+    """Graphs take images of pixel values 0..255, whole ones for the PixelCNN (it indexes its 256-way output
+    with them), and labels; a PixelCNN label may also be num_classes ("any digit"), a GAN label may not.
     The batch is capped by the queue, and by the outputs' size: 256 vstack images would answer ~360 MB of
     tensors (~940 MB as JSON)."""
     k = int(mv.manifest.model.get("num_classes", 10))
@@ -195,7 +195,8 @@ def _limits(mv: ModelVersion, outputs: list[TensorMeta], settings) -> Limits:
     max_batch = min(settings.v2_max_batch, mv.batching.max_queue_items, by_size)
     why = (f" (outputs of up to {per_item:,} bytes an item, GENSERVE_V2_MAX_OUTPUT_BYTES="
            f"{settings.v2_max_output_bytes:,} a request)") if max_batch == by_size else ""
-    return Limits(max_batch=max_batch, max_axis=_MAX_AXIS, ranges=ranges, batch_why=why, whole=frozenset({"image"}))
+    whole = frozenset({"image"}) if mv.manifest.family == "pixelcnn" else frozenset()  # the VAE encoder's aren't
+    return Limits(max_batch=max_batch, max_axis=_MAX_AXIS, ranges=ranges, batch_why=why, whole=whole)
 
 
 async def _infer(request: Request, name: str, version: str | None) -> Response:

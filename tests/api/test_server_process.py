@@ -62,6 +62,15 @@ def test_errors_over_http(server):
     assert httpx.get(base + "/v1/models/unknown").status_code == 404
 
 
+def test_head_probes_over_http(server):
+    base, _ = server
+    with httpx.Client(base_url=base, timeout=10) as c:
+        for path in ("/healthz", "/readyz"):
+            r = c.head(path)  # then a GET on the same connection: a stray HEAD body would corrupt its framing
+            assert r.status_code == 200 and r.content == b"" and int(r.headers["content-length"]) > 0
+            assert c.get(path).status_code == 200
+
+
 def test_graceful_shutdown_finishes_accepted_work(server):
     base, proc = server
     with cf.ThreadPoolExecutor(1) as pool:

@@ -211,6 +211,9 @@ def test_pixels_must_be_whole_and_big_outputs_cap_the_batch(client, tiny_store):
     half = {"inputs": [_tensor("image", np.full((1, 1, 28, 28), 0.5, np.float32), "FP32"),
                        _tensor("label", label, "INT64")]}
     _error(client.post("/v2/models/pixelcnn.logprob/infer", json=half), 400, "input 'image'", "whole numbers", "0.5")
+    # the VAE encoder is continuous in its pixels: a decoder's output fed back as is must pass
+    soft = {"inputs": [_tensor("image", np.full((1, 1, 28, 28), 127.5, np.float32), "FP32")]}
+    assert client.post("/v2/models/vae.encoder/infer", json=soft).status_code == 200
     # vstack answers (channels..., height, 28) floats an image, height counted at its max of 28 (~1.4 MB for the
     # shipped model): a cap just over one image's worth admits one image and refuses two
     dims = client.get("/v2/models/pixelcnn.vstack").json()["outputs"][0]["shape"][1:]

@@ -96,6 +96,8 @@ def test_mixed_json_and_binary_inputs():
      "input 'label': values outside the INT64 range"),
     ({"inputs": _inputs(label={"name": "label", "datatype": "INT64", "shape": [2], "data": [2 ** 63, -1]})},
      "input 'label': values outside the INT64 range"),
+    ({"inputs": _inputs(label={"name": "label", "datatype": "INT64", "shape": [2], "data": [-2 ** 63 - 1, 0]})},
+     "input 'label': values outside the INT64 range"),  # parsed as the float -2**63
     ({"inputs": _inputs(label={"name": "label", "datatype": "INT64", "shape": [2], "data": [[1], [1.5]]})},
      "input 'label': data holds floating-point values (e.g. 1.5)"),
     ({"inputs": _inputs(label={"name": "label", "datatype": "INT64", "shape": [3], "data": [1, 2, 3]})},
@@ -163,3 +165,9 @@ def test_binary_response_parses_with_tritonclient():
     result = InferResult.from_response_body(body, header_length=length)
     np.testing.assert_array_equal(result.as_numpy("image"), image)
     np.testing.assert_array_equal(result.as_numpy("flags"), flags)
+
+
+def test_int64_extremes_pass():
+    lab = {"name": "label", "datatype": "INT64", "shape": [2], "data": [-2 ** 63, 2 ** 63 - 1]}
+    req = decode_request(_json({"inputs": _inputs(label=lab)}), None, INPUTS, OUTPUTS)
+    assert req.inputs["label"].tolist() == [-2 ** 63, 2 ** 63 - 1]
