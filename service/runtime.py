@@ -242,6 +242,7 @@ class Registry:
         self.models: dict[str, dict[int, ModelVersion]] = {}
         self.refused: dict[str, list[str]] = {}
         self.ready = False
+        self.stopping = False  # set by stop(): not ready any more, and not because models are loading
         threads = settings.worker_threads
         self.executor = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="ort")
         log.info("ONNX Runtime: %d calling threads, %d intra-op threads per session%s", threads,
@@ -264,7 +265,7 @@ class Registry:
         self.ready = True
 
     async def stop(self) -> None:
-        self.ready = False
+        self.ready, self.stopping = False, True
         for mv in self.all():
             await mv.stop()
         self.executor.shutdown(wait=True)

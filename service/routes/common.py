@@ -17,11 +17,18 @@ def get_registry(request: Request) -> Registry:
     return request.app.state.registry
 
 
+def not_ready(registry: Registry) -> APIError:
+    """The 503 of a registry that is not ready: models still loading, or shutdown under way."""
+    if registry.stopping:
+        return APIError(503, "shutting_down", "server is shutting down", headers={"Retry-After": "1"})
+    return APIError(503, "not_ready", "models are still loading", headers={"Retry-After": "1"})
+
+
 def resolve(request: Request, family: str, version: int | None) -> ModelVersion:
     """The family's model (named like the family) at the requested or default version; 404 otherwise."""
     registry = get_registry(request)
     if not registry.ready:
-        raise APIError(503, "not_ready", "models are still loading", headers={"Retry-After": "1"})
+        raise not_ready(registry)
     return registry.get(family, version, family=family)
 
 

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Request
 
-from service.errors import APIError
-from service.routes.common import JSON, get_registry
+from service.routes.common import JSON, get_registry, not_ready
 
 router = APIRouter(prefix="/v1/models", tags=["models"])
 
@@ -21,7 +20,7 @@ async def list_models(request: Request):
 async def get_model(name: str, request: Request):
     reg = get_registry(request)
     if not reg.ready and name not in reg.models:  # it may be one still loading: not a 404 yet
-        raise APIError(503, "not_ready", "models are still loading", headers={"Retry-After": "1"})
+        raise not_ready(reg)
     reg.get(name)  # 404 for an unknown model
     return JSON(_summary(reg, name, detail=True))
 

@@ -28,8 +28,7 @@ import asyncio
 from fastapi import APIRouter, Request
 from starlette.responses import Response
 
-from service.errors import APIError
-from service.routes.common import JSON, get_registry
+from service.routes.common import JSON, get_registry, not_ready
 from service.runtime import ModelNotFound, ModelVersion, Registry, from_onnxruntime
 from service.store import ort_dtype
 from service.v2_codec import (
@@ -49,10 +48,6 @@ PLATFORM = "onnxruntime_onnx"
 EXTENSIONS = ["binary_tensor_data"]
 _OFFLOAD_BYTES = 1 << 20          # decode/encode bodies above this off the event loop
 _MAX_AXIS = 28                    # dynamic axes besides the batch: the PixelCNN step graphs' height
-
-
-def _not_ready() -> APIError:
-    return APIError(503, "not_ready", "models are still loading", headers={"Retry-After": "1"})
 
 
 def v2_models(reg: Registry) -> dict[str, dict[int, ModelVersion]]:
@@ -78,7 +73,7 @@ def _resolve(request: Request, name: str, version: str | None) -> tuple[ModelVer
     if mv is not None:
         return mv, graph
     if not reg.ready:
-        raise _not_ready()
+        raise not_ready(reg)
     if not versions:
         raise ModelNotFound(f"unknown model '{name}'; models: {sorted(v2_models(reg))}")
     raise ModelNotFound(f"model '{name}' has no version '{version}'; versions: {[str(v) for v in sorted(versions)]}")
@@ -109,7 +104,7 @@ async def live():
 @router.get("/health/ready")
 async def ready(request: Request):
     if not get_registry(request).ready:
-        raise _not_ready()
+        raise not_ready(get_registry(request))
     return JSON({"ready": True})
 
 
@@ -133,7 +128,7 @@ def _metadata(request: Request, name: str, version: str | None) -> JSON:
 def _ready(request: Request, name: str, version: str | None) -> JSON:
     mv, _ = _resolve(request, name, version)
     if not get_registry(request).ready:
-        raise _not_ready()
+        raise not_ready(get_registry(request))
     return JSON({"name": name, "version": str(mv.version), "ready": True})
 
 
@@ -202,7 +197,7 @@ def _limits(mv: ModelVersion, outputs: list[TensorMeta], settings) -> Limits:
 async def _infer(request: Request, name: str, version: str | None) -> Response:
     mv, graph = _resolve(request, name, version)
     if not get_registry(request).ready:
-        raise _not_ready()
+        raise not_ready(get_registry(request))
     if request.headers.get("content-encoding", "identity").lower() != "identity":
         raise TensorError("compressed request bodies (Content-Encoding) are not supported")
     inputs, outputs = graph_tensors(mv, graph)

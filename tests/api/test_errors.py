@@ -123,7 +123,7 @@ def test_out_of_range_numbers_are_422_and_the_edges_pass(client):
     _err(client.get("/v1/vae/attributes?model_version=0"), 422, "query.model_version")
 
 
-def test_model_details_while_loading_are_503(client):
+def test_not_ready_while_loading_or_shutting_down_is_503(client):
     reg = client.app.state.registry
     reg.ready = False
     try:
@@ -131,8 +131,12 @@ def test_model_details_while_loading_are_503(client):
         assert _err(r, 503)["code"] == "not_ready" and r.headers["retry-after"] == "1"
         assert client.get("/v1/models/gan").status_code == 200  # one already loaded still answers
         assert client.head("/readyz").status_code == 503
+        reg.stopping = True  # draining at shutdown: not ready either, but not because anything is loading
+        assert _err(client.get("/v1/models/not-yet-loaded"), 503)["code"] == "shutting_down"
+        assert _err(client.post("/v1/gan/sample", json={}), 503)["code"] == "shutting_down"
+        assert client.get("/v2/health/ready").json() == {"error": "server is shutting down"}
     finally:
-        reg.ready = True
+        reg.ready, reg.stopping = True, False
     _err(client.get("/v1/models/not-yet-loaded"), 404)
 
 
