@@ -77,11 +77,9 @@ class LimitsAndMetrics:
             if length is not None and len(length) <= 19 and length.isdigit() and int(length) > self.limit:
                 raise BodyTooLarge(self.limit)
             await self.app(scope, receive_wrapper, send_wrapper)
-        except BodyTooLarge:
+        except BodyTooLarge as exc:
             if not status["started"]:
-                resp = errors.to_response(errors.APIError(
-                    413, "payload_too_large", f"request body exceeds {self.limit} bytes", field="body"),
-                    v2=errors.is_v2_path(scope.get("path", "")))
+                resp = errors.to_response(exc, v2=errors.is_v2_path(scope.get("path", "")))
                 await resp(scope, receive, send_wrapper)
         finally:
             self.metrics.observe_request(self._route(scope), scope.get("method", ""), status["code"],

@@ -129,8 +129,7 @@ def _past_range(arr: np.ndarray, info: np.iinfo) -> bool:
     come as Python ints in an object array, or as integral floats (a JSON parser's reading of them)."""
     flat = arr.reshape(-1)
     if arr.dtype.kind == "O":  # only ints past uint64 make one; bounded by the body limit
-        return any(isinstance(x, int) and not isinstance(x, bool) and not info.min <= x <= info.max
-                   for x in flat.tolist())
+        return any(_is_int(x) and not info.min <= x <= info.max for x in flat.tolist())
     if arr.dtype.kind != "f":
         return False
     whole = np.isfinite(flat) & (flat == np.floor(flat))

@@ -12,7 +12,6 @@ from pathlib import Path
 import numpy as np
 
 from service.bench import limits
-from service.bench.cpu import own_seconds
 from service.bench.load import Result, Windows, Workload, closed_loop, one_request, open_loop
 from service.bench.server import Server
 from service.bench.stats import ratio
@@ -167,8 +166,7 @@ def gan(ctx: Context) -> dict:
     results, http, floors = [], {}, []
     for suffix, settings, levels in configs:
         with Server(ctx.store, **settings) as srv:
-            def probe(srv=srv):
-                return srv.cpu_seconds(), own_seconds()
+            probe = srv.cpu_probe
             rows = sweep(srv.base, dataclasses.replace(w, name="gan" + suffix), levels, ctx, ("gan", "generator"),
                          probe)
             hz = sweep(srv.base, dataclasses.replace(health, name="healthz" + suffix), [64], ctx, None, probe)[0]
@@ -186,8 +184,7 @@ def gan(ctx: Context) -> dict:
     bare_limits = {}
     try:
         with Server(ctx.store, module="service.bench.bare", workers=1) as srv:
-            def probe(srv=srv):
-                return srv.cpu_seconds(), own_seconds()
+            probe = srv.cpu_probe
             bare = sweep(srv.base, dataclasses.replace(w, name="gan bare"), [64], ctx, None, probe)[0]
             bare_hz = sweep(srv.base, dataclasses.replace(health, name="healthz bare"), [64], ctx, None, probe)[0]
     except Exception as exc:  # an instrument failing must not lose the floor's own figures

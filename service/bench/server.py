@@ -15,7 +15,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from service.bench.cpu import process_tree_seconds
+from service.bench.cpu import own_seconds, process_tree_seconds
 
 HOST = "127.0.0.1"
 REPO = Path(__file__).resolve().parents[2]
@@ -102,6 +102,10 @@ class Server:
     def cpu_seconds(self) -> float:
         """CPU seconds the server has used so far: the supervisor, its workers and all their threads."""
         return process_tree_seconds(self.proc.pid) if self.proc is not None else float("nan")
+
+    def cpu_probe(self) -> tuple[float, float]:
+        """(this server's CPU seconds, the load generator's own) so far: closed_loop's per-request split."""
+        return self.cpu_seconds(), own_seconds()
 
     def tail(self, n: int = 40) -> str:
         try:

@@ -103,8 +103,8 @@ async def live():
 
 @router.get("/health/ready")
 async def ready(request: Request):
-    if not get_registry(request).ready:
-        raise not_ready(get_registry(request))
+    if not (reg := get_registry(request)).ready:
+        raise not_ready(reg)
     return JSON({"ready": True})
 
 
@@ -127,8 +127,8 @@ def _metadata(request: Request, name: str, version: str | None) -> JSON:
 
 def _ready(request: Request, name: str, version: str | None) -> JSON:
     mv, _ = _resolve(request, name, version)
-    if not get_registry(request).ready:
-        raise not_ready(get_registry(request))
+    if not (reg := get_registry(request)).ready:
+        raise not_ready(reg)
     return JSON({"name": name, "version": str(mv.version), "ready": True})
 
 
@@ -196,8 +196,8 @@ def _limits(mv: ModelVersion, outputs: list[TensorMeta], settings) -> Limits:
 
 async def _infer(request: Request, name: str, version: str | None) -> Response:
     mv, graph = _resolve(request, name, version)
-    if not get_registry(request).ready:
-        raise not_ready(get_registry(request))
+    if not (reg := get_registry(request)).ready:
+        raise not_ready(reg)
     if request.headers.get("content-encoding", "identity").lower() != "identity":
         raise TensorError("compressed request bodies (Content-Encoding) are not supported")
     inputs, outputs = graph_tensors(mv, graph)
