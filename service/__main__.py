@@ -4,14 +4,20 @@ from __future__ import annotations
 
 import logging
 import os
+import resource
 import shutil
+import signal
 import socket
 import tempfile
 from pathlib import Path
 
 import uvicorn
+from uvicorn.supervisors import Multiprocess
 
+from service.protocol import SlowClientGuard, protocol_name
 from service.settings import get_settings
+
+log = logging.getLogger("service")
 
 
 def _prepare_multiprocess_dir() -> str | None:
@@ -79,17 +85,59 @@ class _WithdrawLiveGaugesOnShutdown:
         await self.app(scope, receive, send_wrapper)
 
 
+class _IgnoreHangupInServingProcess:
+    """ASGI middleware: once the lifespan has started, SIGHUP is logged and ignored in this serving process,
+    where its default action would kill it without draining. (Re-reading the store on SIGHUP waits for the
+    model control API.)"""
+
+    def __init__(self, app) -> None:
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "lifespan":
+            import asyncio
+
+            asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, _log_hangup)
+        await self.app(scope, receive, send)
+
+
+def _log_hangup(*_: object) -> None:
+    log.warning("SIGHUP received and ignored (pid %d): model reload on SIGHUP is not supported yet", os.getpid())
+
+
+class _Supervisor(Multiprocess):
+    """uvicorn's multi-worker supervisor, except that SIGHUP does not restart every worker."""
+
+    def handle_hup(self) -> None:
+        _log_hangup()
+
+
 def create_worker_app():
-    """The app factory each uvicorn worker calls: create_app() plus the multiprocess-metrics bookkeeping."""
+    """The app factory each uvicorn worker calls: create_app() plus what belongs to a serving process: the
+    multiprocess-metrics bookkeeping, the slow-client metric and SIGHUP."""
     from service.app import create_app
     from service.metrics import multiprocess_dir
 
     app = create_app()
+    SlowClientGuard.observer = app.state.metrics.on_client_timeout
     path = multiprocess_dir()
     if path:
         _forget_dead_workers(path)
         app.add_middleware(_WithdrawLiveGaugesOnShutdown, path=path)
+    app.add_middleware(_IgnoreHangupInServingProcess)
     return app
+
+
+def _raise_open_files_limit() -> None:
+    """Every client connection takes a file descriptor; the usual soft limit of 1024 is far below what a
+    loaded server holds (the hard limit is typically 1M), and past it accept() fails and nothing answers."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = hard if hard != resource.RLIM_INFINITY else 1 << 20
+    if soft != resource.RLIM_INFINITY and soft < target:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        except (ValueError, OSError):
+            log.warning("could not raise the open-files limit from %d", soft)
 
 
 def _bind_sockets_as_tcp() -> None:
@@ -118,13 +166,22 @@ def main() -> None:
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
     created = _prepare_multiprocess_dir()
     _bind_sockets_as_tcp()
+    _raise_open_files_limit()
+    config = uvicorn.Config("service.__main__:create_worker_app", factory=True, host=settings.host,
+                            port=settings.port, workers=settings.workers, log_level=settings.log_level,
+                            access_log=False, loop=settings.loop, http=protocol_name(settings.http),
+                            backlog=settings.backlog)
+    server = uvicorn.Server(config)
     try:
-        uvicorn.run("service.__main__:create_worker_app", factory=True, host=settings.host, port=settings.port,
-                    workers=settings.workers, log_level=settings.log_level, access_log=False,
-                    loop=settings.loop, http=settings.http)
+        if config.workers > 1:
+            _Supervisor(config, sockets=[config.bind_socket()]).run()
+        else:
+            server.run()
     finally:
         if created:
             shutil.rmtree(created, ignore_errors=True)
+    if config.workers == 1 and not server.started:
+        raise SystemExit(3)  # uvicorn's STARTUP_FAILURE
 
 
 if __name__ == "__main__":

@@ -11,9 +11,11 @@ import asyncio
 import concurrent.futures
 import contextlib
 import logging
+import math
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -25,6 +27,15 @@ Arrays = dict[str, np.ndarray]
 # Input names + trailing shapes + dtypes: only work with equal signatures can be concatenated.
 Signature = tuple[tuple[str, tuple[int, ...], str], ...]
 
+# When the request that the current task serves arrived, on the event loop's clock; None: now. Deadlines count
+# from it, so time a request spent before reaching the batcher (waiting for the event loop, reading its body,
+# decoding images) is not granted again. Set by whoever receives requests (the HTTP layer); a contextvar, so it
+# follows the request's task into submit() without every caller passing it along.
+arrived_at: ContextVar[float | None] = ContextVar("arrived_at", default=None)
+
+# Weight of the newest batch in the running estimate of compute seconds per item.
+_EWMA_WEIGHT = 0.2
+
 
 @dataclass(frozen=True)
 class BatchingConfig:
@@ -34,7 +45,11 @@ class BatchingConfig:
     # batches grow by themselves, and a lone request never waits for company.
     max_delay_s: float = 0.0
     max_queue_items: int = 1024  # bound on queued items (not requests)
-    timeout_s: float = 30.0  # default per-request deadline, measured from submit()
+    timeout_s: float = 30.0  # default per-request deadline, measured from the request's arrival (arrived_at)
+    # Work is refused (QueueFull) when what is queued ahead of it would take longer than this to compute: the
+    # queue holds only what it can finish soon, and a client past it hears so at once (Triton's queue policy
+    # with timeout action REJECT).
+    max_queue_wait_s: float = math.inf
 
 
 class BatcherError(Exception):
@@ -42,7 +57,8 @@ class BatcherError(Exception):
 
 
 class QueueFull(BatcherError):
-    """The queue bound was hit; the caller should answer 503 + Retry-After."""
+    """The queue bound was hit, or the queue ahead would outlast the request's deadline; the caller should
+    answer 503 + Retry-After."""
 
 
 class DeadlineExceeded(BatcherError):
@@ -58,7 +74,8 @@ class BatchObserver(Protocol):
 
     def on_batch(self, batch_size: int, queue_waits_s: Sequence[float], compute_s: float) -> None: ...
     def on_items(self, n: int) -> None: ...
-    def on_reject(self, reason: str) -> None: ...  # "queue_full" | "deadline" | "closed" | "error"
+    # reason: "queue_full" | "expected_wait" | "deadline" | "closed" | "error"
+    def on_reject(self, reason: str) -> None: ...
     def on_queue_depth(self, depth: int) -> None: ...
 
 
@@ -123,6 +140,8 @@ class Batcher:
         self._wakeup = asyncio.Event()
         # Bounds in-flight predict calls; the next batch is collected while one computes.
         self._slots = asyncio.Semaphore(concurrency)
+        self._concurrency = concurrency
+        self._item_s: float | None = None  # running estimate of compute seconds per item; None until a batch ran
 
     @property
     def queue_depth(self) -> int:
@@ -150,7 +169,17 @@ class Batcher:
         loop = asyncio.get_running_loop()
         now, step = loop.time(), self._config.max_batch_size
         timeout = self._config.timeout_s if timeout_s is None else timeout_s
-        request = _Request(signature, now + timeout, loop.create_future(), -(-n // step))
+        deadline = (arrived_at.get() or now) + timeout
+        if deadline <= now:
+            self._notify("on_reject", "deadline")
+            raise DeadlineExceeded(f"batcher {self.name!r}: deadline of {timeout:g}s passed before the work was queued")
+        ahead = self.expected_wait_s()
+        if ahead > self._config.max_queue_wait_s or ahead + self.expected_wait_s(n, ahead=False) > deadline - now:
+            self._notify("on_reject", "expected_wait")
+            raise QueueFull(f"batcher {self.name!r}: the work queued ahead needs ~{ahead:.2g}s (limit "
+                            f"{self._config.max_queue_wait_s:g}s), this request's {n} more; its deadline is in "
+                            f"{deadline - now:.2g}s")
+        request = _Request(signature, deadline, loop.create_future(), -(-n // step))
         queue = self._queues.setdefault(signature, deque())
         for index, start in enumerate(range(0, n, step)):
             chunk_inputs = {name: array[start : start + step] for name, array in inputs.items()}
@@ -172,6 +201,13 @@ class Batcher:
         except asyncio.CancelledError:
             self._drop(request)  # client went away: never compute its queued work
             raise
+
+    def expected_wait_s(self, n: int = 0, ahead: bool = True) -> float:
+        """Seconds to compute the items queued now (with `ahead`) and n more, at the speed of recent batches.
+        0 until a batch has run: no estimate, no shedding."""
+        if self._item_s is None:
+            return 0.0
+        return ((self.queue_depth if ahead else 0) + n) * self._item_s / self._concurrency
 
     # --- queue bookkeeping (all on the event loop thread, so no locks) ---
 
@@ -318,6 +354,10 @@ class Batcher:
                 ok_items += chunk.n
                 self._deliver(chunk, result)
         batch_size = sum(chunk.n for chunk in batch)
+        if ok_items == batch_size and compute_s > 0:  # failed or isolated calls say nothing of the speed
+            per_item = compute_s / batch_size
+            self._item_s = per_item if self._item_s is None else (
+                _EWMA_WEIGHT * per_item + (1 - _EWMA_WEIGHT) * self._item_s)
         self._notify("on_batch", batch_size, [launched - chunk.enqueued_at for chunk in batch], compute_s)
         self._notify("on_items", ok_items)
 

@@ -14,6 +14,8 @@ import typing
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from pydantic import BaseModel, Field
+from pydantic.json_schema import SkipJsonSchema
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import JSONResponse
 
@@ -48,6 +50,61 @@ def _body(code: str, message: str, fields: list[dict] | None = None) -> dict:
     if fields:
         err["fields"] = fields
     return {"error": err}
+
+
+class FieldError(BaseModel):
+    field: str = Field(description="the request field as the client wrote it: 'images[2]', 'edits.slant', "
+                                   "'query.model_version', or 'body' for the body as a whole")
+    message: str
+
+
+class ErrorDetail(BaseModel):
+    code: str = Field(description="machine-readable; each status lists the codes it answers with")
+    message: str
+    # absent, never null, when no field is to blame (_body leaves it out)
+    fields: list[FieldError] | SkipJsonSchema[None] = None
+
+
+class ErrorResponse(BaseModel):
+    """The error body of every path outside /v2."""
+    error: ErrorDetail
+
+
+class V2ErrorResponse(BaseModel):
+    """The Open Inference Protocol's error body, under /v2."""
+    error: str
+
+
+# The statuses of _classify (and of the routes' own APIErrors) as the OpenAPI document states them: what
+# happened, and the /v1 `code`s that say so.
+_STATUS_DOCS: dict[int, tuple[str, tuple[str, ...]]] = {
+    400: ("The body is not valid JSON; under /v2 also a request that does not fit the model", ("malformed_json",)),
+    404: ("Unknown model or model version", ("not_found",)),
+    408: ("The body did not arrive in time; the connection is closed", ("request_timeout",)),
+    413: ("The body is larger than the server accepts", ("payload_too_large",)),
+    422: ("A request field is invalid; `fields` names each one", ("invalid_request", "invalid_image")),
+    500: ("An unexpected failure, logged by the server and never detailed here", ("internal",)),
+    503: ("Not now: models still loading, shutting down, the queue full or device memory exhausted; retry after "
+          "Retry-After seconds", ("not_ready", "shutting_down", "overloaded", "resource_exhausted")),
+    504: ("The request waited past its deadline and was dropped", ("timeout",)),
+}
+
+
+def responses(*statuses: int, v2: bool = False, always_retry_after: bool = True) -> dict[int | str, dict]:
+    """FastAPI `responses=` documenting error statuses with their body: the /v1 one, or with v2 the Open
+    Inference Protocol's. A 503 says Retry-After (see _classify and routes.common.not_ready), always unless the
+    route also answers 503 where waiting does not help."""
+    out: dict[int | str, dict] = {}
+    for status in statuses:
+        what, codes = _STATUS_DOCS[status]
+        doc = {"model": V2ErrorResponse if v2 else ErrorResponse,
+               "description": what if v2 else f"{what} (code: {', '.join(codes)})"}
+        if status == 503:
+            doc["headers"] = {"Retry-After": {"description": "seconds to wait before retrying",
+                                              "required": always_retry_after,
+                                              "schema": {"type": "integer", "minimum": 0}}}
+        out[status] = doc
+    return out
 
 
 def _union_fields() -> frozenset[str]:
@@ -116,8 +173,9 @@ def _classify(exc: Exception) -> tuple[int, str, str, list[dict] | None, dict[st
         if exc.status_code == 400 and exc.detail == _BODY_PARSE_FAILED:  # bad UTF-8, nesting too deep...
             return 400, "malformed_json", "request body is not valid JSON", [
                 {"field": "body", "message": str(exc.detail)}], None
-        code = {404: "not_found", 405: "method_not_allowed", 413: "payload_too_large"}.get(exc.status_code, "error")
-        fields = [{"field": "body", "message": str(exc.detail)}] if exc.status_code == 413 else None
+        code = {404: "not_found", 405: "method_not_allowed", 408: "request_timeout",
+                413: "payload_too_large"}.get(exc.status_code, "error")
+        fields = [{"field": "body", "message": str(exc.detail)}] if exc.status_code in (408, 413) else None
         message = f"body: {exc.detail}" if fields else str(exc.detail)
         return exc.status_code, code, message, fields, getattr(exc, "headers", None)
     log.exception("unhandled error", exc_info=exc)
@@ -140,6 +198,8 @@ def install(app: FastAPI) -> None:
     async def handler(request: Request, exc: Exception) -> JSONResponse:
         return to_response(exc, v2=is_v2_path(request.url.path))
 
+    # Not Exception: Starlette answers that one in ServerErrorMiddleware and then re-raises, which closes the
+    # connection. The request gate (service.middleware) answers the unexpected ones instead.
     for exc_type in (APIError, ModelNotFound, ResourceExhausted, ImageDecodeError, TensorError, RequestValidationError,
-                     QueueFull, BatcherClosed, DeadlineExceeded, StarletteHTTPException, Exception):
+                     QueueFull, BatcherClosed, DeadlineExceeded, StarletteHTTPException):
         app.add_exception_handler(exc_type, handler)

@@ -25,6 +25,13 @@ e.g. ``/v1/models/{name}``):
   sequences sharing each autoregressive sampling step, buckets 1, 2, 4, .., 256.
 - ``genserve_model_info`` (gauge; model, version, provider, family): 1 for each loaded model version, with
   its ONNX Runtime execution provider and model family (pixelcnn / vae / gan).
+- ``genserve_inflight_requests`` (gauge): data-plane requests (``/v1``, ``/v2``) admitted and not yet answered.
+- ``genserve_shed_requests_total`` (counter; reason): data-plane requests answered 503 by admission control
+  before their body was read (``inflight``: the bound on requests in flight on that path was reached;
+  ``loop_lag``: the event loop ran too far behind). Those refused before the app ran are counted in
+  ``genserve_http_requests_total`` under ``route="refused"``.
+- ``genserve_client_timeouts_total`` (counter; phase): connections cut off because the client sent its request
+  headers (``headers``) or body (``body``) too slowly.
 
 ``genserve_model_info`` is a Gauge fixed at 1 rather than a prometheus ``Info`` metric because Info is not
 supported in multiprocess mode; using the Gauge form always keeps both modes' output identical. When a
@@ -311,6 +318,24 @@ class Metrics:
             multiprocess_mode="livemax",
             registry=r,
         )
+        self.inflight_requests = Gauge(
+            PREFIX + "inflight_requests",
+            "Data-plane requests admitted and not yet answered.",
+            multiprocess_mode="livesum",
+            registry=r,
+        )
+        self.shed_requests_total = Counter(
+            PREFIX + "shed_requests_total",
+            "Data-plane requests answered 503 by admission control before their body was read, by reason.",
+            ("reason",),
+            registry=r,
+        )
+        self.client_timeouts_total = Counter(
+            PREFIX + "client_timeouts_total",
+            "Connections cut off because the client sent its request headers or body too slowly, by phase.",
+            ("phase",),
+            registry=r,
+        )
         self._info_lock = threading.Lock()
         self._info_labels: dict[tuple[str, str], tuple[str, str]] = {}
         self._observers: dict[tuple[str, str, str], BatchObserver] = {}
@@ -343,6 +368,27 @@ class Metrics:
                 children[1].observe(duration)
         except Exception as exc:
             _warn("observe_request", exc)
+
+    def set_inflight(self, n: int) -> None:
+        """Data-plane requests in flight in this process now. Never raises."""
+        try:
+            self.inflight_requests.set(int(n))
+        except Exception as exc:
+            _warn("set_inflight", exc)
+
+    def on_shed(self, reason: str) -> None:
+        """A request was refused by admission control (``reason``: a small fixed set). Never raises."""
+        try:
+            self.shed_requests_total.labels(str(reason)).inc()
+        except Exception as exc:
+            _warn("on_shed", exc)
+
+    def on_client_timeout(self, phase: str) -> None:
+        """A slow client was cut off while sending its ``headers`` or ``body``. Never raises."""
+        try:
+            self.client_timeouts_total.labels(str(phase)).inc()
+        except Exception as exc:
+            _warn("on_client_timeout", exc)
 
     def set_model_info(self, model: str, version: int, provider: str, family: str) -> None:
         """Publish ``genserve_model_info{model,version,provider,family} 1`` for a loaded model version."""

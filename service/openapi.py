@@ -4,26 +4,96 @@
     python -m service.openapi --write    # regenerate docs/openapi.json (tests/unit/test_openapi.py checks it)
 
 Built from create_app() without starting it: no model is loaded, and settings do not change the document.
+
+FastAPI's document needs two corrections, made by `document` (which `install` serves as the app's
+/openapi.json):
+
+* FastAPI passes the component schemas through its OpenAPI models, which type every numeric bound as a float:
+  `le=256` comes out as 256.0, and the int64 limit 2**63-1 as 9.223372036854776e18, which is 2**63, a seed the
+  service refuses. Integer schemas get integer bounds back.
+* FastAPI documents a 422 with its own body ({"detail": [...]}) on every route with parameters that documents
+  no 422 itself. This service never answers that body (service/errors.py answers validation errors with its own,
+  and the routes document those), and a route whose only parameters are path strings cannot fail validation.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
+from typing import Any
 
-from service.app import create_app
+from fastapi import FastAPI
+
 from service.settings import Settings
 
 OPENAPI_FILE = Path(__file__).resolve().parents[1] / "docs" / "openapi.json"
 REGENERATE = "python -m service.openapi --write"
+_FORMAT_RANGES = {"int32": (-(2**31), 2**31 - 1), "int64": (-(2**63), 2**63 - 1)}
+_FASTAPI_422 = "HTTPValidationError"
+_FASTAPI_422_PARTS = (_FASTAPI_422, "ValidationError")  # its body, and the item schema of its list
+
+
+def _integer_bounds(node: Any) -> None:
+    """In place: the bounds of every integer schema as integers. A float is exact up to 2**53; past that only a
+    format bounds the value exactly, and a bound beyond the format's range (float 2**63 for 2**63-1) is its edge."""
+    if isinstance(node, list):
+        for item in node:
+            _integer_bounds(item)
+        return
+    if not isinstance(node, dict):
+        return
+    kind = node.get("type")
+    if kind == "integer" or (isinstance(kind, list) and "integer" in kind):
+        lo, hi = _FORMAT_RANGES.get(node.get("format"), (-math.inf, math.inf))
+        for key in ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", "multipleOf"):
+            value = node.get(key)
+            if isinstance(value, float) and value.is_integer():
+                node[key] = int(value)
+        for key in ("minimum", "maximum"):
+            if isinstance(node.get(key), int):
+                node[key] = int(min(max(node[key], lo), hi))
+    for value in node.values():
+        _integer_bounds(value)
+
+
+def _drop_fastapi_422(spec: dict) -> None:
+    """In place: FastAPI's own 422 responses, and their schemas once nothing refers to them."""
+    ref = f"#/components/schemas/{_FASTAPI_422}"
+    for operations in spec.get("paths", {}).values():
+        for operation in operations.values():
+            answers = operation.get("responses", {})
+            schema = answers.get("422", {}).get("content", {}).get("application/json", {}).get("schema", {})
+            if schema.get("$ref") == ref:
+                del answers["422"]
+    schemas = spec.get("components", {}).get("schemas", {})
+    if f'"{ref}"' not in json.dumps(spec):
+        for name in _FASTAPI_422_PARTS:
+            schemas.pop(name, None)
+
+
+def document(app: FastAPI) -> dict:
+    """The app's OpenAPI document: FastAPI's (cached in app.openapi_schema), corrected in place. Idempotent."""
+    spec = type(app).openapi(app)  # the class's builder: app.openapi itself may be this function
+    _integer_bounds(spec)
+    _drop_fastapi_422(spec)
+    return spec
+
+
+def install(app: FastAPI) -> None:
+    """Serve `document` as the app's /openapi.json (and to /docs). Call it from create_app."""
+    app.openapi = lambda: document(app)
 
 
 def render() -> str:
-    """Stable text: the document as FastAPI builds it, indented, one trailing newline (diff-friendly)."""
-    spec = create_app(Settings()).openapi()
-    return json.dumps(spec, indent=2, ensure_ascii=False) + "\n"
+    """Stable text: the document as the app serves it, indented, one trailing newline (diff-friendly)."""
+    from service.app import create_app  # here, not at the top: service.app may import this module
+
+    app = create_app(Settings())
+    install(app)  # a no-op when create_app installed it already
+    return json.dumps(app.openapi(), indent=2, ensure_ascii=False) + "\n"
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -6,6 +6,7 @@ Nothing here knows HTTP; routes ask the registry for a model version and submit 
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -18,7 +19,7 @@ from service.batcher import Batcher, BatchingConfig
 from service.metrics import Metrics
 from service.sampler import IterationSampler, SamplerConfig, session_fn
 from service.settings import Settings
-from service.store import LoadedVersion, load_store
+from service.store import LoadedVersion, is_dir, load_store, model_folders, printable, refuse
 
 log = logging.getLogger(__name__)
 
@@ -156,7 +157,8 @@ class ModelVersion:
         self.provider = lv.providers[0] if lv.providers else CPU
         mbs, delay_ms = settings.batching_for(m.name, m.batching.max_batch_size, m.batching.max_delay_ms)
         self.batching = BatchingConfig(max_batch_size=mbs, max_delay_s=delay_ms / 1000.0,
-                                       max_queue_items=settings.max_queue_items, timeout_s=settings.request_timeout_s)
+                                       max_queue_items=settings.max_queue_items, timeout_s=settings.request_timeout_s,
+                                       max_queue_wait_s=settings.max_queue_wait_s)
         # What each batcher calls: the session, or on CUDA one session per batch-size bucket.
         self.predict: dict[str, Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]] = {}
         sizes = bucket_sizes(settings.cuda_buckets, mbs)
@@ -235,12 +237,18 @@ class ModelVersion:
 
 
 class Registry:
-    """Every valid version in the store; the default version of a model is its highest valid one."""
+    """Every valid version in the store; the default version of a model is its highest valid one.
+
+    `ready` means loading is over (requests are accepted); the readiness probes also want every required model
+    serving (`fully_ready`), as Triton's strict readiness does: a model whose every version was refused leaves
+    the service up for the others, but not ready, with `missing` saying why."""
 
     def __init__(self, settings: Settings, metrics: Metrics):
         self.settings, self.metrics = settings, metrics
         self.models: dict[str, dict[int, ModelVersion]] = {}
         self.refused: dict[str, list[str]] = {}
+        self.required: list[str] = []             # models that must serve for the service to be ready
+        self.missing: dict[str, list[str]] = {}   # required model -> why it has no version serving, once started
         self.ready = False
         self.stopping = False  # set by stop(): not ready any more, and not because models are loading
         threads = settings.worker_threads
@@ -249,20 +257,68 @@ class Registry:
                  settings.ort_threads(), "" if settings.intra_op_threads else " (cores / workers)")
 
     def load(self) -> None:
+        """Every valid version, each set up on its own: one that fails is refused and the others still load."""
         make_session = session_factory(self.settings)
-        loaded, self.refused = load_store(self.settings.store_path, make_session)
+        root = self.settings.store_path
+        required = self.settings.required_models
+        # the folders as found now, before loading: a model folder whose versions are all refused is still one
+        self.required = list(required) if required is not None else model_folders(root)
+        loaded, self.refused = load_store(root, make_session)
         for name, versions in loaded.items():
-            self.models[name] = {v: ModelVersion(lv, self.settings, self.executor, self.metrics, make_session)
-                                 for v, lv in versions.items()}
+            for v, lv in sorted(versions.items()):
+                try:
+                    mv = ModelVersion(lv, self.settings, self.executor, self.metrics, make_session)
+                except Exception as e:
+                    log.debug("setting up %s failed", lv.path, exc_info=True)
+                    refuse(self.refused, lv.path, [f"cannot be set up for serving: {type(e).__name__}: {e}"])
+                    continue
+                self.models.setdefault(name, {})[v] = mv
         if not self.models:
             log.warning("no valid model in %s", self.settings.store_path)
 
     async def start(self) -> None:
         for mv in self.all():
-            await mv.start()
-            if self.settings.warmup:
-                log.info("%s v%d warmed up in %.2f s on %s", mv.name, mv.version, mv.warmup(), mv.provider)
+            try:
+                await mv.start()
+                if self.settings.warmup:
+                    log.info("%s v%d warmed up in %.2f s on %s", mv.name, mv.version, mv.warmup(), mv.provider)
+            except Exception as e:  # a graph that loads but cannot run: this version goes, the others serve
+                log.debug("starting %s failed", mv.loaded.path, exc_info=True)
+                await self._withdraw(mv, f"failed to start or warm up: {type(e).__name__}: {e}")
+        self.missing = self._find_missing()
+        if self.missing:
+            log.error("not ready: required models with no version serving: %s", self.missing)
         self.ready = True
+
+    async def _withdraw(self, mv: ModelVersion, reason: str) -> None:
+        versions = self.models.get(mv.name, {})
+        versions.pop(mv.version, None)
+        if not versions:
+            self.models.pop(mv.name, None)
+        refuse(self.refused, mv.loaded.path, [reason])
+        try:
+            await mv.stop()
+        except Exception:
+            log.debug("stopping %s failed", mv.loaded.path, exc_info=True)
+
+    def _find_missing(self) -> dict[str, list[str]]:
+        """Each required model with no version serving, and why: what was refused in its folder, or that the
+        folder holds no version, or is not there."""
+        missing = {}
+        for name in self.required:
+            if self.models.get(name):
+                continue
+            folder = self.settings.store_path / name
+            prefix = printable(str(folder))
+            why = [f"{path}: {'; '.join(problems)}" for path, problems in sorted(self.refused.items())
+                   if path == prefix or path.startswith(prefix + os.sep)]
+            missing[name] = why or [f"{prefix}: {'holds no version folder' if is_dir(folder) else 'no such folder'}"]
+        return missing
+
+    @property
+    def fully_ready(self) -> bool:
+        """What the readiness probes report: loaded, and every required model has a version serving."""
+        return self.ready and not self.missing
 
     async def stop(self) -> None:
         self.ready, self.stopping = False, True

@@ -34,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-from service.batcher import BatcherClosed, DeadlineExceeded, QueueFull
+from service.batcher import BatcherClosed, DeadlineExceeded, QueueFull, arrived_at
 
 logger = logging.getLogger(__name__)
 
@@ -137,7 +137,7 @@ def sample_fast(
 class SamplerConfig:
     max_active: int = 64  # sequences advanced together per step; more wait in a queue
     max_queue: int = 256  # sequences waiting beyond max_active; past it sample() raises QueueFull
-    timeout_s: float = 120.0  # default per-request deadline, measured from sample()
+    timeout_s: float = 120.0  # default per-request deadline, from the request's arrival (arrived_at)
     max_label: int = 10  # labels 0..max_label are accepted (PixelCNN: digits 0..9, 10 = any digit)
 
 
@@ -241,7 +241,7 @@ class IterationSampler:
         loop = asyncio.get_running_loop()
         now = loop.time()
         timeout = cfg.timeout_s if timeout_s is None else timeout_s
-        request = _Request(labels, u, temperature, now + timeout, loop.create_future(), now)
+        request = _Request(labels, u, temperature, (arrived_at.get() or now) + timeout, loop.create_future(), now)
         self._queue.extend((request, i) for i in range(n))
         self._queued += n
         self._notify("on_queue_depth", self._queued)

@@ -1,33 +1,72 @@
 """Request and response bodies of /v1. Strict types: "3" is not a number, 3.5 is not a count.
 
-Images are validated by service.imaging (so errors name `images[i]`), hence `list[Any]` here.
+Images are validated by service.imaging (so errors name `images[i]`), hence `Any` as their type here, with a
+JSON schema that states what imaging accepts. The schemas state every limit that validation enforces on its
+own; what depends on the model (a latent's length, the attribute names) or on another field (labels: one per
+image) is in the descriptions.
 """
 
 from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema, field_validator
+
+from service.imaging import IMAGE_SIZE
 
 MAX_SEED = 2**63 - 1
+MAX_ITEMS = 256             # images, latents or samples in one request
+MAX_PIXELCNN_SAMPLES = 64   # 784 sequential steps each
 ImageFormat = Literal["png", "array"]
-Image = Annotated[Any, Field(description="base64 PNG string, or a 28x28 array of integers 0..255")]
+_PIXEL_ROW = {"type": "array", "minItems": IMAGE_SIZE, "maxItems": IMAGE_SIZE,
+              "items": {"type": "integer", "minimum": 0, "maximum": 255}}
+Image = Annotated[Any, WithJsonSchema({
+    "description": f"base64 PNG string, or a {IMAGE_SIZE}x{IMAGE_SIZE} array of integers 0..255",
+    "anyOf": [
+        {"type": "string", "minLength": 1, "contentEncoding": "base64", "contentMediaType": "image/png",
+         "description": f"a {IMAGE_SIZE}x{IMAGE_SIZE} PNG in base64, optionally as a data:image/png;base64, URI; "
+                        "ASCII whitespace is ignored"},
+        {"type": "array", "minItems": IMAGE_SIZE, "maxItems": IMAGE_SIZE, "items": _PIXEL_ROW,
+         "description": "pixel rows, top to bottom"},
+    ]})]
 OutImage = str | list[list[int]]
 Digit = Annotated[int, Field(ge=0, le=9)]
+# A seed is an int64, which every client can hold. The format states that bound too: FastAPI's OpenAPI models
+# turn every bound into a float, and 2**63-1 comes out as 2**63 (service.openapi puts the integer back).
+Seed = Annotated[int, Field(ge=0, le=MAX_SEED, json_schema_extra={"format": "int64"})]
 # Latents are N(0, 1) draws that edits move by a few units. Near float32's maximum the decoder's arithmetic
 # overflows (3e38 gives NaN: a black image); 1e4 leaves any real use room and the decoder far from that.
 LatentValue = Annotated[float, Field(allow_inf_nan=False, ge=-1e4, le=1e4)]
 
 
 class _Request(BaseModel):
-    model_config = ConfigDict(strict=True, extra="forbid", protected_namespaces=())
+    # JSON Schema counts 3.0 as an integer; these types do not, so every request schema says so
+    model_config = ConfigDict(strict=True, extra="forbid", protected_namespaces=(), json_schema_extra={
+        "description": "Strict types: an integer is written without a fraction (3, not 3.0), a number is not a "
+                       "string, and a field not listed is refused."})
     model_version: int | None = Field(None, ge=1, description="default: the highest valid version")
+
+
+class Readiness(BaseModel):
+    """GET /readyz: 200 when ready; 503 while loading, while draining at shutdown, or while a required model has
+    no version serving."""
+    ready: bool
+    models: dict[str, list[int]] = Field(description="model name -> versions loaded")
+    refused: list[str] = Field(description="store paths refused at loading")
+    missing: dict[str, list[str]] = Field(default_factory=dict,
+                                          description="required model with no version serving -> why")
+    pid: int = Field(description="the worker process that answered: readiness is per worker")
 
 
 class _Response(BaseModel):
     model_config = ConfigDict(protected_namespaces=())
     model: str
     model_version: int
+
+
+def _labels(most: int):
+    """One digit for all, a list of one per image or sample (at most `most`), or None."""
+    return Digit | Annotated[list[Digit], Field(min_length=1, max_length=most)] | None
 
 
 def _labels_ok(v: int | list[int] | None, n: int | None) -> None:
@@ -46,9 +85,9 @@ class _LabelsForN(_Request):
 
 
 class GanSampleRequest(_LabelsForN):
-    n: int = Field(1, ge=1, le=256)
-    seed: int | None = Field(None, ge=0, le=MAX_SEED, description="default: drawn at random and returned")
-    labels: Digit | list[Digit] | None = Field(None, description="one digit for all, a list of n, or absent: any")
+    n: int = Field(1, ge=1, le=MAX_ITEMS)
+    seed: Seed | None = Field(None, description="default: drawn at random and returned")
+    labels: _labels(MAX_ITEMS) = Field(None, description="one digit for all, a list of n, or absent: any")
     truncation: float = Field(1.0, gt=0.0, le=1.0, description="noise scale psi; < 1 trades variety for fidelity")
     format: ImageFormat = "png"
 
@@ -64,7 +103,7 @@ class ImagesResponse(_Response):
 
 
 class VaeEncodeRequest(_Request):
-    images: list[Image] = Field(min_length=1, max_length=256)
+    images: list[Image] = Field(min_length=1, max_length=MAX_ITEMS)
 
 
 class Latent(BaseModel):
@@ -77,21 +116,25 @@ class VaeEncodeResponse(_Response):
 
 
 class VaeDecodeRequest(_Request):
-    latents: list[list[LatentValue]] = Field(min_length=1, max_length=256, description="each a list of d floats")
+    latents: list[Annotated[list[LatentValue], Field(min_length=1)]] = Field(
+        min_length=1, max_length=MAX_ITEMS, description="each a list of d floats, the model's latent dimension")
     format: ImageFormat = "png"
 
 
 class VaeSampleRequest(_Request):
-    n: int = Field(1, ge=1, le=256)
-    seed: int | None = Field(None, ge=0, le=MAX_SEED)
+    n: int = Field(1, ge=1, le=MAX_ITEMS)
+    seed: Seed | None = None
     temperature: float = Field(1.0, gt=0.0, le=2.0, description="scale of the prior's standard deviation")
     format: ImageFormat = "png"
 
 
 class VaeEditRequest(_Request):
-    images: list[Image] = Field(min_length=1, max_length=256)
+    images: list[Image] = Field(min_length=1, max_length=MAX_ITEMS)
+    # The route refuses a name the model does not know, '' included, as `edits.<name>`; a key constraint here
+    # would name it `edits..[key]`. So the schema alone states that a name is not empty.
     edits: dict[str, Annotated[float, Field(ge=-5.0, le=5.0, allow_inf_nan=False)]] = Field(
-        min_length=1, description="attribute -> strength in training-set standard deviations")
+        min_length=1, json_schema_extra={"propertyNames": {"minLength": 1}},
+        description="attribute (GET /v1/vae/attributes) -> strength in training-set standard deviations")
     format: ImageFormat = "png"
 
 
@@ -116,9 +159,10 @@ class VaeAttributesResponse(_Response):
 
 
 class LogprobRequest(_Request):
-    images: list[Image] = Field(min_length=1, max_length=256)
+    images: list[Image] = Field(min_length=1, max_length=MAX_ITEMS)
     per_pixel: bool = False
-    labels: Digit | list[Digit] | None = Field(None, description="condition on digits; absent: log p(x)")
+    labels: _labels(MAX_ITEMS) = Field(None, description="condition on digits: one for all or one per image; "
+                                                         "absent: log p(x)")
 
     @field_validator("labels")
     @classmethod
@@ -139,9 +183,9 @@ class LogprobResponse(_Response):
 
 
 class PixelCNNSampleRequest(_LabelsForN):
-    n: int = Field(1, ge=1, le=64)
-    seed: int | None = Field(None, ge=0, le=MAX_SEED)
+    n: int = Field(1, ge=1, le=MAX_PIXELCNN_SAMPLES)
+    seed: Seed | None = None
     # logits / temperature overflows float64 below ~1e-306; from 1e-3 on, sampling is all but argmax anyway
     temperature: float = Field(1.0, ge=1e-3, le=2.0, description="softmax temperature per pixel")
-    labels: Digit | list[Digit] | None = None
+    labels: _labels(MAX_PIXELCNN_SAMPLES) = Field(None, description="one digit for all, a list of n, or absent: any")
     format: ImageFormat = "png"

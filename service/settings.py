@@ -6,10 +6,12 @@ import math
 import os
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from service.store import MODEL_NAME
 
 
 def available_cores(cpu_max: Path = Path("/sys/fs/cgroup/cpu.max")) -> int:
@@ -37,10 +39,15 @@ class Settings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
     workers: int = Field(1, ge=1, le=64, description="uvicorn worker processes")
-    loop: Literal["auto", "asyncio", "uvloop"] = Field("auto", description="event loop (auto: uvloop if installed)")
+    loop: Literal["auto", "asyncio", "uvloop"] = Field(
+        "asyncio", description="event loop (auto: uvloop if installed). Not uvloop by default: under a flood of new "
+                               "connections it accepted them seconds late, while the stdlib loop kept up")
     http: Literal["auto", "h11", "httptools"] = Field("auto", description="HTTP parser (auto: httptools if "
                                                                          "installed)")
     store_path: Path = Path("models_store")
+    required_models: list[Annotated[str, Field(pattern=f"^{MODEL_NAME}$")]] | None = Field(
+        None, description='models that must have a version serving for /readyz to answer 200, a JSON list, e.g. '
+                          '["gan", "vae"]; unset: every model folder in the store')
     providers: str = Field("auto", description="auto, cpu, cuda, or comma-separated ONNX Runtime provider names")
     intra_op_threads: int = Field(0, ge=0, description="ONNX Runtime threads per session; 0 = the cores split "
                                                        "between the workers")
@@ -62,7 +69,10 @@ class Settings(BaseSettings):
     max_delay_ms: float | None = Field(None, ge=0, le=1000, description="override for every model")
     batch_concurrency: int = Field(1, ge=1, le=16, description="ONNX Runtime calls in flight per graph")
     max_queue_items: int = Field(2048, ge=1, description="queued items per graph before 503")
-    request_timeout_s: float = Field(30.0, gt=0, description="deadline of a batched request before 504")
+    request_timeout_s: float = Field(30.0, gt=0, description="deadline of a batched request before 504, from its "
+                                     "arrival")
+    max_queue_wait_s: float = Field(1.0, gt=0, description="a batched request whose queue ahead would take longer "
+                                    "than this to compute is refused 503 at once")
     sample_timeout_s: float = Field(300.0, gt=0, description="deadline of a PixelCNN sample request")
     sampler_max_active: int = Field(64, ge=1, le=1024, description="PixelCNN sequences advanced per step")
     sampler_max_queue: int = Field(512, ge=1)
@@ -70,6 +80,16 @@ class Settings(BaseSettings):
     v2_max_output_bytes: int = Field(32 * 1024 * 1024, ge=1024, description="a /v2 request's outputs as raw "
                                      "tensors at most this many bytes: caps the batch of graphs with big outputs")
     max_body_bytes: int = Field(8 * 1024 * 1024, ge=1024, description="request bodies above this get 413")
+    max_inflight: int = Field(96, ge=1, le=100_000, description="POST requests in flight per path and process; "
+                              "past it 503 + Retry-After at once, before the body is read")
+    max_loop_lag_s: float = Field(0.1, gt=0, description="while the event loop runs this far behind, POST "
+                                  "requests are refused 503 at once: the process is past its capacity")
+    header_timeout_s: float = Field(10.0, gt=0, description="a connection's request line and headers must arrive "
+                                    "within this, counted from the connection or the request's first byte; else 408")
+    body_timeout_s: float = Field(30.0, gt=0, description="a request's body must arrive within this after its "
+                                  "headers; else 408")
+    backlog: int = Field(4096, ge=1, description="the listening socket's accept queue (the kernel caps it at "
+                         "net.core.somaxconn)")
     warmup: bool = True
     log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
 

@@ -5,18 +5,40 @@ load: files present, sha256 checksums match, every graph loads in ONNX Runtime, 
 really has match the ones the manifest declares (name, dtype, shape; None = dynamic axis). A version that
 fails is refused with every problem listed; the other versions and models still load.
 
+Whatever the store holds, one bad entry refuses at most the version (or the model folder) it sits in, with one
+log line naming its path and the reason, and everything else still loads:
+
+- a model folder is a directory named like manifest.name (`[a-z][a-z0-9_-]*`); a directory named otherwise is
+  refused, a file at the top is skipped with a warning;
+- a version folder is named by a version number: ASCII digits without a leading zero, 1 to 999999999 (the
+  largest a /v2 request can name). A name that is numeric but not such a number (`0`, `02`, `²`, `٣`) is
+  refused; any other name (`latest`, `notes`) is skipped with a warning saying so; names starting with a dot
+  (training's staging folders, editors' files) are skipped silently;
+- a version folder, manifest or ONNX file whose real path (symlinks followed) leaves the store is refused, and
+  only regular files are ever opened, so nothing can block a read (a FIFO) or read a device;
+- manifest.json is at most MAX_MANIFEST_BYTES, checked before it is read, UTF-8, nested at most
+  MAX_MANIFEST_DEPTH deep (checked before parsing: the parser recurses), standard JSON (no NaN or Infinity),
+  and only values the service can send back in its own JSON answers (no lone surrogates, no integers past 64
+  bits), or the version is refused.
+
 Training writes manifests with the same pydantic models, so writer and reader cannot drift apart.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
+import os
+import re
+import stat
 from dataclasses import dataclass, field
+from itertools import accumulate
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, BinaryIO, Literal
 
+import orjson
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 log = logging.getLogger(__name__)
@@ -32,6 +54,22 @@ REQUIRED_GRAPHS: dict[str, tuple[str, ...]] = {
 }
 
 _ORT_DTYPES = {"tensor(float)": "float32", "tensor(int64)": "int64", "tensor(uint8)": "uint8"}
+
+MODEL_NAME = r"[a-z][a-z0-9_-]*"              # a model folder's name and manifest.name
+MAX_VERSION = 999_999_999                     # /v2 names a version in at most 9 digits
+MAX_MANIFEST_BYTES = 1 << 20                  # shipped manifests are a few KiB
+MAX_MANIFEST_DEPTH = 32                       # shipped manifests nest 6 deep
+MAX_PROBLEMS = 20                             # per refused version: enough to act on, a log line stays readable
+MAX_PROBLEM_CHARS = 500
+
+_VERSION_NAME = re.compile(r"[1-9][0-9]{0,8}")  # a str pattern's [0-9] is ASCII only, unlike str.isdigit()
+_MODEL_NAME = re.compile(MODEL_NAME)
+# JSON strings (whose brackets do not nest anything), then everything but brackets, are dropped to measure depth.
+# Possessive, and an unclosed string runs to the end: a failed match restarted at every quote of a long run of
+# escaped quotes would take quadratic time, hours for one crafted 1 MiB manifest.
+_JSON_STRING = re.compile(r'"[^"\\]*+(?:\\.[^"\\]*+)*+(?:"|\\?\Z)', re.DOTALL)
+_NOT_BRACKET = re.compile(r"[^\[\]{}]+")
+_BRACKET_STEP = {"[": 1, "{": 1, "]": -1, "}": -1}
 
 
 class TensorSpec(BaseModel):
@@ -73,9 +111,9 @@ class AttributeDirection(BaseModel):
 class Manifest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     schema_version: Literal[1] = 1
-    name: str = Field(pattern=r"^[a-z][a-z0-9_-]*$")
+    name: str = Field(pattern=f"^{MODEL_NAME}$")
     family: Family
-    version: int = Field(ge=1)
+    version: int = Field(ge=1, le=MAX_VERSION)
     description: str = ""
     created: str = ""
     files: dict[str, FileEntry]
@@ -88,12 +126,29 @@ class Manifest(BaseModel):
     batching: BatchingDefaults = BatchingDefaults()
 
 
+def printable(text: str) -> str:
+    """text with what cannot be printed escaped: names on disk may hold control characters, and undecodable
+    bytes (which Python keeps as lone surrogates) would make a log handler or the JSON encoder of /readyz fail."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else ascii(c)[1:-1] for c in text)
+
+
+def tidy(problems: list[str]) -> list[str]:
+    """Problems as they are reported: printable, each of bounded length, at most MAX_PROBLEMS of them (a manifest
+    can hold any number of wrong entries, and the list ends up in one log line and in API answers)."""
+    out = [printable(p[:MAX_PROBLEM_CHARS] + ("..." if len(p) > MAX_PROBLEM_CHARS else "")) for p in problems]
+    if len(out) > MAX_PROBLEMS:
+        out = out[:MAX_PROBLEMS] + [f"... and {len(out) - MAX_PROBLEMS} more problems"]
+    return out
+
+
 class StoreError(Exception):
     """A version failed validation; `problems` lists everything found wrong, not just the first thing."""
 
     def __init__(self, path: Path, problems: list[str]):
-        self.path, self.problems = path, problems
-        super().__init__(f"{path}: " + "; ".join(problems))
+        self.path, self.problems = path, tidy(problems)
+        super().__init__(f"{printable(str(path))}: " + "; ".join(self.problems))
 
 
 @dataclass
@@ -104,9 +159,22 @@ class LoadedVersion:
     providers: list[str] = field(default_factory=list)       # providers the sessions actually run on
 
 
+def open_regular(path: Path) -> BinaryIO:
+    """path opened for reading, if it is a regular file; OSError otherwise. It is opened without blocking and
+    checked once open: a FIFO put in its place after an earlier check would otherwise block until a writer came."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, "not a regular file", str(path))
+        return open(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
 def sha256_file(path: Path) -> str:
     h = hashlib.sha256()
-    with open(path, "rb") as f:
+    with open_regular(path) as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
@@ -116,14 +184,89 @@ def file_entry(path: Path) -> FileEntry:
     return FileEntry(sha256=sha256_file(path), bytes=path.stat().st_size)
 
 
-def read_manifest(version_dir: Path) -> Manifest:
-    path = version_dir / "manifest.json"
-    if not path.is_file():
-        raise StoreError(version_dir, ["manifest.json is missing"])
+def _resolve(path: Path) -> Path:
+    """path with every symlink followed; raises OSError or RuntimeError (a symlink loop, in Python 3.11) or
+    ValueError (a NUL in the name)."""
+    return path.resolve()
+
+
+def outside(path: Path, root: Path) -> str | None:
+    """Why `path` may not be used under the store `root` (already resolved), or None: its real path leaves the
+    store, or cannot be worked out."""
     try:
-        return Manifest.model_validate(json.loads(path.read_text()))
-    except json.JSONDecodeError as e:
-        raise StoreError(version_dir, [f"manifest.json is not valid JSON: {e}"]) from None
+        real = _resolve(path)
+    except (OSError, RuntimeError, ValueError) as e:
+        return f"its real path cannot be worked out: {e}"
+    if not real.is_relative_to(root):
+        return f"resolves outside the store (to {real})"
+    return None
+
+
+def regular_file(path: Path, root: Path, what: str) -> str | None:
+    """Why `what` at `path` cannot be read as a file of the store, or None. Only a regular file inside the store
+    qualifies: opening a FIFO would block, and a device or a file elsewhere is not the store's to serve."""
+    if (why := outside(path, root)) is not None:
+        return f"{what} {why}"
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return f"{what} is missing"
+    except (OSError, ValueError) as e:
+        return f"{what} cannot be read: {e}"
+    if not stat.S_ISREG(st.st_mode):
+        return f"{what} is not a regular file"
+    return None
+
+
+def json_depth(text: str) -> int:
+    """How deeply JSON text nests arrays and objects, measured without parsing it: json.loads recurses, so a
+    deep enough document raises RecursionError (or worse, in C) before it could be refused."""
+    brackets = _NOT_BRACKET.sub("", _JSON_STRING.sub("", text))
+    return max(accumulate(map(_BRACKET_STEP.__getitem__, brackets)), default=0)
+
+
+def _no_constants(name: str):
+    raise ValueError(f"{name} is not JSON")
+
+
+def _manifest_data(path: Path) -> Any:
+    """The parsed content of a manifest file that regular_file() accepted; raises StoreError."""
+    vdir = path.parent
+    try:
+        if path.stat().st_size > MAX_MANIFEST_BYTES:
+            raise StoreError(vdir, [f"manifest.json is larger than {MAX_MANIFEST_BYTES} bytes"])
+        with open_regular(path) as f:
+            raw = f.read(MAX_MANIFEST_BYTES + 1)  # the file may have grown since stat()
+    except OSError as e:
+        raise StoreError(vdir, [f"manifest.json cannot be read: {e}"]) from None
+    if len(raw) > MAX_MANIFEST_BYTES:
+        raise StoreError(vdir, [f"manifest.json is larger than {MAX_MANIFEST_BYTES} bytes"])
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise StoreError(vdir, [f"manifest.json is not UTF-8 text: {e}"]) from None
+    if (depth := json_depth(text)) > MAX_MANIFEST_DEPTH:
+        raise StoreError(vdir, [f"manifest.json nests {depth} levels deep, more than {MAX_MANIFEST_DEPTH}"])
+    try:
+        data = json.loads(text, parse_constant=_no_constants)
+    except (ValueError, RecursionError) as e:  # JSONDecodeError is a ValueError, as are NaN and 5000-digit ints
+        raise StoreError(vdir, [f"manifest.json is not valid JSON: {e}"]) from None
+    try:  # what the service cannot encode would fail every answer that shows the manifest (/v1/models)
+        orjson.dumps(data)
+    except TypeError as e:
+        raise StoreError(vdir, [f"manifest.json holds values the service cannot answer with: {e}"]) from None
+    return data
+
+
+def read_manifest(version_dir: Path) -> Manifest:
+    """The validated manifest of a version folder `<root>/<model>/<version>`; raises StoreError."""
+    path = version_dir / "manifest.json"
+    root = version_dir.parent.parent.resolve()
+    if (why := regular_file(path, root, "manifest.json")) is not None:
+        raise StoreError(version_dir, [why])
+    data = _manifest_data(path)
+    try:
+        return Manifest.model_validate(data)
     except ValidationError as e:
         problems = [f"manifest.{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors()]
         raise StoreError(version_dir, problems) from None
@@ -172,12 +315,29 @@ def _check_tensors(kind: str, declared: list[TensorSpec], actual: list[Any]) -> 
     return problems
 
 
+def _check_file(path: Path, entry: FileEntry, root: Path, what: str) -> str | None:
+    """Why a file the manifest lists cannot be trusted, or None: not a regular file in the store, unreadable, or
+    not the bytes the manifest's checksum names."""
+    if (why := regular_file(path, root, what)) is not None:
+        return why
+    try:
+        digest = sha256_file(path)
+    except OSError as e:
+        return f"{what} cannot be read: {e}"
+    if digest != entry.sha256:
+        return f"{what} sha256 is {digest[:12]}..., manifest says {entry.sha256[:12]}..."
+    return None
+
+
 def validate_version(version_dir: Path, make_session=None) -> LoadedVersion:
     """Validate one version folder and open its graphs; raises StoreError listing every problem.
 
     make_session(path) -> InferenceSession is injected so the caller decides providers and options;
     without it, graphs are opened on the CPU provider.
     """
+    root = version_dir.parent.parent.resolve()
+    if (why := outside(version_dir, root)) is not None:
+        raise StoreError(version_dir, [f"the version folder {why}"])
     manifest = read_manifest(version_dir)
     problems: list[str] = []
     if version_dir.name != str(manifest.version):
@@ -185,11 +345,8 @@ def validate_version(version_dir: Path, make_session=None) -> LoadedVersion:
     if version_dir.parent.name != manifest.name:
         problems.append(f"folder is under '{version_dir.parent.name}' but manifest.name is '{manifest.name}'")
     for name, entry in manifest.files.items():
-        path = version_dir / name
-        if not path.is_file():
-            problems.append(f"file '{name}' is missing")
-        elif (digest := sha256_file(path)) != entry.sha256:
-            problems.append(f"file '{name}' sha256 is {digest[:12]}..., manifest says {entry.sha256[:12]}...")
+        if (why := _check_file(version_dir / name, entry, root, f"file '{name}'")) is not None:
+            problems.append(why)
     missing = [g for g in REQUIRED_GRAPHS[manifest.family] if g not in manifest.graphs]
     if missing:
         problems.append(f"family '{manifest.family}' needs graphs {missing}")
@@ -210,7 +367,8 @@ def validate_version(version_dir: Path, make_session=None) -> LoadedVersion:
         try:
             sess = make_session(version_dir / spec.file)
         except Exception as e:  # onnxruntime raises several exception types for a bad graph
-            problems.append(f"graph '{gname}' ({spec.file}) does not load: {str(e).splitlines()[0][:200]}")
+            first_line = (str(e).splitlines() or [type(e).__name__])[0]
+            problems.append(f"graph '{gname}' ({spec.file}) does not load: {first_line[:200]}")
             continue
         problems += [f"graph '{gname}': {p}" for p in _check_tensors("input", spec.inputs, sess.get_inputs())]
         problems += [f"graph '{gname}': {p}" for p in _check_tensors("output", spec.outputs, sess.get_outputs())]
@@ -223,30 +381,127 @@ def validate_version(version_dir: Path, make_session=None) -> LoadedVersion:
     return loaded
 
 
-def discover(root: Path) -> list[Path]:
-    """Every `<root>/<model>/<version>/` folder whose version is an integer, sorted."""
+def _entries(folder: Path) -> list[Path]:
+    """The entries of a folder, sorted, those starting with a dot left out (training stages a version in
+    `.<version>-*`; editors and version control leave their own). Raises OSError."""
+    return sorted(p for p in folder.iterdir() if not p.name.startswith("."))
+
+
+def is_dir(path: Path) -> bool:
+    try:
+        return path.is_dir()
+    except OSError:  # is_dir() swallows only some errors (a name too long, for one, escapes it)
+        return False
+
+
+def version_name_problem(name: str) -> str | None:
+    """Why a folder name is not a version number, or None for one."""
+    if _VERSION_NAME.fullmatch(name):
+        return None
+    return (f"'{name}' is not a version number: versions are named 1 to {MAX_VERSION} in ASCII digits without "
+            f"a leading zero")
+
+
+def model_folders(root: Path) -> list[str]:
+    """The names of the model folders in the store: directories whose name is a valid model name, whatever
+    they hold. Logs nothing: scan_store() reports on the same entries."""
+    try:
+        return [p.name for p in _entries(root) if _MODEL_NAME.fullmatch(p.name) and is_dir(p)]
+    except OSError:
+        return []
+
+
+@dataclass
+class Scan:
+    """What the store's layout offers: version folders to validate, and entries refused by their place alone."""
+    versions: list[Path] = field(default_factory=list)
+    refused: dict[str, list[str]] = field(default_factory=dict)
+
+    def refuse(self, path: Path, problems: list[str]) -> None:
+        refuse(self.refused, path, problems)
+
+
+def refuse(refused: dict[str, list[str]], path: Path, problems: list[str]) -> None:
+    """Record a refused entry under its printable path, with its one log line. `problems` come from a StoreError
+    (already tidy) or name one thing each, which may hold any name found on disk."""
+    key, problems = printable(str(path)), [printable(p) for p in problems]
+    refused[key] = problems
+    log.error("model store: refusing %s: %s", key, "; ".join(problems))
+
+
+def _skip(path: Path, why: str) -> None:
+    log.warning("model store: skipping %s: %s", printable(str(path)), printable(why))
+
+
+def _scan_model(model_dir: Path, root: Path, scan: Scan) -> None:
+    try:
+        entries = _entries(model_dir)
+    except OSError as e:
+        scan.refuse(model_dir, [f"the model folder cannot be listed: {e}"])
+        return
     found = []
-    if not root.is_dir():
-        return found
-    for model_dir in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
-        for vdir in model_dir.iterdir():
-            if vdir.is_dir() and vdir.name.isdigit():
-                found.append(vdir)
-    return sorted(found, key=lambda p: (p.parent.name, int(p.name)))
+    for vdir in entries:
+        name = vdir.name
+        if (why := version_name_problem(name)) is not None:
+            if name == "latest":
+                _skip(vdir, "'latest' is not a version number; the highest valid version serves by default")
+            elif name.isnumeric():  # meant as a version ('02', '0', '²'): listed as refused so that it shows
+                scan.refuse(vdir, [why])
+            else:
+                _skip(vdir, f"not a version folder ({why})")
+        elif (why := outside(vdir, root)) is not None:
+            scan.refuse(vdir, [f"the version folder {why}"])
+        elif not is_dir(vdir):
+            scan.refuse(vdir, ["a version must be a folder, and this is not one"])
+        else:
+            found.append(vdir)
+    scan.versions += sorted(found, key=lambda p: int(p.name))
+
+
+def scan_store(root: Path) -> Scan:
+    """Walk `<root>/<model>/<version>/`: the version folders to validate, sorted by model and version, and what
+    the layout alone refuses. Every entry left out is logged once, except names starting with a dot."""
+    scan = Scan()
+    try:
+        real_root = root.resolve()
+        entries = _entries(root)
+    except (OSError, RuntimeError) as e:
+        log.error("model store: cannot list %s: %s", printable(str(root)), e)
+        return scan
+    for model_dir in entries:
+        if not is_dir(model_dir):
+            _skip(model_dir, "not a folder, so not a model")
+        elif not _MODEL_NAME.fullmatch(model_dir.name):
+            scan.refuse(model_dir, [f"'{model_dir.name}' is not a valid model name ({MODEL_NAME})"])
+        elif (why := outside(model_dir, real_root)) is not None:
+            scan.refuse(model_dir, [f"the model folder {why}"])
+        else:
+            _scan_model(model_dir, real_root, scan)
+    return scan
+
+
+def discover(root: Path) -> list[Path]:
+    """Every `<root>/<model>/<version>/` folder whose name is a version number, sorted by model and version."""
+    return scan_store(root).versions
 
 
 def load_store(root: Path, make_session=None) -> tuple[dict[str, dict[int, LoadedVersion]], dict[str, list[str]]]:
-    """Load every valid version under root. Returns (models[name][version], refused[path] = problems)."""
+    """Load every valid version under root. Returns (models[name][version], refused[path] = problems).
+
+    Never raises for what the store holds: each entry is loaded or refused (or skipped) on its own."""
     models: dict[str, dict[int, LoadedVersion]] = {}
-    refused: dict[str, list[str]] = {}
-    for vdir in discover(root):
+    scan = scan_store(root)
+    for vdir in scan.versions:
         try:
             lv = validate_version(vdir, make_session)
         except StoreError as e:
-            refused[str(vdir)] = e.problems
-            log.error("model store: refusing %s: %s", vdir, "; ".join(e.problems))
+            scan.refuse(vdir, e.problems)
+            continue
+        except Exception as e:  # a case no check foresaw still refuses this version only
+            scan.refuse(vdir, [f"validation failed unexpectedly: {type(e).__name__}: {e}"])
+            log.debug("model store: %s failed validation", vdir, exc_info=True)
             continue
         models.setdefault(lv.manifest.name, {})[lv.manifest.version] = lv
         log.info("model store: loaded %s v%d (%s) on %s", lv.manifest.name, lv.manifest.version,
                  lv.manifest.family, ",".join(lv.providers))
-    return models, refused
+    return models, scan.refused

@@ -138,10 +138,32 @@ def _past_range(arr: np.ndarray, info: np.iinfo) -> bool:
     return bool((whole & (low | (flat >= float(info.max)))).any())
 
 
+_NUMBER_TYPES = frozenset({int, float})
+
+
+def _check_json_elements(meta: TensorMeta, data: list, target: np.dtype) -> None:
+    """Refuse elements numpy would take in silently: null (an object array, then a crash), and true/false
+    where numbers are wanted (np.asarray([True, 0.5]) is [1.0, 0.5]), or numbers where booleans are."""
+    try:
+        elements = np.asarray(data, dtype=object).reshape(-1).tolist()
+    except ValueError:  # ragged nesting; the numeric conversion below says so
+        return
+    found = set(map(type, elements))  # in C: cheap even for the largest body
+    if list in found:  # ragged too, a list where a number should be
+        return
+    wanted = frozenset({bool}) if target.kind == "b" else _NUMBER_TYPES
+    if odd := found - wanted:
+        example = next(x for x in elements if type(x) in odd)
+        word = {type(None): "null", bool: "boolean", dict: "object", str: "string", int: "integer",
+                float: "floating-point"}.get(type(example), "non-numeric")
+        _fail(f"input '{meta.name}': data holds {word} values (e.g. {_short(example)}), not {meta.datatype}")
+
+
 def _json_tensor(meta: TensorMeta, data, shape: list[int], count: int) -> np.ndarray:
     target = DATATYPES[meta.datatype]
     if not isinstance(data, list):
         _fail(f"input '{meta.name}': data must be a list")
+    _check_json_elements(meta, data, target)
     try:
         arr = np.asarray(data)
     except (ValueError, TypeError, OverflowError):

@@ -1,4 +1,5 @@
-"""Shared pieces of the /v1 routes: dependencies, seeds, labels and fast JSON responses."""
+"""Shared pieces of the routes: dependencies, seeds, labels, fast JSON responses, and the error statuses each kind
+of route documents."""
 
 from __future__ import annotations
 
@@ -9,8 +10,18 @@ import orjson
 from fastapi import Request
 from starlette.responses import Response
 
-from service.errors import APIError
+from service.errors import APIError, responses
 from service.runtime import ModelVersion, Registry
+
+# The statuses besides 200 that routes answer (service/errors.py's policy), for `responses=` on routers and
+# routes. 408 and 413 are documented where a body is read: their limits apply to any request, but only a body
+# reaches them.
+ANY = responses(500)
+LOOKUP = responses(404, 503)                   # a model by name or version: unknown, or not ready (yet)
+V1_MODEL = {**LOOKUP, **responses(422)}        # a /v1 model endpoint: also an invalid field (body or query)
+V1_BODY = responses(400, 408, 413, 504)        # a JSON body: malformed, late or too large; the batcher's deadline
+V2_ANY = responses(500, v2=True)
+V2_LOOKUP = responses(404, 503, v2=True)
 
 
 def get_registry(request: Request) -> Registry:

@@ -6,11 +6,11 @@ import numpy as np
 from fastapi import APIRouter, Request
 
 from service.imaging import encode_images, to_uint8
-from service.routes.common import label_array, new_seed, reply, resolve
+from service.routes.common import ANY, V1_BODY, V1_MODEL, label_array, new_seed, reply, resolve
 from service.runtime import ModelVersion
 from service.schemas import GanSampleRequest, SampleResponse
 
-router = APIRouter(prefix="/v1/gan", tags=["gan"])
+router = APIRouter(prefix="/v1/gan", tags=["gan"], responses={**ANY, **V1_MODEL, **V1_BODY})
 
 
 def draw(seed: int, n: int, z_dim: int, truncation: float = 1.0,

@@ -7,9 +7,10 @@ import os
 from fastapi import APIRouter, Request
 from starlette.responses import Response
 
-from service.routes.common import JSON, get_registry
+from service.routes.common import ANY, JSON, get_registry
+from service.schemas import Readiness
 
-router = APIRouter(tags=["health"])
+router = APIRouter(tags=["health"], responses=ANY)
 # HEAD, which some load balancers probe with, on routes of their own (one route with both methods gives OpenAPI
 # a duplicate operation id). Included after every other router: FastAPI matches routes one by one, and two
 # more routes up front cost every request ~7 us in-process.
@@ -22,16 +23,26 @@ async def healthz():
     return JSON({"status": "ok"})
 
 
-@router.get("/readyz")
+@router.get("/readyz", response_model=Readiness,
+            responses={503: {"model": Readiness, "description": "Not ready: models still loading, shutting down, or "
+                                                                "a required model with no version serving"}})
 async def readyz(request: Request):
-    """200 once every valid model is loaded and warmed up; 503 before (and while draining at shutdown)."""
+    """200 once every valid model is loaded and warmed up and every required model (GENSERVE_REQUIRED_MODELS,
+    by default every model folder in the store) has a version serving; 503 before, while draining at shutdown,
+    and while a required model has none: `missing` names it, with each refused path and its problems."""
     reg = get_registry(request)
-    body = {"ready": reg.ready, "models": {n: sorted(v) for n, v in reg.models.items()},
-            "refused": sorted(reg.refused), "pid": os.getpid()}  # readiness is per worker: which one answered
-    return JSON(body, status_code=200 if reg.ready else 503)
+    ready = reg.fully_ready
+    body = {"ready": ready, "models": {n: sorted(v) for n, v in reg.models.items()},
+            "refused": sorted(reg.refused), "missing": reg.missing,
+            "pid": os.getpid()}  # readiness is per worker: which one answered
+    return JSON(body, status_code=200 if ready else 503)
 
 
-@router.get("/metrics")
+# Prometheus text, not JSON. A response class without a media type, so that the 200 is documented only as below and
+# the errors keep their JSON bodies; the handler sets the exact content type, with the format's version.
+@router.get("/metrics", response_class=Response, responses={200: {
+    "description": "Prometheus text exposition format: https://prometheus.io/docs/instrumenting/exposition_formats/",
+    "content": {"text/plain": {"schema": {"type": "string"}}}}})
 async def metrics(request: Request):
     body, content_type = request.app.state.metrics.render()
     return Response(body, media_type=content_type)

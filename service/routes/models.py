@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Request
 
-from service.routes.common import JSON, get_registry, not_ready
+from service.routes.common import ANY, JSON, LOOKUP, get_registry, not_ready
 
-router = APIRouter(prefix="/v1/models", tags=["models"])
+router = APIRouter(prefix="/v1/models", tags=["models"], responses=ANY)
 
 
 @router.get("")
@@ -16,7 +16,7 @@ async def list_models(request: Request):
                  "refused": [{"path": p, "problems": probs} for p, probs in reg.refused.items()]})
 
 
-@router.get("/{name}")
+@router.get("/{name}", responses=LOOKUP)
 async def get_model(name: str, request: Request):
     reg = get_registry(request)
     if not reg.ready and name not in reg.models:  # it may be one still loading: not a 404 yet

@@ -8,10 +8,10 @@ import numpy as np
 from fastapi import APIRouter, Request
 
 from service.imaging import decode_images, encode_images
-from service.routes.common import label_array, new_seed, reply, resolve
+from service.routes.common import ANY, V1_BODY, V1_MODEL, label_array, new_seed, reply, resolve
 from service.schemas import LogprobRequest, LogprobResponse, PixelCNNSampleRequest, SampleResponse
 
-router = APIRouter(prefix="/v1/pixelcnn", tags=["pixelcnn"])
+router = APIRouter(prefix="/v1/pixelcnn", tags=["pixelcnn"], responses={**ANY, **V1_MODEL, **V1_BODY})
 ANY_DIGIT = 10
 LN2 = math.log(2.0)
 

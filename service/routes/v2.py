@@ -28,10 +28,12 @@ import asyncio
 from fastapi import APIRouter, Request
 from starlette.responses import Response
 
-from service.routes.common import JSON, get_registry, not_ready
+from service.errors import APIError, responses
+from service.routes.common import JSON, V2_ANY, V2_LOOKUP, get_registry, not_ready
 from service.runtime import ModelNotFound, ModelVersion, Registry, from_onnxruntime
 from service.store import ort_dtype
 from service.v2_codec import (
+    DATATYPES,
     Limits,
     TensorError,
     TensorMeta,
@@ -43,7 +45,7 @@ from service.v2_codec import (
     v2_datatype,
 )
 
-router = APIRouter(prefix="/v2", tags=["v2 (Open Inference Protocol)"])
+router = APIRouter(prefix="/v2", tags=["v2 (Open Inference Protocol)"], responses=V2_ANY)
 PLATFORM = "onnxruntime_onnx"
 EXTENSIONS = ["binary_tensor_data"]
 _OFFLOAD_BYTES = 1 << 20          # decode/encode bodies above this off the event loop
@@ -101,14 +103,18 @@ async def live():
     return JSON({"live": True})
 
 
-@router.get("/health/ready")
+@router.get("/health/ready", responses=responses(503, v2=True, always_retry_after=False))
 async def ready(request: Request):
+    """Ready as /readyz is: loaded, and every required model has a version serving."""
     if not (reg := get_registry(request)).ready:
         raise not_ready(reg)
+    if reg.missing:  # loaded, but a required model has nothing serving: restarting, not waiting, mends that
+        raise APIError(503, "not_ready", f"required models have no version serving: {sorted(reg.missing)}")
     return JSON({"ready": True})
 
 
-@router.post("/repository/index")
+# 503: a POST past the in-flight limit of its path (service.middleware), this one too
+@router.post("/repository/index", responses=responses(503, v2=True))
 async def repository_index(request: Request):
     """Every V2 model and version (Triton's model repository index); all are READY once the store is."""
     reg = get_registry(request)
@@ -134,22 +140,22 @@ def _ready(request: Request, name: str, version: str | None) -> JSON:
 
 # Each endpoint with and without a version, as thin pairs: one function under both paths would turn
 # `version` into a query parameter of the unversioned path.
-@router.get("/models/{name}")
+@router.get("/models/{name}", responses=V2_LOOKUP)
 async def model_metadata(name: str, request: Request):
     return _metadata(request, name, None)
 
 
-@router.get("/models/{name}/versions/{version}")
+@router.get("/models/{name}/versions/{version}", responses=V2_LOOKUP)
 async def model_version_metadata(name: str, version: str, request: Request):
     return _metadata(request, name, version)
 
 
-@router.get("/models/{name}/ready")
+@router.get("/models/{name}/ready", responses=V2_LOOKUP)
 async def model_ready(name: str, request: Request):
     return _ready(request, name, None)
 
 
-@router.get("/models/{name}/versions/{version}/ready")
+@router.get("/models/{name}/versions/{version}/ready", responses=V2_LOOKUP)
 async def model_version_ready(name: str, version: str, request: Request):
     return _ready(request, name, version)
 
@@ -160,20 +166,42 @@ def _ort_rejected(exc: Exception) -> bool:
     return from_onnxruntime(exc) and type(exc).__name__ == "InvalidArgument"
 
 
-# the body is read raw (JSON, or JSON followed by binary tensors), so the spec is declared by hand
+# The body is read raw (JSON, or JSON followed by binary tensors), so the spec is declared by hand: the protocol's
+# request (see service/v2_codec.py). Names, datatypes and shapes must also be the model's (GET /v2/models/{name}).
+_PARAMETERS = {"type": "object", "description": "protocol parameters; shared memory is not supported"}
+_INFER_REQUEST = {"type": "object", "required": ["inputs"], "properties": {
+    "id": {"type": "string", "description": "echoed in the response"},
+    "parameters": {**_PARAMETERS, "properties": {"binary_data_output": {"type": "boolean"}}},
+    "inputs": {"type": "array", "minItems": 1, "items": {
+        "type": "object", "required": ["name", "datatype", "shape"], "properties": {
+            "name": {"type": "string"},
+            "datatype": {"enum": sorted(DATATYPES)},
+            "shape": {"type": "array", "items": {"type": "integer", "minimum": 1}},
+            "parameters": {**_PARAMETERS, "properties": {"binary_data_size": {
+                "type": "integer", "minimum": 0, "description": "its bytes follow the JSON, in place of data"}}},
+            "data": {"type": "array", "description": "the elements in row-major order, flat or nested"}}}},
+    "outputs": {"type": "array", "items": {"type": "object", "required": ["name"], "properties": {
+        "name": {"type": "string"},
+        "parameters": {**_PARAMETERS, "properties": {"binary_data": {"type": "boolean"}}}}}}}}
 _INFER_BODY = {"requestBody": {"required": True, "content": {
-    "application/json": {"schema": {"type": "object", "required": ["inputs"]}},
+    "application/json": {"schema": _INFER_REQUEST},
     "application/octet-stream": {"schema": {"type": "string", "format": "binary"},
                                  "description": "JSON header (its length in Inference-Header-Content-Length), "
                                                 "then the binary tensors"}}}}
+# binary outputs (the extension) come back as application/octet-stream, likewise a JSON header and the tensors
+_INFER_RESPONSES = {
+    200: {"content": {"application/octet-stream": {
+        "schema": {"type": "string", "format": "binary"},
+        "description": "JSON header (its length in Inference-Header-Content-Length), then the binary tensors"}}},
+    **V2_LOOKUP, **responses(400, 408, 413, 504, v2=True)}
 
 
-@router.post("/models/{name}/infer", openapi_extra=_INFER_BODY)
+@router.post("/models/{name}/infer", openapi_extra=_INFER_BODY, responses=_INFER_RESPONSES)
 async def infer(name: str, request: Request) -> Response:
     return await _infer(request, name, None)
 
 
-@router.post("/models/{name}/versions/{version}/infer", openapi_extra=_INFER_BODY)
+@router.post("/models/{name}/versions/{version}/infer", openapi_extra=_INFER_BODY, responses=_INFER_RESPONSES)
 async def infer_version(name: str, version: str, request: Request) -> Response:
     return await _infer(request, name, version)
 

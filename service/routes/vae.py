@@ -7,7 +7,7 @@ from fastapi import APIRouter, Query, Request
 
 from service.errors import invalid
 from service.imaging import decode_image, decode_images, encode_images, to_uint8
-from service.routes.common import new_seed, reply, resolve
+from service.routes.common import ANY, V1_BODY, V1_MODEL, new_seed, reply, resolve
 from service.runtime import ModelVersion
 from service.schemas import (
     ImagesResponse,
@@ -21,7 +21,7 @@ from service.schemas import (
     VaeSampleRequest,
 )
 
-router = APIRouter(prefix="/v1/vae", tags=["vae"])
+router = APIRouter(prefix="/v1/vae", tags=["vae"], responses={**ANY, **V1_MODEL})  # POST routes add V1_BODY
 
 
 async def _encode(mv: ModelVersion, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -40,7 +40,7 @@ def _latent_dim(mv: ModelVersion) -> int:
     return mv.manifest.graphs["decoder"].inputs[0].shape[1]
 
 
-@router.post("/encode", response_model=VaeEncodeResponse)
+@router.post("/encode", response_model=VaeEncodeResponse, responses=V1_BODY)
 async def encode(body: VaeEncodeRequest, request: Request):
     """q(z|x) for each image: the mean and standard deviation of its diagonal Gaussian."""
     mv = resolve(request, "vae", body.model_version)
@@ -49,7 +49,7 @@ async def encode(body: VaeEncodeRequest, request: Request):
     return reply(mv, latents=[{"mean": m.tolist(), "std": s.tolist()} for m, s in zip(mean, std, strict=True)])
 
 
-@router.post("/decode", response_model=ImagesResponse)
+@router.post("/decode", response_model=ImagesResponse, responses=V1_BODY)
 async def decode(body: VaeDecodeRequest, request: Request):
     mv = resolve(request, "vae", body.model_version)
     d = _latent_dim(mv)
@@ -60,7 +60,7 @@ async def decode(body: VaeDecodeRequest, request: Request):
     return reply(mv, images=encode_images(images, body.format))
 
 
-@router.post("/sample", response_model=SampleResponse)
+@router.post("/sample", response_model=SampleResponse, responses=V1_BODY)
 async def sample(body: VaeSampleRequest, request: Request):
     """Decode z ~ N(0, temperature^2 I) drawn from the seed."""
     mv = resolve(request, "vae", body.model_version)
@@ -77,7 +77,7 @@ async def attributes(request: Request, model_version: int | None = Query(None, g
                                   "std": a.std} for k, a in mv.manifest.attributes.items()])
 
 
-@router.post("/edit", response_model=ImagesResponse)
+@router.post("/edit", response_model=ImagesResponse, responses=V1_BODY)
 async def edit(body: VaeEditRequest, request: Request):
     """Encode, move the latent mean along each named attribute direction by `strength` training-set standard
     deviations of that attribute, decode. GET /v1/vae/attributes lists the attributes."""
@@ -103,7 +103,7 @@ def slerp(a: np.ndarray, b: np.ndarray, t: np.ndarray) -> np.ndarray:
     return (np.sin((1 - t) * omega)[:, None] * a + np.sin(t * omega)[:, None] * b) / np.sin(omega)
 
 
-@router.post("/interpolate", response_model=ImagesResponse)
+@router.post("/interpolate", response_model=ImagesResponse, responses=V1_BODY)
 async def interpolate(body: VaeInterpolateRequest, request: Request):
     """`steps` images from start to end (both included) along a path between their latent means."""
     mv = resolve(request, "vae", body.model_version)

@@ -183,3 +183,24 @@ def test_device_out_of_memory_while_sampling_is_503(tiny_store):
         c.app.state.registry.get("pixelcnn").loaded.sessions["vstack"].run = out_of_memory
         r = c.post("/v1/pixelcnn/sample", json={"n": 1, "seed": 0})
         assert _err(r, 503)["code"] == "resource_exhausted"
+
+
+# The OpenAPI document now refuses these bodies too (tests/unit/test_openapi.py); validation answers as before
+@pytest.mark.parametrize("path,body,field", [
+    ("/v1/gan/sample", {"labels": []}, "labels"),
+    ("/v1/gan/sample", {"labels": [1] * 257}, "labels"),
+    ("/v1/pixelcnn/sample", {"labels": [1] * 65}, "labels"),
+    ("/v1/gan/sample", {"seed": 2**63}, "seed"),
+    ("/v1/gan/sample", {"n": 2.0}, "n"),  # JSON Schema's integer admits 2.0, these strict types do not: documented
+    ("/v1/vae/encode", {"images": [None]}, "images[0]"),
+    ("/v1/vae/encode", {"images": [""]}, "images[0]"),
+    ("/v1/vae/interpolate", {"start": None, "end": ZERO}, "start"),
+    ("/v1/vae/decode", {"latents": [[]]}, "latents[0]"),
+    ("/v1/vae/edit", {"images": [ZERO], "edits": {"": 1.0}}, "edits."),
+])
+def test_bodies_the_schema_refuses_name_their_field(client, path, body, field):
+    _err(client.post(path, json=body), 422, field)
+
+
+def test_the_largest_seed_the_schema_states_is_accepted(client):
+    assert client.post("/v1/vae/sample", json={"seed": 2**63 - 1}).json()["seed"] == 2**63 - 1

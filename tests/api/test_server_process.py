@@ -71,6 +71,15 @@ def test_head_probes_over_http(server):
             assert c.get(path).status_code == 200
 
 
+def test_sighup_is_logged_and_ignored(server):
+    """SIGHUP's default action would kill the server without draining; it is logged and the server serves on."""
+    base, proc = server
+    proc.send_signal(signal.SIGHUP)
+    time.sleep(0.5)
+    assert proc.poll() is None
+    assert httpx.post(base + "/v1/gan/sample", json={"n": 1, "seed": 1}, timeout=30).status_code == 200
+
+
 def test_graceful_shutdown_finishes_accepted_work(server):
     base, proc = server
     with cf.ThreadPoolExecutor(1) as pool:

@@ -118,6 +118,13 @@ def test_two_workers_share_one_metrics_view(tmp_path, monkeypatch):
         workers = {int(f.stem.rsplit("_", 1)[1]) for f in mp_dir.glob("gauge_livemax_*.db")}
         assert len(workers) == 2 and victim not in workers, workers
 
+        # SIGHUP to the supervisor is logged and ignored: uvicorn's own would restart every worker.
+        proc.send_signal(signal.SIGHUP)
+        time.sleep(2)
+        assert proc.poll() is None and all(os.path.exists(f"/proc/{pid}") for pid in workers)
+        send(base, 4, seed0=20_000)
+        assert "SIGHUP received and ignored" in log.read_text()
+
     # Workers that exit cleanly (SIGTERM at shutdown) withdraw their live gauges themselves.
     assert proc.poll() is not None
     assert not list(mp_dir.glob("gauge_live*.db")), list(mp_dir.iterdir())

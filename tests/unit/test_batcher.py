@@ -16,6 +16,7 @@ from service.batcher import (
     BatchingConfig,
     DeadlineExceeded,
     QueueFull,
+    arrived_at,
 )
 
 
@@ -397,3 +398,67 @@ def test_failed_calls_count_as_compute_time() -> None:
     assert len(predict.calls) == 3
     [(size, _waits, compute_s)] = observer.batches
     assert size == 2 and compute_s >= 0.06
+
+
+def test_deadline_counts_from_the_requests_arrival() -> None:
+    """Time a request spent before reaching the batcher is not granted again: arrived long ago, refused at once."""
+    predict, observer = Recorder(), RecordingObserver()
+
+    async def scenario(batcher: Batcher) -> None:
+        arrived_at.set(asyncio.get_running_loop().time() - 5.0)   # arrived 5 s ago; the deadline is 1 s
+        with pytest.raises(DeadlineExceeded):
+            await batcher.submit(rows(0, 1))
+        arrived_at.set(asyncio.get_running_loop().time() - 0.5)   # half of the second left: still served
+        check(rows(0, 1), await batcher.submit(rows(0, 1)))
+
+    run(scenario, predict, observer, timeout_s=1.0)
+    assert len(predict.calls) == 1 and observer.rejects == ["deadline"]
+
+
+def test_work_that_would_outlast_its_deadline_is_refused_up_front() -> None:
+    """After a slow batch the batcher knows its speed; queued work ahead that would take longer than a new request
+    has left is QueueFull at once (503, retry elsewhere), not a 504 after the whole wait."""
+    gate = threading.Event()
+    predict, observer = Recorder(gate=gate, delay_s=0.05), RecordingObserver()
+
+    async def scenario(batcher: Batcher) -> None:
+        gate.set()
+        await batcher.submit(rows(0, 1))                   # ~50 ms for one item: the estimate
+        assert batcher.expected_wait_s(1, ahead=False) == pytest.approx(0.05, rel=0.5)
+        gate.clear()
+        held = asyncio.create_task(batcher.submit(rows(1, 1)))   # computing, gated
+        await wait_until(lambda: len(predict.calls) == 2)
+        queued = [asyncio.create_task(batcher.submit(rows(2 + i, 1))) for i in range(8)]
+        await asyncio.sleep(0.01)
+        with pytest.raises(QueueFull, match="deadline"):   # 8 queued items ahead at ~50 ms each > 0.3 s
+            await batcher.submit(rows(20, 1), timeout_s=0.3)
+        gate.set()
+        await asyncio.gather(held, *queued)
+
+    run(scenario, predict, observer, max_batch_size=1, timeout_s=5.0)
+    assert observer.rejects == ["expected_wait"]
+    assert 20 * 3 not in predict.seen()                    # the refused request never reached predict
+
+
+def test_work_is_refused_when_the_queue_ahead_exceeds_the_queue_wait_limit() -> None:
+    """max_queue_wait_s bounds the wait whatever the deadline; the request's own work does not count, so a big
+    request on an idle batcher is always taken."""
+    gate = threading.Event()
+    predict, observer = Recorder(gate=gate, delay_s=0.1), RecordingObserver()
+
+    async def scenario(batcher: Batcher) -> None:
+        gate.set()
+        await batcher.submit(rows(0, 1))                    # the speed estimate: ~100 ms an item
+        check(rows(0, 5), await batcher.submit(rows(0, 5)))  # ~500 ms of its own work, nothing ahead: taken
+        gate.clear()
+        held = asyncio.create_task(batcher.submit(rows(1, 1)))
+        await wait_until(lambda: len(predict.calls) == 7)
+        queued = [asyncio.create_task(batcher.submit(rows(2 + i, 1))) for i in range(3)]   # ~300 ms ahead
+        await asyncio.sleep(0.01)
+        with pytest.raises(QueueFull, match="limit 0.25s"):
+            await batcher.submit(rows(20, 1))
+        gate.set()
+        await asyncio.gather(held, *queued)
+
+    run(scenario, predict, observer, max_batch_size=1, timeout_s=30.0, max_queue_wait_s=0.25)
+    assert observer.rejects == ["expected_wait"]

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import resource
 import socket
 
 import pytest
 import uvicorn
 
-from service.__main__ import _bind_sockets_as_tcp
+from service.__main__ import _bind_sockets_as_tcp, _raise_open_files_limit
 
 
 def nodelay_of_accepted(sock: socket.socket) -> int:
@@ -44,3 +45,16 @@ def test_shared_socket_names_tcp_so_accepted_connections_get_nodelay(monkeypatch
     sock = bound(monkeypatch)
     assert sock.proto == socket.IPPROTO_TCP and sock.get_inheritable()
     assert nodelay_of_accepted(sock) != 0
+
+
+def test_open_files_soft_limit_is_raised_to_the_hard_limit():
+    """Every connection is a descriptor: at the usual soft limit of 1024, a thousand slow clients stopped the
+    server from accepting anything, /healthz included."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(1024, hard), hard))
+        _raise_open_files_limit()
+        raised, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+        assert raised == (hard if hard != resource.RLIM_INFINITY else 1 << 20) and raised >= min(1024, hard)
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))

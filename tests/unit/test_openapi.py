@@ -1,21 +1,128 @@
-"""docs/openapi.json is the app's current OpenAPI document."""
+"""docs/openapi.json is the app's current OpenAPI document, and a truthful one: every error status with the body
+the service answers, Prometheus text for /metrics, exact integer bounds, and request schemas that refuse what
+validation refuses. tests/api/test_schemathesis.py holds the document against a live server."""
 
 from __future__ import annotations
 
 import json
+from functools import cache
 
-from service.openapi import OPENAPI_FILE, REGENERATE, render
+import pytest
+from fastapi.testclient import TestClient
+from jsonschema import Draft202012Validator
+
+from service.app import create_app
+from service.openapi import OPENAPI_FILE, REGENERATE, install, render
+from service.settings import Settings
+
+ZERO = [[0] * 28 for _ in range(28)]
+
+
+@cache
+def document() -> dict:
+    return json.loads(render())
+
+
+def operations():
+    for path, methods in document()["paths"].items():
+        for method, operation in methods.items():
+            yield path, method, operation
 
 
 def test_committed_openapi_document_is_current():
     assert OPENAPI_FILE.exists(), f"{OPENAPI_FILE} is missing: run `{REGENERATE}`"
-    current, committed = json.loads(render()), json.loads(OPENAPI_FILE.read_text())
+    current, committed = document(), json.loads(OPENAPI_FILE.read_text())
     stale = sorted(set(current["paths"]) ^ set(committed["paths"]))
     assert current == committed, (f"{OPENAPI_FILE.name} is stale (paths added or removed: {stale or 'none'}); "
                                   f"regenerate it with `{REGENERATE}`")
 
 
+def test_installed_document_is_served():
+    app = create_app(Settings())
+    install(app)
+    assert TestClient(app).get("/openapi.json").json() == document()  # no lifespan: nothing loads
+
+
 def test_document_covers_the_v1_api():
-    paths = json.loads(render())["paths"]
+    paths = document()["paths"]
     for path in ("/v1/gan/sample", "/v1/vae/encode", "/v1/pixelcnn/sample", "/v1/models", "/healthz", "/readyz"):
         assert path in paths
+
+
+@pytest.mark.parametrize("path,method,statuses", [
+    ("/v1/gan/sample", "post", {200, 400, 404, 408, 413, 422, 500, 503, 504}),
+    ("/v1/vae/attributes", "get", {200, 404, 422, 500, 503}),
+    ("/v1/models/{name}", "get", {200, 404, 500, 503}),
+    ("/readyz", "get", {200, 500, 503}),
+    ("/v2/models/{name}/infer", "post", {200, 400, 404, 408, 413, 500, 503, 504}),
+    ("/v2/models/{name}", "get", {200, 404, 500, 503}),
+])
+def test_routes_document_the_statuses_they_answer(path, method, statuses):
+    assert set(map(int, document()["paths"][path][method]["responses"])) == statuses
+
+
+def test_errors_are_documented_with_the_bodies_the_service_answers():
+    for path, method, operation in operations():
+        for status, response in operation["responses"].items():
+            if status.startswith("2") or path == "/readyz":
+                continue
+            schema = response["content"]["application/json"]["schema"]
+            body = "V2ErrorResponse" if path.startswith("/v2") else "ErrorResponse"
+            assert schema == {"$ref": f"#/components/schemas/{body}"}, (path, method, status)
+            if status == "503":
+                assert "Retry-After" in response["headers"], (path, method)
+    # FastAPI's own 422 body ({"detail": [...]}) is never answered here
+    assert "HTTPValidationError" not in json.dumps(document())
+
+
+def test_metrics_is_documented_as_prometheus_text():
+    assert set(document()["paths"]["/metrics"]["get"]["responses"]["200"]["content"]) == {"text/plain"}
+
+
+def test_integer_bounds_are_integers_and_exact():
+    text = render()
+    assert '"maximum": 9223372036854775807' in text and "9.223372036854776e" not in text
+
+    def floats_in_integer_schemas(node):
+        if isinstance(node, dict):
+            if node.get("type") == "integer":
+                yield from (k for k, v in node.items() if isinstance(v, float))
+            for value in node.values():
+                yield from floats_in_integer_schemas(value)
+        elif isinstance(node, list):
+            for value in node:
+                yield from floats_in_integer_schemas(value)
+
+    assert list(floats_in_integer_schemas(document())) == []
+
+
+def request_schema(name: str) -> Draft202012Validator:
+    return Draft202012Validator({"$ref": f"#/components/schemas/{name}", "components": document()["components"]})
+
+
+# Each refused by validation (tests/api/test_errors.py), and now by the schema too
+@pytest.mark.parametrize("schema,body", [
+    ("GanSampleRequest", {"labels": []}),
+    ("GanSampleRequest", {"labels": [1] * 257}),
+    ("PixelCNNSampleRequest", {"labels": [1] * 65}),
+    ("GanSampleRequest", {"seed": 2**63}),
+    ("VaeEncodeRequest", {"images": [None]}),
+    ("VaeEncodeRequest", {"images": [""]}),
+    ("VaeEncodeRequest", {"images": [ZERO[:27]]}),
+    ("VaeEncodeRequest", {"images": [[[256] * 28] * 28]}),
+    ("VaeInterpolateRequest", {"start": None, "end": ZERO}),
+    ("VaeDecodeRequest", {"latents": [[]]}),
+    ("VaeEditRequest", {"images": [ZERO], "edits": {"": 1.0}}),
+])
+def test_request_schemas_refuse_what_validation_refuses(schema, body):
+    assert not request_schema(schema).is_valid(body)
+
+
+@pytest.mark.parametrize("schema,body", [
+    ("GanSampleRequest", {"n": 2, "labels": [3, 8], "seed": 2**63 - 1}),
+    ("VaeEncodeRequest", {"images": ["iVBORw0KGgo=", ZERO]}),
+    ("VaeDecodeRequest", {"latents": [[0.0] * 16]}),
+    ("VaeEditRequest", {"images": [ZERO], "edits": {"slant": -1.5}}),
+])
+def test_request_schemas_admit_valid_bodies(schema, body):
+    assert request_schema(schema).is_valid(body)

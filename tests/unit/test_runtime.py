@@ -1,6 +1,10 @@
-"""service/runtime.py pieces that need no GPU: bucket sizes and the fixed-shape (padded) predict."""
+"""service/runtime.py pieces that need no GPU: bucket sizes, the fixed-shape (padded) predict, and the registry
+refusing one version that cannot serve while the others do (and what readiness then requires)."""
 
 from __future__ import annotations
+
+import logging
+import shutil
 
 import numpy as np
 import pytest
@@ -87,3 +91,88 @@ def test_a_bucket_session_that_fails_to_open_falls_back_to_one_session(caplog):
     mv, _ = _gan_version(make_session=full_gpu)
     assert not isinstance(mv.predict["generator"], PaddedPredict)
     assert "no bucket sessions" in caplog.text
+
+
+# ----------------------------------------------------------------------------- one version failing alone
+
+
+@pytest.fixture
+def store(tiny_store, tmp_path):
+    dst = tmp_path / "store"
+    shutil.copytree(tiny_store, dst)
+    return dst
+
+
+def _started(store, **overrides):
+    """A registry loaded and started on `store` (CPU, no warm-up unless asked), then stopped: (registry, whether
+    it was fully ready while started)."""
+    import asyncio
+
+    from service.metrics import Metrics
+    from service.runtime import Registry
+    from service.settings import Settings
+
+    reg = Registry(Settings(store_path=store, providers="cpu", worker_threads=1, **{"warmup": False, **overrides}),
+                   Metrics())
+    reg.load()
+
+    async def run():
+        await reg.start()
+        fully_ready = reg.fully_ready
+        await reg.stop()
+        return fully_ready
+    return reg, asyncio.run(run())
+
+
+def test_a_version_that_cannot_be_set_up_is_refused_and_the_others_serve(store, monkeypatch, caplog):
+    from service import runtime
+
+    real = runtime.ModelVersion
+
+    def model_version(lv, *args, **kwargs):
+        if lv.manifest.name == "gan":
+            raise RuntimeError("no memory left for its batchers")
+        return real(lv, *args, **kwargs)
+    monkeypatch.setattr(runtime, "ModelVersion", model_version)
+    reg, fully_ready = _started(store)
+    assert sorted(reg.models) == ["pixelcnn", "vae"] and not fully_ready
+    assert reg.refused == {str(store / "gan/1"): ["cannot be set up for serving: RuntimeError: no memory left for its "
+                                                  "batchers"]}
+    assert reg.missing == {"gan": [f"{store / 'gan/1'}: cannot be set up for serving: RuntimeError: no memory left "
+                                   "for its batchers"]}
+    assert sum(str(store / "gan/1") in r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR) == 2
+    # one line refusing the version, one saying the service is not ready and why
+
+
+def test_a_version_that_fails_warm_up_is_withdrawn_and_the_others_serve(store, monkeypatch):
+    from service import runtime
+
+    real = runtime.ModelVersion.warmup
+
+    def warmup(self):
+        if self.name == "vae":
+            raise RuntimeError("the graph loads but cannot run")
+        return real(self)
+    monkeypatch.setattr(runtime.ModelVersion, "warmup", warmup)
+    reg, fully_ready = _started(store, warmup=True)
+    assert sorted(reg.models) == ["gan", "pixelcnn"] and not fully_ready
+    assert list(reg.refused) == [str(store / "vae/1")] and list(reg.missing) == ["vae"]
+
+
+def test_required_models_default_to_every_model_folder_and_the_setting_narrows_them(store):
+    (store / "vae/1/decoder.onnx").write_bytes(b"truncated")
+    (store / "empty").mkdir()
+    reg, fully_ready = _started(store)
+    assert reg.required == ["empty", "gan", "pixelcnn", "vae"] and not fully_ready
+    assert reg.missing["empty"] == [f"{store / 'empty'}: holds no version folder"]
+    (why,) = reg.missing["vae"]
+    assert why.startswith(f"{store / 'vae/1'}: file 'decoder.onnx' sha256 is")
+
+    reg, fully_ready = _started(store, required_models=["gan", "pixelcnn"])
+    assert fully_ready and reg.missing == {} and sorted(reg.models) == ["gan", "pixelcnn"]
+
+    reg, fully_ready = _started(store, required_models=["gan", "nothere"])
+    assert not fully_ready and reg.missing == {"nothere": [f"{store / 'nothere'}: no such folder"]}
+
+    reg, fully_ready = _started(store, required_models=[])
+    assert fully_ready
