@@ -15,11 +15,12 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 # Debian packages that the deploy tests drive as real programs. Installed with apt-get when one is missing.
-SYSTEM_TOOLS := prometheus promtool nginx docker-compose
-SYSTEM_PACKAGES := prometheus nginx docker-compose
+# dockerd, not docker: a docker client alone does not make an engine.
+SYSTEM_TOOLS := prometheus promtool nginx docker-compose dockerd debootstrap
+SYSTEM_PACKAGES := prometheus nginx docker-compose docker.io debootstrap
 export PATH := $(PATH):/usr/sbin:/sbin
 
-system-deps:  ## prometheus (with promtool), nginx and docker-compose v1, via apt-get (as root, or with sudo)
+system-deps:  ## prometheus (promtool), nginx, docker-compose v1, docker.io, debootstrap: apt-get (root or sudo)
 	@missing=; for t in $(SYSTEM_TOOLS); do command -v $$t >/dev/null 2>&1 || missing="$$missing $$t"; done; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing Debian packages for:$$missing"; \
