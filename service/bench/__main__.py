@@ -14,11 +14,15 @@ import time
 import traceback
 from pathlib import Path
 
-from service.bench import report
+from service.bench import overload, report, scenarios
 from service.bench.cpu import CpuMeter
 from service.bench.load import Windows
-from service.bench.scenarios import SCENARIOS, Context, load_digits
+from service.bench.scenarios import Context, load_digits
 from service.bench.server import REPO
+
+SCENARIOS = {"logprob": scenarios.logprob, "gan": scenarios.gan, "batching": scenarios.batching,
+             "sampling": scenarios.sampling, "iteration": scenarios.iteration, "overload": overload.overload,
+             "soak": overload.soak}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -83,11 +83,23 @@ def _ceiling(floor: dict) -> str:
     return "; ".join(parts) or "-"
 
 
+_FLOOR_FORMATS = {  # what -> (the measured figure, the floor) as text
+    "bool": (lambda m: "yes" if m >= 1 else "no", lambda f: "yes"),
+    "ratio": (lambda m: f"{_f(m, 2)}x", lambda f: f">= {f:g}x"),
+    "share": (lambda m: f"{m:.2%}" if m == m else "-", lambda f: f">= {f:.1%}"),
+    "max_share": (lambda m: f"{m:+.1%}" if m == m else "-", lambda f: f"<= {f:.0%}"),
+    "max_ms": (lambda m: f"{_f(m, 0)} ms", lambda f: f"<= {f:,.0f} ms"),
+    "max_count": (lambda m: f"{m:,.0f}", lambda f: f"<= {f:,.0f}"),
+}
+
+
 def floor_rows(floors: list[dict]) -> list[list[str]]:
-    return [[f["name"], ("yes" if f["measured"] >= 1 else "no") if f["what"] == "bool" else f"{_f(f['measured'], 2)}x",
-             "yes" if f["what"] == "bool" else f">= {f['floor']:g}x", "PASS" if f["pass"] else "FAIL",
-             _ceiling(f)]
-            for f in floors]
+    rows = []
+    for f in floors:
+        measured, floor = _FLOOR_FORMATS.get(f["what"], _FLOOR_FORMATS["ratio"])
+        rows.append([f["name"], measured(f["measured"]), floor(f["floor"]), "PASS" if f["pass"] else "FAIL",
+                     _ceiling(f)])
+    return rows
 
 
 def text_table(header: list[str], rows: list[list[str]]) -> str:
@@ -164,6 +176,31 @@ def limit_lines(run: dict) -> list[str]:
     return out
 
 
+OVERLOAD_HEADER = ["route", "load", "offered/s", "requests", "200", "503", "other", "no answer (lost)", "answered",
+                   "200s p50 ms", "200s p99 ms", "any answer p99 ms", "connections"]
+
+
+def overload_rows(run: dict) -> list[list[str]]:
+    levels = run["scenarios"].get("overload", {}).get("overload", {}).get("levels", [])
+    return [[r["route"], f"{r['load']:g}x", _f(r["rate"], 0), f"{r['offered']:,}", f"{r['ok']:,}", f"{r['503']:,}",
+             f"{r['other']:,}", f"{r['no_answer']:,} ({r['lost']:,})", f"{r['answered_share']:.2%}",
+             _f(r["ok_p50_ms"], 0), _f(r["ok_p99_ms"], 0), _f(r["answer_p99_ms"], 0), f"{r['connections']:,}"]
+            for r in levels]
+
+
+def soak_lines(run: dict) -> list[str]:
+    if not (k := run["scenarios"].get("soak", {}).get("soak")):
+        return []
+    return [f"Soak: {', '.join(k['routes'])} in proportion to their capacities alone "
+            f"({', '.join(f'{n} {c:,.0f}/s' for n, c in k['routes'].items())}) at {k['rate']:,.0f} requests/s (80% of "
+            f"the mix's capacity: of {k['closed_loop']:,.0f}/s offered open-loop, the rate it sustains closed-loop at "
+            f"c=64, it answered {k['capacity']:,.0f}/s 200) for "
+            f"{k['seconds']:.0f} s: {k['offered']:,} requests, {k['errors']:,} not answered 200 ({k['lost']} lost); "
+            f"server RSS {k['rss_start_mib']:.0f} -> {k['rss_end_mib']:.0f} MiB ({k['rss_growth']:+.1%}); p99 of the "
+            f"200s by {k['window_s']:.0f} s window "
+            f"{', '.join(_f(x, 0) for x in k['ok_p99_by_window_ms'])} ms (last / first {_f(k['p99_drift'], 2)}x)."]
+
+
 def all_results(run: dict) -> list[dict]:
     rows = []
     for name, s in run["scenarios"].items():
@@ -179,6 +216,9 @@ def all_floors(run: dict) -> list[dict]:
 
 def terminal(run: dict) -> str:
     parts = [text_table(HEADER, result_rows(all_results(run))), "", *limit_lines(run)]
+    if rows := overload_rows(run):
+        parts += ["", text_table(OVERLOAD_HEADER, rows)]
+    parts += soak_lines(run)
     if floors := all_floors(run):
         parts += ["", text_table(FLOOR_HEADER, floor_rows(floors))]
     return "\n".join(parts)
@@ -279,8 +319,15 @@ def markdown(run: dict, plot_rel: str | None) -> str:
         "",
         md_table(HEADER, result_rows(all_results(run))),
         "",
-        *[f"- {x}" for x in limit_lines(run)],
+        *[f"- {x}" for x in limit_lines(run) + soak_lines(run)],
     ]
+    if rows := overload_rows(run):
+        lines += ["", "### Overload", "",
+                  "Open loop from several generator processes of raw asyncio HTTP (service/bench/openloop.py): "
+                  "Poisson arrivals at 1x, 2x and 3x the route's capacity measured closed-loop just before; a "
+                  "request finding no idle connection opens one. Latency from the scheduled arrival. No answer: "
+                  "refused connections, and lost requests (sent, then the connection closed or the drain limit "
+                  "passed without an answer).", "", md_table(OVERLOAD_HEADER, rows)]
     if plot_rel:
         lines += ["", f"![throughput and latency against concurrency]({plot_rel})"]
     return "\n".join(lines)

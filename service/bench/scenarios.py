@@ -70,9 +70,11 @@ def _row(r: Result) -> dict:
     return dataclasses.asdict(r)
 
 
+# What a floor's figure is: at least the floor ("ratio", "share", "bool") or at most it ("max_*").
 def _floor(name: str, measured: float, floor: float, what: str) -> dict:
+    holds = measured <= floor if what.startswith("max_") else measured >= floor
     return {"name": name, "what": what, "measured": measured, "floor": floor,
-            "pass": bool(measured == measured and measured >= floor)}
+            "pass": bool(measured == measured and holds)}
 
 
 def logprob_workload(ctx: Context) -> Workload:
@@ -266,6 +268,3 @@ def iteration(ctx: Context) -> dict:
                           "throughput_ratio": ratio(out["shared"].rps, out["sequential"].rps),
                           "shared_sustained": out["shared"].ok == out["shared"].offered},
             "floors": []}
-
-
-SCENARIOS = {"logprob": logprob, "gan": gan, "batching": batching, "sampling": sampling, "iteration": iteration}
