@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import resource
@@ -95,8 +96,6 @@ class _IgnoreHangupInServingProcess:
 
     async def __call__(self, scope, receive, send):
         if scope["type"] == "lifespan":
-            import asyncio
-
             asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, _log_hangup)
         await self.app(scope, receive, send)
 
