@@ -83,17 +83,15 @@ def document(app: FastAPI) -> dict:
 
 
 def install(app: FastAPI) -> None:
-    """Serve `document` as the app's /openapi.json (and to /docs). Call it from create_app."""
+    """Serve `document` as the app's /openapi.json (and to /docs). create_app calls it."""
     app.openapi = lambda: document(app)
 
 
 def render() -> str:
     """Stable text: the document as the app serves it, indented, one trailing newline (diff-friendly)."""
-    from service.app import create_app  # here, not at the top: service.app may import this module
+    from service.app import create_app  # here, not at the top: service.app imports this module
 
-    app = create_app(Settings())
-    install(app)  # a no-op when create_app installed it already
-    return json.dumps(app.openapi(), indent=2, ensure_ascii=False) + "\n"
+    return json.dumps(create_app(Settings()).openapi(), indent=2, ensure_ascii=False) + "\n"
 
 
 def main(argv: list[str] | None = None) -> None:
