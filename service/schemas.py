@@ -39,7 +39,9 @@ Seed = Annotated[int, Field(ge=0, le=MAX_SEED, json_schema_extra={"format": "int
 LatentValue = Annotated[float, Field(allow_inf_nan=False, ge=-1e4, le=1e4)]
 
 
-class _Request(BaseModel):
+class RequestBody(BaseModel):
+    # The base of every /v1 request body (service.errors finds the union fields through it). A comment, not a
+    # docstring: the schema's description is the one below.
     # JSON Schema counts 3.0 as an integer; these types do not, so every request schema says so
     model_config = ConfigDict(strict=True, extra="forbid", protected_namespaces=(), json_schema_extra={
         "description": "Strict types: an integer is written without a fraction (3, not 3.0), a number is not a "
@@ -74,7 +76,7 @@ def _labels_ok(v: int | list[int] | None, n: int | None) -> None:
         raise ValueError(f"labels has {len(v)} entries but n is {n}: give one digit for all or a list of n digits")
 
 
-class _LabelsForN(_Request):
+class _LabelsForN(RequestBody):
     """Requests with `n` and `labels`: a list of labels must have n entries."""
 
     @field_validator("labels", check_fields=False)
@@ -102,7 +104,7 @@ class ImagesResponse(_Response):
     images: list[OutImage]
 
 
-class VaeEncodeRequest(_Request):
+class VaeEncodeRequest(RequestBody):
     images: list[Image] = Field(min_length=1, max_length=MAX_ITEMS)
 
 
@@ -115,20 +117,20 @@ class VaeEncodeResponse(_Response):
     latents: list[Latent]
 
 
-class VaeDecodeRequest(_Request):
+class VaeDecodeRequest(RequestBody):
     latents: list[Annotated[list[LatentValue], Field(min_length=1)]] = Field(
         min_length=1, max_length=MAX_ITEMS, description="each a list of d floats, the model's latent dimension")
     format: ImageFormat = "png"
 
 
-class VaeSampleRequest(_Request):
+class VaeSampleRequest(RequestBody):
     n: int = Field(1, ge=1, le=MAX_ITEMS)
     seed: Seed | None = None
     temperature: float = Field(1.0, gt=0.0, le=2.0, description="scale of the prior's standard deviation")
     format: ImageFormat = "png"
 
 
-class VaeEditRequest(_Request):
+class VaeEditRequest(RequestBody):
     images: list[Image] = Field(min_length=1, max_length=MAX_ITEMS)
     # The route refuses a name the model does not know, '' included, as `edits.<name>`; a key constraint here
     # would name it `edits..[key]`. So the schema alone states that a name is not empty.
@@ -138,7 +140,7 @@ class VaeEditRequest(_Request):
     format: ImageFormat = "png"
 
 
-class VaeInterpolateRequest(_Request):
+class VaeInterpolateRequest(RequestBody):
     start: Image
     end: Image
     steps: int = Field(8, ge=2, le=64)
@@ -158,7 +160,7 @@ class VaeAttributesResponse(_Response):
     attributes: list[Attribute]
 
 
-class LogprobRequest(_Request):
+class LogprobRequest(RequestBody):
     images: list[Image] = Field(min_length=1, max_length=MAX_ITEMS)
     per_pixel: bool = False
     labels: _labels(MAX_ITEMS) = Field(None, description="condition on digits: one for all or one per image; "

@@ -288,7 +288,7 @@ def ort_shape(t: Any) -> list[int | None]:
     return [d if isinstance(d, int) else None for d in t.shape]
 
 
-def graph_tensors(sess: Any) -> tuple[list[TensorSpec], list[TensorSpec]]:
+def session_tensor_specs(sess: Any) -> tuple[list[TensorSpec], list[TensorSpec]]:
     """What an InferenceSession really takes and returns, as manifest tensor specs (inputs, outputs)."""
     def specs(ts):
         return [TensorSpec(name=t.name, dtype=ort_dtype(t), shape=ort_shape(t)) for t in ts]

@@ -43,7 +43,7 @@ def tiny_store(tmp_path_factory, digits) -> Path:
     t0 = time.time()
     train_families(("classifier", "vae", "gan", "pixelcnn"), cfg, train, runs)
     t1 = time.time()
-    report = export_all(cfg, ds, train, heldout, runs, store, 1, {}, copy_images=False)
+    report = export_all(cfg, ds, train, heldout, runs, store, 1, copy_images=False)
     logging.getLogger(__name__).info("tiny store: trained in %.1f s, evaluated and exported in %.1f s",
                                      t1 - t0, time.time() - t1)
     (root / "report.json").write_text(str(report))

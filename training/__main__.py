@@ -54,7 +54,7 @@ def train_families(families, cfg: TrainAll, train: Dataset, runs: Path) -> None:
 
 
 def export_all(cfg: TrainAll, ds: Dataset, train: Dataset, heldout: Dataset, runs: Path, store: Path,
-               version: int, batching: dict, copy_images: bool) -> dict:
+               version: int, copy_images: bool) -> dict:
     """Evaluate every checkpoint on the held-out split and write `<store>/<name>/<version>/`."""
     clf, _ = _load(runs, "classifier", lambda a: clf_lib.DigitClassifier(clf_lib.ClassifierConfig(**a)))
     clf_metrics = ev.eval_classifier(clf, heldout)
@@ -76,8 +76,7 @@ def export_all(cfg: TrainAll, ds: Dataset, train: Dataset, heldout: Dataset, run
                                  "(label 10 = any digit)",
                      model=ck["model_args"], dataset=dataset,
                      training={"config": ck["config"], "train_seconds": ck["train_seconds"], "env": env},
-                     metrics={**metrics, "eval_seconds": time.time() - t0},
-                     batching=batching.get("pixelcnn", {"max_batch_size": 64, "max_delay_ms": 0.0}))
+                     metrics={**metrics, "eval_seconds": time.time() - t0})
 
     t0 = time.time()
     vae, ck = _load(runs, "vae", lambda a: vae_lib.VAE(vae_lib.VAEConfig(**a)))
@@ -91,8 +90,7 @@ def export_all(cfg: TrainAll, ds: Dataset, train: Dataset, heldout: Dataset, run
                      description="Convolutional VAE, discretized logistic likelihood, with attribute directions",
                      model=ck["model_args"], dataset=dataset,
                      training={"config": ck["config"], "train_seconds": ck["train_seconds"], "env": env},
-                     metrics={**metrics, "eval_seconds": time.time() - t0}, attributes=attrs,
-                     batching=batching.get("vae", {"max_batch_size": 64, "max_delay_ms": 0.0}))
+                     metrics={**metrics, "eval_seconds": time.time() - t0}, attributes=attrs)
 
     t0 = time.time()
     g, ck = _load(runs, "gan", lambda a: gan_lib.Generator(gan_lib.GANConfig(**a)))
@@ -103,8 +101,7 @@ def export_all(cfg: TrainAll, ds: Dataset, train: Dataset, heldout: Dataset, run
                      description="Class-conditional DCGAN generator (projection discriminator, spectral norm)",
                      model=ck["model_args"], dataset=dataset,
                      training={"config": ck["config"], "train_seconds": ck["train_seconds"], "env": env},
-                     metrics={**metrics, "eval_seconds": time.time() - t0},
-                     batching=batching.get("gan", {"max_batch_size": 64, "max_delay_ms": 0.0}))
+                     metrics={**metrics, "eval_seconds": time.time() - t0})
 
     report["classifier"] = clf_metrics
     if copy_images:
@@ -151,7 +148,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.command in ("all", "train"):
         train_families(FAMILIES if args.command == "all" else args.families, cfg, train, args.runs)
     if args.command in ("all", "export"):
-        report = export_all(cfg, ds, train, heldout, args.runs, args.store, args.version, {},
+        report = export_all(cfg, ds, train, heldout, args.runs, args.store, args.version,
                             copy_images=not args.no_doc_images)
         (args.runs / "report.json").write_text(json.dumps(report, indent=1))
         print(json.dumps(report, indent=1))

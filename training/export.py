@@ -9,8 +9,11 @@ amplify float error past the parity tolerance); the host maps them to pixels.
 
 from __future__ import annotations
 
+import ctypes
 import datetime as dt
+import errno
 import logging
+import os
 import shutil
 import tempfile
 import warnings
@@ -23,7 +26,14 @@ import onnxruntime as ort
 import torch
 import torch.nn as nn
 
-from service.store import GraphSpec, Manifest, file_entry, graph_tensors, validate_version, write_manifest
+from service.store import (
+    GraphSpec,
+    Manifest,
+    file_entry,
+    session_tensor_specs,
+    validate_version,
+    write_manifest,
+)
 from training import gan as gan_lib
 from training import pixelcnn as pcnn_lib
 from training import vae as vae_lib
@@ -138,19 +148,71 @@ def parity(spec: GraphExport, sess: ort.InferenceSession, batch: int = 5) -> flo
 
 def write_version(store: Path, name: str, family: str, version: int, graphs: dict[str, GraphExport],
                   **manifest_fields: Any) -> tuple[Path, dict[str, float]]:
-    """Export every graph, check parity, write manifest.json, validate, and move into place atomically."""
+    """Export every graph, check parity, write manifest.json and validate, all in a hidden folder beside the
+    target (`<store>/<name>/.<version>-*`, which the store's scan skips), then publish it (see publish()). A crash
+    leaves at most that hidden folder behind."""
     final = store / name / str(version)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{version}-", dir=final.parent))
     try:
         diffs = _stage_version(tmp, name, family, version, graphs, manifest_fields)
-        if final.exists():
-            shutil.rmtree(final)
-        (tmp / name / str(version)).rename(final)
-    finally:  # a failed export (parity, validation) leaves nothing behind in the store
+        publish(tmp / name / str(version), final)
+    finally:  # a failed export (parity, validation) leaves nothing behind; a replaced version goes with it
         shutil.rmtree(tmp, ignore_errors=True)
     log.info("wrote %s (parity %s)", final, {k: f"{v:.1e}" for k, v in diffs.items()})
     return final, diffs
+
+
+def publish(staged: Path, final: Path) -> None:
+    """Put the complete version folder `staged` at `final`, on the same file system, so that a reader of `final`
+    finds the old complete version or the new complete one, never a part of either: one rename when `final` does
+    not exist, else one exchange of the two folders (the old version is left inside `staged`'s parent).
+
+    Everything staged is flushed to disk first, so that not even a crash of the machine can leave a version under
+    its visible name whose files were never written."""
+    _fsync_tree(staged)
+    try:
+        os.rename(staged, final)  # refuses (ENOTEMPTY, EEXIST) to replace a folder that holds a version
+    except OSError as e:
+        if e.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+            raise
+        exchange(staged, final)
+    _fsync(final.parent)
+
+
+_AT_FDCWD, _RENAME_EXCHANGE = -100, 2  # <fcntl.h>, <linux/fs.h>
+
+
+def exchange(a: Path, b: Path) -> None:
+    """Swap two folders in one step: renameat2(RENAME_EXCHANGE) on Linux. Where the C library or the file system
+    lacks it, b is first moved aside beside a (its parent is hidden): b is then missing for a moment, never
+    partial. Either way b ends up holding what a held, and the old b stays under a's parent."""
+    renameat2 = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
+    if renameat2 is not None:
+        renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+        if renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+            return
+        err = ctypes.get_errno()
+        if err not in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP):
+            raise OSError(err, os.strerror(err), str(a), None, str(b))
+    os.rename(b, a.with_name(a.name + "-replaced"))
+    os.rename(a, b)
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(folder: Path) -> None:
+    """Flush every file and folder under `folder` (itself included) to disk."""
+    for sub, _, files in os.walk(folder):
+        for f in files:
+            _fsync(Path(sub) / f)
+        _fsync(Path(sub))
 
 
 def _stage_version(tmp: Path, name: str, family: str, version: int, graphs: dict[str, GraphExport],
@@ -167,7 +229,7 @@ def _stage_version(tmp: Path, name: str, family: str, version: int, graphs: dict
         diffs[gname] = parity(spec, sess)
         if diffs[gname] > PARITY_TOLERANCE:
             raise RuntimeError(f"{name}/{gname}: ONNX parity {diffs[gname]:.2e} exceeds {PARITY_TOLERANCE}")
-        ins, outs = graph_tensors(sess)
+        ins, outs = session_tensor_specs(sess)
         files[fname] = file_entry(vdir / fname)
         gspecs[gname] = GraphSpec(file=fname, inputs=ins, outputs=outs)
     manifest_fields.setdefault("created", dt.datetime.now(dt.UTC).replace(microsecond=0).isoformat())

@@ -7,8 +7,12 @@ import io
 
 import numpy as np
 import pytest
+from fastapi import FastAPI, HTTPException
+from fastapi.testclient import TestClient
 from PIL import Image
 
+from service import errors
+from service.batcher import QueueFull
 from tests.api.conftest import make_client, png_b64, wait_ready
 
 ZERO = [[0] * 28 for _ in range(28)]
@@ -204,3 +208,51 @@ def test_bodies_the_schema_refuses_name_their_field(client, path, body, field):
 
 def test_the_largest_seed_the_schema_states_is_accepted(client):
     assert client.post("/v1/vae/sample", json={"seed": 2**63 - 1}).json()["seed"] == 2**63 - 1
+
+
+# --- the table of service/errors.py ------------------------------------------------------------------------------
+
+def test_an_exception_answers_by_the_nearest_class_in_its_hierarchy(caplog):
+    class Busier(QueueFull):
+        pass
+
+    class Unforeseen(ValueError):  # a sibling of ImageDecodeError and TensorError, with no row of its own
+        pass
+
+    assert errors.reply(Busier("x")) == errors.reply(QueueFull("x")) == (
+        503, "overloaded", "server is at capacity, retry later", None, {"Retry-After": "1"})
+    assert errors.reply(HTTPException(404, "gone")).code == "not_found"  # FastAPI's subclass of Starlette's
+    assert errors.reply(Unforeseen("secret")) == (500, "internal", "internal error", None, None)
+    assert "unhandled error" in caplog.text and "secret" in caplog.text  # in the log, not in the answer
+
+
+def test_a_new_row_is_answered_installed_and_documented(monkeypatch):
+    class Teapot(Exception):
+        pass
+
+    monkeypatch.setitem(errors.ERRORS, Teapot, errors.Rule(503, "brewing", "short and stout", errors.RETRY_SOON))
+    app = FastAPI()
+    errors.install(app)
+
+    @app.get("/v1/tea")
+    @app.get("/v2/tea")
+    def tea():
+        raise Teapot("internal detail")
+
+    with TestClient(app) as c:
+        r = c.get("/v1/tea")
+        assert r.status_code == 503 and r.headers["retry-after"] == "1"
+        assert r.json() == {"error": {"code": "brewing", "message": "short and stout"}}
+        assert c.get("/v2/tea").json() == {"error": "short and stout"}
+    assert "brewing" in errors.responses(503)[503]["description"]
+
+
+def test_install_registers_the_table_and_not_exception():
+    app = FastAPI()
+    errors.install(app)
+    assert set(errors.ERRORS) <= set(app.exception_handlers)
+    assert Exception not in app.exception_handlers  # see install(): the request gate answers those
+
+
+def test_union_fields_are_found_through_the_request_body_base():
+    assert errors.union_fields() == {"labels"}

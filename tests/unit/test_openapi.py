@@ -4,13 +4,16 @@ validation refuses. tests/api/test_schemathesis.py holds the document against a 
 
 from __future__ import annotations
 
+import ast
 import json
 from functools import cache
+from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
 from jsonschema import Draft202012Validator
 
+from service import errors
 from service.app import create_app
 from service.openapi import OPENAPI_FILE, REGENERATE, install, render
 from service.settings import Settings
@@ -126,3 +129,44 @@ def test_request_schemas_refuse_what_validation_refuses(schema, body):
 ])
 def test_request_schemas_admit_valid_bodies(schema, body):
     assert request_schema(schema).is_valid(body)
+
+
+# --- the error codes each status lists come from service/errors.py's table ---------------------------------------
+
+def answered_statuses() -> set[int]:
+    return {status for row in (*errors.ERRORS.values(), errors.UNEXPECTED) for status, _ in row.answers}
+
+
+def test_every_status_the_error_table_answers_is_documented_with_its_codes():
+    # 405 aside: FastAPI documents no wrong method, the router answers it for any path
+    assert answered_statuses() - set(errors.STATUS_DOCS) == {405}
+    for status in errors.STATUS_DOCS:
+        assert errors.codes(status), status
+    assert errors.codes(503) == ("not_ready", "shutting_down", "overloaded", "resource_exhausted")
+    assert "invalid_tensor" not in errors.codes(400)  # raised only under /v2, whose bodies carry no code
+
+
+_HELPERS = {"not_found": (404, "not_found"), "invalid": (422, "invalid_request")}  # of service/errors.py
+
+
+def api_errors_raised_in(path: Path) -> set[tuple[int, str]]:
+    """The (status, code) of every APIError the module builds, directly or through a helper of service.errors."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if not isinstance(node, ast.Call):
+            continue
+        func = node.func
+        name = func.id if isinstance(func, ast.Name) else (func.attr if isinstance(func, ast.Attribute) else None)
+        if name == "APIError":
+            args = [*node.args, *(k.value for k in node.keywords if k.arg in ("status", "code"))][:2]
+            assert all(isinstance(a, ast.Constant) for a in args), f"{path}:{node.lineno}: status and code literal"
+            found.add((args[0].value, args[1].value))
+        elif name in _HELPERS and (isinstance(func, ast.Name) or getattr(func.value, "id", None) == "errors"):
+            found.add(_HELPERS[name])
+    return found
+
+
+def test_route_answers_list_every_api_error_the_service_raises():
+    package = Path(errors.__file__).parent
+    raised = set().union(*(api_errors_raised_in(p) for p in package.rglob("*.py") if p != Path(errors.__file__)))
+    assert raised | set(_HELPERS.values()) == set(errors.ROUTE_ANSWERS)  # a helper counts, used or not (yet)

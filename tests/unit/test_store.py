@@ -249,10 +249,14 @@ def test_other_names_in_a_model_folder_are_skipped_with_a_warning(store, caplog,
 
 
 def test_hidden_entries_are_skipped_silently(store, caplog):
-    shutil.copytree(store / "gan/1", store / "gan/.2-staging")  # training stages versions like this
+    shutil.copytree(store / "gan/1", store / "gan/.2-staging/gan/2")  # training stages a version like this
+    shutil.copytree(store / "gan/1", store / "gan/.3-staging")
+    (store / "gan/.3-staging/generator.onnx").write_bytes(b"half written")
+    shutil.copytree(store / "gan", store / ".gan-old")
     caplog.set_level(logging.INFO, logger="service.store")
     models, refused = load_store(store)
-    assert sorted(models["gan"]) == [1] and refused == {} and "staging" not in caplog.text
+    assert sorted(models) == ["gan", "pixelcnn", "vae"] and sorted(models["gan"]) == [1] and refused == {}
+    assert "staging" not in caplog.text and "gan-old" not in caplog.text
 
 
 def test_undecodable_names_are_reported_printably(store, caplog):
