@@ -1,4 +1,4 @@
-"""The framework-free GAN server that the bench sets beside floor 2 (service/bench/bare.py) must do the route's
+"""The framework-free GAN server that the bench sets beside floor 2 (bench/bare.py) must do the route's
 real work: the same seed gives the same response bytes as POST /v1/gan/sample."""
 
 from __future__ import annotations
@@ -8,8 +8,8 @@ import urllib.request
 
 from fastapi.testclient import TestClient
 
-from service.bench.bare import BareGan
-from service.bench.server import Server
+from bench.bare import BareGan
+from bench.server import Server
 from service.settings import Settings
 
 
@@ -29,7 +29,7 @@ def test_bare_server_answers_like_the_service(client, tiny_store):
 
 def test_bench_starts_it_as_one_process_whatever_the_environment(tiny_store, monkeypatch):
     monkeypatch.setenv("GENSERVE_WORKERS", "2")  # the service's setting must not make the bench wait for 2 pids
-    with Server(tiny_store, ready_timeout_s=60, module="service.bench.bare", workers=1) as srv:
+    with Server(tiny_store, ready_timeout_s=60, module="bench.bare", workers=1) as srv:
         req = urllib.request.Request(srv.base + "/v1/gan/sample", data=json.dumps({"seed": 3}).encode(),
                                      method="POST")
         with urllib.request.urlopen(req, timeout=30) as r:

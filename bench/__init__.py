@@ -1,4 +1,4 @@
-"""`python -m service.bench`: a perf_analyzer-style benchmark of the running service.
+"""`python -m bench`: a perf_analyzer-style benchmark of the running service.
 
 The server runs as its own process (`python -m service`) on a free loopback port; this process is the client
 (aiohttp, keep-alive). Closed-loop sweeps over concurrency and open-loop Poisson arrivals are measured in windows
@@ -13,6 +13,6 @@ called in-process on the same graph file, and the same server's cheapest endpoin
     scenarios.py  the five scenarios
     report.py     terminal table, JSON, PNG plot, docs/benchmarks.md
 
-Beside the main run: `python -m service.bench.latency` (single-request latency of every endpoint, for the
-README) and `python -m service.bench.arena` (ONNX Runtime's memory arena and pattern settings).
+Beside the main run: `python -m bench.latency` (single-request latency of every endpoint, for the
+README) and `python -m bench.arena` (ONNX Runtime's memory arena and pattern settings).
 """

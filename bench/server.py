@@ -1,4 +1,4 @@
-"""The server under test: `python -m service` (or service.bench.bare) as a subprocess on a free loopback port,
+"""The server under test: `python -m service` (or bench.bare) as a subprocess on a free loopback port,
 with given settings."""
 
 from __future__ import annotations
@@ -15,10 +15,10 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from service.bench.cpu import own_seconds, process_tree_seconds
+from bench.cpu import own_seconds, process_tree_seconds
 
 HOST = "127.0.0.1"
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[1]
 
 
 def free_port() -> int:
