@@ -14,15 +14,15 @@ import time
 import traceback
 from pathlib import Path
 
-from bench import overload, report, scenarios
+from bench import compare, overload, report, scenarios
 from bench.cpu import CpuMeter
 from bench.load import Windows
 from bench.scenarios import Context, load_digits
 from bench.server import REPO
 
 SCENARIOS = {"logprob": scenarios.logprob, "gan": scenarios.gan, "batching": scenarios.batching,
-             "sampling": scenarios.sampling, "iteration": scenarios.iteration, "overload": overload.overload,
-             "soak": overload.soak}
+             "sampling": scenarios.sampling, "iteration": scenarios.iteration, "litserve": compare.litserve,
+             "overload": overload.overload, "soak": overload.soak}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

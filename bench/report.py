@@ -188,6 +188,29 @@ def overload_rows(run: dict) -> list[list[str]]:
             for r in levels]
 
 
+PEER_HEADER = ["workload", "clients", "genserve req/s", "LitServe req/s", "throughput genserve / LitServe",
+               "genserve p99 ms", "LitServe p99 ms", "p99 genserve / LitServe", "CPU us/req genserve",
+               "CPU us/req LitServe"]
+
+
+def peer_rows(run: dict) -> list[list[str]]:
+    workloads = run["scenarios"].get("litserve", {}).get("litserve", {}).get("workloads", {})
+    return [[name, f"c={w['concurrency']}", _f(w["genserve_rps"], 0), _f(w["litserve_rps"], 0),
+             f"{_f(w['rps_ratio'], 2)}x", _f(w["genserve_p99_ms"], 1), _f(w["litserve_p99_ms"], 1),
+             f"{_f(w['p99_ratio'], 2)}x",
+             _cpu(w["genserve_cpu_us"] or {}), _cpu(w["litserve_cpu_us"] or {})] for name, w in workloads.items()]
+
+
+def peer_lines(run: dict) -> list[str]:
+    if not (p := run["scenarios"].get("litserve", {}).get("litserve")):
+        return []
+    return [f"LitServe {p['version']} on the same graphs and ONNX Runtime settings (bench/litserve_peer.py: its own "
+            f"batching up to the manifest's max batch size with batch_timeout {p['batch_timeout_s'] * 1000:g} ms, "
+            f"one HTTP process and one inference worker per endpoint); each server alone on the machine, the same "
+            f"client and request bodies. Same images and log-likelihoods from both: "
+            f"{'yes' if p['same_work'] else 'no'}. CPU per request is server + client."]
+
+
 def soak_lines(run: dict) -> list[str]:
     if not (k := run["scenarios"].get("soak", {}).get("soak")):
         return []
@@ -216,6 +239,8 @@ def all_floors(run: dict) -> list[dict]:
 
 def terminal(run: dict) -> str:
     parts = [text_table(HEADER, result_rows(all_results(run))), "", *limit_lines(run)]
+    if rows := peer_rows(run):
+        parts += ["", text_table(PEER_HEADER, rows), *peer_lines(run)]
     if rows := overload_rows(run):
         parts += ["", text_table(OVERLOAD_HEADER, rows)]
     parts += soak_lines(run)
@@ -321,6 +346,8 @@ def markdown(run: dict, plot_rel: str | None) -> str:
         "",
         *[f"- {x}" for x in limit_lines(run) + soak_lines(run)],
     ]
+    if rows := peer_rows(run):
+        lines += ["", "### genserve and LitServe", "", *peer_lines(run), "", md_table(PEER_HEADER, rows)]
     if rows := overload_rows(run):
         lines += ["", "### Overload", "",
                   "Open loop from several generator processes of raw asyncio HTTP (bench/openloop.py): "

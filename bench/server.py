@@ -31,6 +31,14 @@ class ServerError(RuntimeError):
     pass
 
 
+def _pid(body: bytes) -> object:
+    try:
+        answer = json.loads(body)
+    except ValueError:
+        return None
+    return answer.get("pid") if isinstance(answer, dict) else None
+
+
 class Server:
     """Context manager: start on enter (blocks until /readyz is 200, bounded), SIGTERM on exit.
 
@@ -75,8 +83,9 @@ class Server:
             try:
                 with urllib.request.urlopen(self.base + "/readyz", timeout=1) as r:
                     # Readiness is per worker, and a worker still warming up accepts no connection, so each
-                    # worker's own ready answer (its pid) is awaited; one connection each time.
-                    ready.add(json.loads(r.read()).get("pid"))
+                    # worker's own ready answer (its pid) is awaited; one connection each time. A server
+                    # that names no pid (the LitServe peer answers "ok") is one answer.
+                    ready.add(_pid(r.read()))
                     if len(ready) >= self.workers:
                         self.startup_s = time.monotonic() - t0
                         return
