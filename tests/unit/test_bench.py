@@ -205,6 +205,20 @@ def test_terminal_and_markdown_name_every_figure_and_floor():
     assert "(sustained the rate): no" in md
 
 
+def test_the_litserve_comparison_is_reported_side_by_side():
+    run = _fake_run()
+    assert "LitServe" not in report.terminal(run) and "genserve and LitServe" not in report.markdown(run, None)
+    workload = {"concurrency": 64, "genserve_rps": 500.0, "litserve_rps": 400.0, "rps_ratio": 1.25,
+                "genserve_p99_ms": 30.0, "litserve_p99_ms": 60.0, "p99_ratio": 0.5,
+                "genserve_cpu_us": {"server": 600.0, "client": 130.0}, "litserve_cpu_us": {}}
+    run["scenarios"]["litserve"] = {"results": [], "floors": [], "litserve": {
+        "version": "0.2.19", "same_work": True, "batch_timeout_s": 0.001, "workloads": {"gan": workload}}}
+    text, md = report.terminal(run), report.markdown(run, None)
+    assert "LitServe 0.2.19" in text and "batch_timeout 1 ms" in text
+    assert "| gan | c=64 | 500 | 400 | 1.25x | 30.0 | 60.0 | 0.50x | 600 + 130 | - |" in md
+    assert "### genserve and LitServe" in md and "Same images and log-likelihoods from both: yes" in md
+
+
 def test_gan_ceiling_is_healthz_cpu_over_healthz_plus_compute():
     from bench.load import Result
     from bench.scenarios import gan_ceiling
@@ -276,3 +290,14 @@ def test_the_bench_is_tooling_beside_the_service_not_part_of_it():
     include = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]["find"]["include"]
     packages = find_packages(where=REPO, include=include)
     assert "service" in packages and not [p for p in packages if p.split(".")[0] == "bench"]
+
+
+def test_same_work_wants_the_same_images_and_log_likelihoods():
+    from bench.compare import same_work
+
+    def answers(image: str, logprob: float) -> dict:
+        return {"gan": {"images": [image], "labels": [3]}, "logprob": {"results": [{"logprob": logprob}]}}
+
+    assert same_work(answers("iVBOR", -150.0), answers("iVBOR", -150.0 * (1 + 1e-7)))
+    assert not same_work(answers("iVBOR", -150.0), answers("iVBOX", -150.0))
+    assert not same_work(answers("iVBOR", -150.0), answers("iVBOR", -151.0))
