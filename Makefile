@@ -41,14 +41,14 @@ test-fast: install system-deps
 train: install  ## retrain, evaluate and re-export every shipped model into models_store/<name>/1
 	$(PY) -m training all
 
-bench: install  ## benchmark the running service against in-process ONNX Runtime (see docs/benchmarks.md)
-	$(PY) -m service.bench
+bench: install  ## benchmark the running service against in-process ONNX Runtime and a LitServe peer (see docs/benchmarks.md)
+	$(PY) -m bench
 
 openapi: install  ## regenerate docs/openapi.json from the app (a test fails when it is stale)
 	$(PY) -m service.openapi --write
 
 lint: install
-	$(VENV)/bin/ruff check service training tests
+	$(VENV)/bin/ruff check service training tests bench
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

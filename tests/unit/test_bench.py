@@ -9,8 +9,8 @@ import time
 import numpy as np
 import pytest
 
-from service.bench import prom, report
-from service.bench.stats import is_stable, latency_summary, percentile, poisson_schedule, ratio
+from bench import prom, report
+from bench.stats import is_stable, latency_summary, percentile, poisson_schedule, ratio
 
 
 @pytest.mark.parametrize("q", [0, 1, 25, 50, 90, 99, 100])
@@ -156,7 +156,7 @@ def test_json_is_strict(tmp_path):
 def _fake_run() -> dict:
     from dataclasses import asdict
 
-    from service.bench.load import Result
+    from bench.load import Result
 
     def res(name, mode, level, rps, statuses=None, **kw):
         r = Result(name, mode, level, seconds=4.0, requests=int(rps * 4), ok=int(rps * 4), rps=rps, images_per_s=rps,
@@ -205,9 +205,23 @@ def test_terminal_and_markdown_name_every_figure_and_floor():
     assert "(sustained the rate): no" in md
 
 
+def test_the_litserve_comparison_is_reported_side_by_side():
+    run = _fake_run()
+    assert "LitServe" not in report.terminal(run) and "genserve and LitServe" not in report.markdown(run, None)
+    workload = {"concurrency": 64, "genserve_rps": 500.0, "litserve_rps": 400.0, "rps_ratio": 1.25,
+                "genserve_p99_ms": 30.0, "litserve_p99_ms": 60.0, "p99_ratio": 0.5,
+                "genserve_cpu_us": {"server": 600.0, "client": 130.0}, "litserve_cpu_us": {}}
+    run["scenarios"]["litserve"] = {"results": [], "floors": [], "litserve": {
+        "version": "0.2.19", "same_work": True, "batch_timeout_s": 0.001, "workloads": {"gan": workload}}}
+    text, md = report.terminal(run), report.markdown(run, None)
+    assert "LitServe 0.2.19" in text and "batch_timeout 1 ms" in text
+    assert "| gan | c=64 | 500 | 400 | 1.25x | 30.0 | 60.0 | 0.50x | 600 + 130 | - |" in md
+    assert "### genserve and LitServe" in md and "Same images and log-likelihoods from both: yes" in md
+
+
 def test_gan_ceiling_is_healthz_cpu_over_healthz_plus_compute():
-    from service.bench.load import Result
-    from service.bench.scenarios import gan_ceiling
+    from bench.load import Result
+    from bench.scenarios import gan_ceiling
 
     hz = Result("healthz", "closed", 64, cpu_us={"server": 150.0, "client": 150.0})
     assert gan_ceiling(hz, {"min_cpu_us_per_image": 200.0}) == pytest.approx(0.6)
@@ -217,7 +231,7 @@ def test_process_tree_seconds_counts_children():
     import subprocess
     import sys
 
-    from service.bench.cpu import process_tree_seconds
+    from bench.cpu import process_tree_seconds
 
     burn = "import time\nt = time.process_time()\nwhile time.process_time() - t < 0.3: pass\n" \
            "import sys; sys.stdin.read()"
@@ -236,9 +250,9 @@ def test_process_tree_seconds_counts_children():
 
 
 def test_logprob_limit_is_measured_once_a_run(monkeypatch):
-    from service.bench import scenarios
-    from service.bench.load import Windows
-    from service.bench.server import REPO
+    from bench import scenarios
+    from bench.load import Windows
+    from bench.server import REPO
 
     calls = []
 
@@ -252,3 +266,38 @@ def test_logprob_limit_is_measured_once_a_run(monkeypatch):
     first = scenarios.logprob_limit(ctx)
     assert scenarios.logprob_limit(ctx) is first and sorted(calls) == [False, True]  # on and off, once each
     assert first["images_per_s"] == 180.0 and first["spinning"] and first["images_per_s_other_spinning"] == 170.0
+
+
+def test_the_bench_is_tooling_beside_the_service_not_part_of_it():
+    """bench/ imports the service, never the reverse, and ships neither in the image nor in the wheel."""
+    import ast
+    import tomllib
+
+    from setuptools import find_packages
+
+    from bench.server import REPO
+    from tests.deploy.test_dockerfile import DOCKERFILE, copy_args, dockerignore_rules, excluded, instructions
+
+    for path in (REPO / "service").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                     else [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else [])
+            assert not [n for n in names if n.split(".")[0] == "bench"], f"{path} imports the bench"
+    sources = [src for kind, args in instructions(DOCKERFILE.read_text()) if kind in ("COPY", "ADD")
+               for src in copy_args(args)[1][:-1]]
+    assert sources and not [s for s in sources if s.strip("./").split("/")[0] == "bench"]
+    assert excluded("bench/__main__.py", dockerignore_rules())
+    include = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]["find"]["include"]
+    packages = find_packages(where=REPO, include=include)
+    assert "service" in packages and not [p for p in packages if p.split(".")[0] == "bench"]
+
+
+def test_same_work_wants_the_same_images_and_log_likelihoods():
+    from bench.compare import same_work
+
+    def answers(image: str, logprob: float) -> dict:
+        return {"gan": {"images": [image], "labels": [3]}, "logprob": {"results": [{"logprob": logprob}]}}
+
+    assert same_work(answers("iVBOR", -150.0), answers("iVBOR", -150.0 * (1 + 1e-7)))
+    assert not same_work(answers("iVBOR", -150.0), answers("iVBOX", -150.0))
+    assert not same_work(answers("iVBOR", -150.0), answers("iVBOR", -151.0))

@@ -1,4 +1,4 @@
-"""python -m service.bench [--store models_store] [--quick] [--only NAME] [--out bench_results]
+"""python -m bench [--store models_store] [--quick] [--only NAME] [--out bench_results]
 
 Runs the scenarios (see scenarios.py), prints the table, writes <out>/latest.json and <out>/bench.png, and on
 a full run (neither --quick nor --only) also docs/images/bench.png and the generated part of docs/benchmarks.md.
@@ -14,19 +14,19 @@ import time
 import traceback
 from pathlib import Path
 
-from service.bench import overload, report, scenarios
-from service.bench.cpu import CpuMeter
-from service.bench.load import Windows
-from service.bench.scenarios import Context, load_digits
-from service.bench.server import REPO
+from bench import compare, overload, report, scenarios
+from bench.cpu import CpuMeter
+from bench.load import Windows
+from bench.scenarios import Context, load_digits
+from bench.server import REPO
 
 SCENARIOS = {"logprob": scenarios.logprob, "gan": scenarios.gan, "batching": scenarios.batching,
-             "sampling": scenarios.sampling, "iteration": scenarios.iteration, "overload": overload.overload,
-             "soak": overload.soak}
+             "sampling": scenarios.sampling, "iteration": scenarios.iteration, "litserve": compare.litserve,
+             "overload": overload.overload, "soak": overload.soak}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m service.bench", description=__doc__.split("\n\n")[1])
+    p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[1])
     p.add_argument("--store", type=Path, default=Path("models_store"), help="model store (default: models_store)")
     p.add_argument("--quick", action="store_true", help="short windows and runs: a smoke test, not a measurement")
     p.add_argument("--only", choices=sorted(SCENARIOS), help="run one scenario")

@@ -1,4 +1,4 @@
-"""The server under test: `python -m service` (or service.bench.bare) as a subprocess on a free loopback port,
+"""The server under test: `python -m service` (or bench.bare) as a subprocess on a free loopback port,
 with given settings."""
 
 from __future__ import annotations
@@ -15,10 +15,10 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from service.bench.cpu import own_seconds, process_tree_seconds
+from bench.cpu import own_seconds, process_tree_seconds
 
 HOST = "127.0.0.1"
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[1]
 
 
 def free_port() -> int:
@@ -29,6 +29,14 @@ def free_port() -> int:
 
 class ServerError(RuntimeError):
     pass
+
+
+def _pid(body: bytes) -> object:
+    try:
+        answer = json.loads(body)
+    except ValueError:
+        return None
+    return answer.get("pid") if isinstance(answer, dict) else None
 
 
 class Server:
@@ -75,8 +83,9 @@ class Server:
             try:
                 with urllib.request.urlopen(self.base + "/readyz", timeout=1) as r:
                     # Readiness is per worker, and a worker still warming up accepts no connection, so each
-                    # worker's own ready answer (its pid) is awaited; one connection each time.
-                    ready.add(json.loads(r.read()).get("pid"))
+                    # worker's own ready answer (its pid) is awaited; one connection each time. A server
+                    # that names no pid (the LitServe peer answers "ok") is one answer.
+                    ready.add(_pid(r.read()))
                     if len(ready) >= self.workers:
                         self.startup_s = time.monotonic() - t0
                         return

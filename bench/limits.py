@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from service.bench.cpu import own_seconds
+from bench.cpu import own_seconds
 from service.runtime import resolve_providers, session_factory
 from service.sampler import sample_fast, sample_naive, session_fn
 from service.settings import Settings

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from service.bench.stats import latency_summary, poisson_schedule
+from bench.stats import latency_summary, poisson_schedule
 
 NO_ANSWER = ("refused", "reset", "timeout")
 LOST = ("reset", "timeout")

@@ -22,8 +22,8 @@ from dataclasses import dataclass, field
 import aiohttp
 import numpy as np
 
-from service.bench import prom
-from service.bench.stats import is_stable, latency_summary, poisson_schedule
+from bench import prom
+from bench.stats import is_stable, latency_summary, poisson_schedule
 
 JSON_HEADERS = {"Content-Type": "application/json"}
 

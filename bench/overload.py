@@ -14,10 +14,10 @@ from __future__ import annotations
 
 import time
 
-from service.bench.load import Workload, closed_loop
-from service.bench.openloop import LOST, NO_ANSWER, Outcome, closed_loop_rate, open_loop, request_bytes
-from service.bench.scenarios import Context, _floor, _json, logprob_workload, run_async
-from service.bench.server import HOST, Server
+from bench.load import Workload, closed_loop
+from bench.openloop import LOST, NO_ANSWER, Outcome, closed_loop_rate, open_loop, request_bytes
+from bench.scenarios import Context, _floor, _json, logprob_workload, run_async
+from bench.server import HOST, Server
 
 ROUTES = {"gan": 1000.0, "logprob": 3000.0}  # route -> the p99 floor of its 200s at 3x, in ms
 

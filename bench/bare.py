@@ -1,4 +1,4 @@
-"""python -m service.bench.bare: POST /v1/gan/sample with no web framework, a reference for floor 2.
+"""python -m bench.bare: POST /v1/gan/sample with no web framework, a reference for floor 2.
 
 Floor 2 compares GAN requests/s with the server's cheapest endpoint. This server does the GAN route's own work
 the same way (model registry, batcher and its metrics, ONNX Runtime sessions and threads, seeded draws,

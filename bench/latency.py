@@ -1,6 +1,6 @@
 """Single-request latency of every endpoint: one client, requests one after another, on a quiet server.
 
-    python -m service.bench.latency [--store models_store] [--n 30]
+    python -m bench.latency [--store models_store] [--n 30]
 
 Prints a Markdown table (p50 / p90 in milliseconds, HTTP status) for the README and the issue notes.
 """
@@ -16,8 +16,8 @@ from pathlib import Path
 import httpx
 import numpy as np
 
-from service.bench.scenarios import load_digits
-from service.bench.server import Server
+from bench.scenarios import load_digits
+from bench.server import Server
 from service.imaging import encode_png_b64
 
 

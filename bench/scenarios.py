@@ -11,10 +11,10 @@ from pathlib import Path
 
 import numpy as np
 
-from service.bench import limits
-from service.bench.load import Result, Windows, Workload, closed_loop, one_request, open_loop
-from service.bench.server import Server
-from service.bench.stats import ratio
+from bench import limits
+from bench.load import Result, Windows, Workload, closed_loop, one_request, open_loop
+from bench.server import Server
+from bench.stats import ratio
 from service.imaging import encode_png_b64
 from service.settings import available_cores
 
@@ -182,10 +182,10 @@ def gan(ctx: Context) -> dict:
               f"/healthz {sum(hz.cpu_us.values()):.0f}; ceiling {ceiling:.2f}x", flush=True)
         floors.append(_floor(f"gan, {what}: requests/s at c=64 vs GET /healthz at c=64", ratio(at64.rps, hz.rps),
                              0.6, "ratio") | {"ceiling": ceiling})
-    # A reference: the route's own work with no web framework (service/bench/bare.py), one process.
+    # A reference: the route's own work with no web framework (bench/bare.py), one process.
     bare_limits = {}
     try:
-        with Server(ctx.store, module="service.bench.bare", workers=1) as srv:
+        with Server(ctx.store, module="bench.bare", workers=1) as srv:
             probe = srv.cpu_probe
             bare = sweep(srv.base, dataclasses.replace(w, name="gan bare"), [64], ctx, None, probe)[0]
             bare_hz = sweep(srv.base, dataclasses.replace(health, name="healthz bare"), [64], ctx, None, probe)[0]
@@ -195,7 +195,7 @@ def gan(ctx: Context) -> dict:
         results += [bare, bare_hz]
         bare_limits = {"bare": {"gan": _row(bare), "healthz": _row(bare_hz)}}
         floors[0]["framework_free"] = ratio(bare.rps, http["http"]["rps"])
-        print(f"  framework-free reference (service/bench/bare.py): GAN {bare.rps:,.0f} req/s, "
+        print(f"  framework-free reference (bench/bare.py): GAN {bare.rps:,.0f} req/s, "
               f"{ratio(bare.rps, bare_hz.rps):.2f}x its own /healthz ({bare_hz.rps:,.0f}), "
               f"{floors[0]['framework_free']:.2f}x the service's", flush=True)
     return {"results": [_row(r) for r in results], "floors": floors,

@@ -1,6 +1,6 @@
 """ONNX Runtime's CPU memory arena and memory-pattern planning: throughput and peak memory per setting.
 
-    python -m service.bench.arena [--store models_store] [--rounds 2]
+    python -m bench.arena [--store models_store] [--rounds 2]
 
 Each setting runs in a fresh subprocess (peak RSS is per process), on every served graph with a cycle of
 varying batch sizes, as a server sees them. Prints a Markdown table for docs/benchmarks.md.
@@ -66,7 +66,7 @@ def measure(store: Path, arena: bool, pattern: bool) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m service.bench.arena", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m bench.arena", description=__doc__.split("\n\n")[0])
     p.add_argument("--store", type=Path, default=Path("models_store"))
     p.add_argument("--rounds", type=int, default=2, help="runs per setting; the best throughput counts")
     p.add_argument("--child", nargs=2, type=int, help=argparse.SUPPRESS)
@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     for arena, pattern in SETTINGS:
         runs = []
         for _ in range(args.rounds):
-            cmd = [sys.executable, "-m", "service.bench.arena", "--store", str(args.store),
+            cmd = [sys.executable, "-m", "bench.arena", "--store", str(args.store),
                    "--child", str(int(arena)), str(int(pattern))]
             runs.append(json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout))
         best = {k: max(r[k] for r in runs) for k in runs[0] if k != "peak_rss_mib"}
