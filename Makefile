@@ -1,18 +1,33 @@
-# Set-up and everyday commands. `make serve` and `make test` install what is missing first.
+# Set-up and everyday commands. Each target installs what is missing first, into one of two environments:
+#   .venv-serve  the `serve` extra only (FastAPI, uvicorn, ONNX Runtime): what `make serve` needs
+#   .venv        every extra (serve, train, dev: torch, the test tools): tests, training, the benchmark
+# A stamp per environment records the pyproject.toml it was installed from; editing that file re-installs.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+SERVE_VENV ?= .venv-serve
+SERVE_PY := $(SERVE_VENV)/bin/python
+SERVE_STAMP := $(SERVE_VENV)/.installed
 
-.PHONY: install system-deps serve test test-fast train bench openapi lint clean
+.PHONY: install install-serve system-deps serve test test-fast train bench openapi lint clean
 
-install: $(STAMP)
+install: $(STAMP)  ## .venv: every extra (serve, train, dev)
 
+install-serve: $(SERVE_STAMP)  ## .venv-serve: the serve extra only
+
+# Editable installs: code changes need no re-install, pyproject.toml changes do (the stamp depends on it).
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e '.[serve,train,dev]'
 	touch $(STAMP)
+
+$(SERVE_STAMP): pyproject.toml
+	$(PYTHON) -m venv $(SERVE_VENV)
+	$(SERVE_PY) -m pip install --quiet --upgrade pip
+	$(SERVE_PY) -m pip install --quiet -e '.[serve]'
+	touch $(SERVE_STAMP)
 
 # Debian packages that the deploy tests drive as real programs. Installed with apt-get when one is missing.
 # dockerd, not docker: a docker client alone does not make an engine.
@@ -29,8 +44,8 @@ system-deps:  ## prometheus (promtool), nginx, docker-compose v1, docker.io, deb
 	  DEBIAN_FRONTEND=noninteractive $$sudo apt-get install -y -qq --no-install-recommends $(SYSTEM_PACKAGES); \
 	fi
 
-serve: install  ## serve models_store/ on 127.0.0.1:8000 (GENSERVE_* variables override settings)
-	$(PY) -m service
+serve: install-serve  ## serve models_store/ on 127.0.0.1:8000 (GENSERVE_* variables override settings)
+	$(SERVE_PY) -m service
 
 test: install system-deps  ## every tier: unit, integration (tiny training + export), API (in-process and a real server)
 	$(PY) -m pytest
@@ -48,7 +63,7 @@ openapi: install  ## regenerate docs/openapi.json from the app (a test fails whe
 	$(PY) -m service.openapi --write
 
 lint: install
-	$(VENV)/bin/ruff check service training tests bench
+	$(VENV)/bin/ruff check service training tests bench genserve_client
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) $(SERVE_VENV) runs .pytest_cache

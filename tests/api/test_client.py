@@ -1,24 +1,37 @@
-"""service.client against the in-process app on the shipped models: every endpoint through both clients, compared
+"""genserve_client against the in-process app on the shipped models: every endpoint through both clients, compared
 with the raw API, and the error type. The sync client runs over Starlette's TestClient (an httpx.Client that
 drives the app and its lifespan); the async one over httpx.ASGITransport, with the lifespan entered here."""
 
 from __future__ import annotations
 
+import ast
 import asyncio
+import importlib.metadata
 import inspect
+import json
 import subprocess
 import sys
+import tomllib
 
 import httpx
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
 from pydantic import BaseModel
 
+from genserve_client import AsyncGenserveClient, GenserveClient, GenserveError, Health, ModelDetail, ModelList
 from service.app import create_app
-from service.client import AsyncGenserveClient, GenserveClient, GenserveError
 from service.imaging import decode_images
-from service.schemas import ImagesResponse, LogprobResponse, SampleResponse, VaeAttributesResponse, VaeEncodeResponse
+from service.schemas import (
+    ImagesResponse,
+    LogprobResponse,
+    Readiness,
+    SampleResponse,
+    VaeAttributesResponse,
+    VaeEncodeResponse,
+)
 from service.settings import Settings
 from tests.api.conftest import wait_ready
 from tests.conftest import REPO
@@ -27,7 +40,8 @@ SETTINGS = {"store_path": REPO / "models_store", "warmup": False, "intra_op_thre
 RETURNS = {"gan_sample": SampleResponse, "vae_sample": SampleResponse, "pixelcnn_sample": SampleResponse,
            "vae_decode": ImagesResponse, "vae_edit": ImagesResponse, "vae_interpolate": ImagesResponse,
            "vae_encode": VaeEncodeResponse, "vae_attributes": VaeAttributesResponse,
-           "pixelcnn_logprob": LogprobResponse, "models": dict, "model": dict, "health": dict, "ready": dict}
+           "pixelcnn_logprob": LogprobResponse, "models": ModelList, "model": ModelDetail, "health": Health,
+           "ready": Readiness}
 ENDPOINTS = sorted(RETURNS)
 
 
@@ -73,9 +87,9 @@ def cases(images: np.ndarray) -> dict[str, tuple[tuple, dict, str, str, dict | N
     }
 
 
-def as_json(result) -> object:
+def as_json(result: BaseModel) -> object:
     """A result as the JSON it was parsed from (fields the answer did not carry stay out)."""
-    return result.model_dump(mode="json", exclude_unset=True) if isinstance(result, BaseModel) else result
+    return result.model_dump(mode="json", exclude_unset=True)
 
 
 def test_cases_cover_every_endpoint(digit_images):
@@ -106,7 +120,7 @@ def test_async_client_gives_the_same_answers(gs, digit_images):
             http = httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://genserve")
             async with http, AsyncGenserveClient(http=http) as ags:
                 for _ in range(600):                             # bounded: 60 s
-                    if (await ags.ready())["ready"]:
+                    if (await ags.ready()).ready:
                         break
                     await asyncio.sleep(0.1)
                 got = {name: as_json(await getattr(ags, name)(*a, **kw))
@@ -163,14 +177,16 @@ def test_answers_from_elsewhere_and_not_ready():
     with pytest.raises(GenserveError):
         html.ready()
 
+    not_ready = {"ready": False, "models": {}, "refused": [], "missing": {}, "pid": 42}
+
     def loading(request: httpx.Request) -> httpx.Response:
         if request.url.path == "/readyz":
-            return httpx.Response(503, json={"ready": False, "models": {}, "refused": []})
+            return httpx.Response(503, json=not_ready)
         return httpx.Response(503, json={"error": {"code": "not_ready", "message": "models are still loading"}},
                               headers={"retry-after": "1"})
 
     gs = mock_client(loading)
-    assert gs.ready() == {"ready": False, "models": {}, "refused": []}
+    assert gs.ready() == Readiness(**not_ready)
     with pytest.raises(GenserveError) as err:
         gs.gan_sample()
     assert (err.value.status, err.value.code, err.value.retry_after, err.value.field) == (503, "not_ready", 1.0, None)
@@ -188,16 +204,71 @@ def test_both_clients_offer_the_same_documented_endpoints():
         assert list(inspect.signature(bound.gan_sample).parameters)[0] == "n"
 
 
-def test_client_imports_without_the_server_stack():
-    """Installable with httpx, pydantic, numpy and Pillow alone: no FastAPI, Starlette, ONNX Runtime."""
-    code = ("import sys\n"
-            "class Block:\n"
-            "    def find_spec(self, name, path=None, target=None):\n"
-            "        if name.split('.')[0] in {'fastapi', 'starlette', 'onnxruntime', 'uvicorn', 'torch',\n"
-            "                                  'prometheus_client', 'orjson', 'pydantic_settings'}:\n"
-            "            raise ImportError('blocked: ' + name)\n"
-            "sys.meta_path.insert(0, Block())\n"
-            "from service.client import GenserveClient, AsyncGenserveClient\n"
-            "print('ok')\n")
+def _installed_by(requirements: list[str]) -> set[str]:
+    """The distributions that installing these requirements brings in, by their metadata here (markers evaluated
+    for this interpreter, extras followed), canonical names."""
+    seen: set[tuple[str, str]] = set()
+    todo = [(Requirement(r), "") for r in requirements]
+    while todo:
+        req, extra = todo.pop()
+        if req.marker is not None and not req.marker.evaluate({"extra": extra}):
+            continue
+        name = canonicalize_name(req.name)
+        for wanted in ("", *sorted(req.extras)):
+            if (name, wanted) not in seen:
+                seen.add((name, wanted))
+                todo += [(Requirement(line), wanted) for line in importlib.metadata.requires(name) or []]
+    return {name for name, _ in seen}
+
+
+def test_client_runs_with_only_its_extra_installed():
+    """What `pip install 'genserve[client]'` installs is enough: in a child process that cannot import any installed
+    distribution except the core dependencies, the `client` extra and what they require, the client imports and
+    parses an answer with images. Optional imports of those packages fail there as they would in such a venv."""
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    wanted = _installed_by(project["dependencies"] + project["optional-dependencies"]["client"])
+    blocked = sorted(module for module, dists in importlib.metadata.packages_distributions().items()
+                     if not any(canonicalize_name(d) in wanted for d in dists)
+                     and module not in ("service", "genserve_client"))
+    assert {"fastapi", "onnxruntime"} <= set(blocked)
+    code = f"""
+import json, sys
+blocked = set({blocked!r})
+class Block:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in blocked:
+            raise ImportError("not installed by the client extra: " + name)
+sys.meta_path.insert(0, Block())
+before = set(sys.modules)
+import httpx, numpy as np
+import genserve_client as gc
+from service.imaging import encode_images
+png = encode_images(np.zeros((1, 28, 28), np.uint8), "png")
+answer = {{"model": "gan", "model_version": 1, "seed": 5, "labels": [3], "images": png}}
+http = httpx.Client(transport=httpx.MockTransport(lambda r: httpx.Response(200, json=answer)), base_url="http://m")
+with gc.GenserveClient(http=http) as gs:
+    assert gs.gan_sample(1).array.shape == (1, 28, 28)
+print(json.dumps(sorted({{m.split(".")[0] for m in set(sys.modules) - before}})))
+"""
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
-    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
+    assert out.returncode == 0, out.stderr
+    loaded = set(json.loads(out.stdout))
+    assert {"genserve_client", "service", "httpx", "numpy", "PIL", "pydantic"} <= loaded
+    assert not loaded & {"fastapi", "starlette", "onnxruntime", "uvicorn", "torch", "prometheus_client", "orjson",
+                         "pydantic_settings"}
+
+
+def test_the_client_ships_and_the_service_does_not_import_it():
+    """pyproject.toml's package list holds genserve_client (the wheel of `pip install 'genserve[client]'` has it),
+    and no module of the service imports it: the dependency points from the client to the service's schemas."""
+    import setuptools
+
+    include = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]["find"]["include"]
+    packages = setuptools.find_packages(where=str(REPO), include=include)
+    assert "genserve_client" in packages and "service" in packages
+    assert not any(p.startswith(("tests", "docs", "deploy")) for p in packages)
+    for path in sorted((REPO / "service").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                     else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            assert not any(n.split(".")[0] == "genserve_client" for n in names), f"{path} imports the client"

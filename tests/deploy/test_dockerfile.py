@@ -194,9 +194,10 @@ def test_every_copy_source_is_in_the_build_context():
 
 def test_dockerignore_keeps_local_state_out():
     rules = dockerignore_rules()
-    for path in (".venv/bin/python", "runs/gan.pt", ".pytest_cache/v/cache/nodeids", ".ruff_cache/CACHEDIR.TAG",
-                 ".git/HEAD", "tests/conftest.py", "bench_results/latest.json", "service/__pycache__/app.pyc",
-                 "genserve.egg-info/PKG-INFO", "deploy/k8s/base/deployment.yaml"):
+    for path in (".venv/bin/python", ".venv-serve/bin/python", "runs/gan.pt", ".pytest_cache/v/cache/nodeids",
+                 ".ruff_cache/CACHEDIR.TAG", ".git/HEAD", "tests/conftest.py", "genserve_client/client.py",
+                 "bench_results/latest.json", "service/__pycache__/app.pyc", "genserve.egg-info/PKG-INFO",
+                 "deploy/k8s/base/deployment.yaml"):
         assert excluded(path, rules), f"{path} would be sent to the Docker daemon"
 
 

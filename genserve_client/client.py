@@ -1,13 +1,14 @@
 """Typed Python client for genserve's /v1 API: `GenserveClient` (blocking) and `AsyncGenserveClient` (asyncio).
 
 Every endpoint is defined once, as a function that builds the request and knows how to parse the answer (a
-`_Call`); the two clients differ only in how they send it. Responses are the models of service.schemas; those
-with images are subclasses whose `array` holds the images decoded to an (n, 28, 28) uint8 array. Images go in
-as uint8 arrays (one (28, 28) image, an (n, 28, 28) batch, or a sequence of (28, 28) arrays) and travel as
-PNG, the API's compact format. An error answer raises `GenserveError`; transport failures are httpx's own.
+`_Call`); the two clients differ only in how they send it. Every method returns a pydantic model: the service's
+own (service.schemas) where it declares one, else one of genserve_client.responses; those with images are
+subclasses whose `array` holds the images decoded to an (n, 28, 28) uint8 array. Images go in as uint8 arrays
+(one (28, 28) image, an (n, 28, 28) batch, or a sequence of (28, 28) arrays) and travel as PNG, the API's
+compact format. An error answer raises `GenserveError`; transport failures are httpx's own.
 
 Dependencies: httpx, pydantic, numpy and Pillow only (service.schemas and service.imaging import nothing
-else), so the client works without FastAPI or ONNX Runtime installed.
+else), so the client works without FastAPI or ONNX Runtime installed; the service never imports the client.
 """
 
 from __future__ import annotations
@@ -22,8 +23,16 @@ import httpx
 import numpy as np
 from pydantic import BaseModel, PrivateAttr
 
+from genserve_client.responses import Health, ModelDetail, ModelList
 from service.imaging import decode_images, encode_images
-from service.schemas import ImagesResponse, LogprobResponse, SampleResponse, VaeAttributesResponse, VaeEncodeResponse
+from service.schemas import (
+    ImagesResponse,
+    LogprobResponse,
+    Readiness,
+    SampleResponse,
+    VaeAttributesResponse,
+    VaeEncodeResponse,
+)
 
 __all__ = ["AsyncGenserveClient", "GenserveClient", "GenserveError", "ImagesResult", "SampleResult"]
 
@@ -103,14 +112,13 @@ def _parse(cls: type[BaseModel]) -> Callable[[httpx.Response], Any]:
     return lambda r: cls.model_validate(r.json())
 
 
-def _ready_body(r: httpx.Response) -> dict[str, Any]:
+def _readiness(r: httpx.Response) -> Readiness:
     try:
-        body = r.json()
+        return Readiness.model_validate(r.json())
     except ValueError:
-        body = None
-    if not (isinstance(body, dict) and "ready" in body):   # a 503 from elsewhere (a proxy) is an error
-        raise GenserveError.from_response(r)
-    return body
+        if r.status_code == 503:         # a 503 that is not the service's "not ready" (a proxy's) is an error
+            raise GenserveError.from_response(r) from None
+        raise
 
 
 def _post(path: str, cls: type[BaseModel], slow: bool = False, **fields: Any) -> _Call[Any]:
@@ -196,25 +204,25 @@ def _pixelcnn_sample(n: int = 1, *, seed: int | None = None, temperature: float 
                  labels=_labels(labels), model_version=model_version)
 
 
-def _models() -> _Call[dict[str, Any]]:
+def _models() -> _Call[ModelList]:
     """GET /v1/models: every model with versions, provider, batching, graphs and metrics."""
-    return _Call("GET", "/v1/models", httpx.Response.json)
+    return _Call("GET", "/v1/models", _parse(ModelList))
 
 
-def _model(name: str) -> _Call[dict[str, Any]]:
+def _model(name: str) -> _Call[ModelDetail]:
     """GET /v1/models/{name}: one model, every version in detail."""
-    return _Call("GET", f"/v1/models/{quote(name, safe='')}", httpx.Response.json)
+    return _Call("GET", f"/v1/models/{quote(name, safe='')}", _parse(ModelDetail))
 
 
-def _health() -> _Call[dict[str, Any]]:
-    """GET /healthz: {"status": "ok"} while the process is alive."""
-    return _Call("GET", "/healthz", httpx.Response.json)
+def _health() -> _Call[Health]:
+    """GET /healthz: status "ok" while the process is alive."""
+    return _Call("GET", "/healthz", _parse(Health))
 
 
-def _ready() -> _Call[dict[str, Any]]:
-    """GET /readyz: {"ready": bool, "models": ..., "refused": ..., "pid": the worker that answered}; not ready (503)
-    is an answer, not an error."""
-    return _Call("GET", "/readyz", _ready_body, ok=(200, 503))
+def _ready() -> _Call[Readiness]:
+    """GET /readyz: ready, the models loaded, the paths refused, what is missing, and the pid of the worker that
+    answered; not ready (503) is an answer, not an error."""
+    return _Call("GET", "/readyz", _readiness, ok=(200, 503))
 
 
 # ----------------------------------------------------------------------------- the two ways of sending
