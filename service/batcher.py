@@ -1,8 +1,9 @@
 """Dynamic batching of inference requests, in the spirit of Triton's dynamic batcher.
 
 Many small requests are merged into few large ONNX Runtime calls so that per-call overhead (and GPU
-kernel launches) is paid once per batch instead of once per request. This module knows nothing of
-HTTP: the API layer maps its exceptions to status codes (QueueFull/BatcherClosed -> 503, ...).
+kernel launches) is paid once per batch instead of once per request. Deadlines, abandonment and the
+observer are the scheduler's (service.scheduling), shared with the PixelCNN sampler. This module knows
+nothing of HTTP: the API layer maps its exceptions to status codes (QueueFull/BatcherClosed -> 503, ...).
 """
 
 from __future__ import annotations
@@ -10,28 +11,32 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
-import logging
 import math
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
-from contextvars import ContextVar
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Protocol
 
 import numpy as np
 
-logger = logging.getLogger(__name__)
+from service.scheduling import (
+    BatcherClosed,
+    DeadlineExceeded,
+    QueuedWork,
+    QueueFull,
+    Scheduler,
+    SchedulingObserver,
+    Ticket,
+    arrived_at,
+)
+
+# The HTTP layer imports these from here.
+__all__ = ["Arrays", "BatchTicket", "Batcher", "BatcherClosed", "BatchingConfig", "DeadlineExceeded", "QueueFull",
+           "arrived_at"]
 
 Arrays = dict[str, np.ndarray]
 # Input names + trailing shapes + dtypes: only work with equal signatures can be concatenated.
 Signature = tuple[tuple[str, tuple[int, ...], str], ...]
-
-# When the request that the current task serves arrived, on the event loop's clock; None: now. Deadlines count
-# from it, so time a request spent before reaching the batcher (waiting for the event loop, reading its body,
-# decoding images) is not granted again. Set by whoever receives requests (the HTTP layer); a contextvar, so it
-# follows the request's task into submit() without every caller passing it along.
-arrived_at: ContextVar[float | None] = ContextVar("arrived_at", default=None)
 
 # Weight of the newest batch in the running estimate of compute seconds per item.
 _EWMA_WEIGHT = 0.2
@@ -52,49 +57,22 @@ class BatchingConfig:
     max_queue_wait_s: float = math.inf
 
 
-class BatcherError(Exception):
-    """Base class of the batcher's own failures."""
+class BatchTicket(Ticket[Arrays]):
+    """One submit(): its inputs' signature, split into chunks of at most max_batch_size items."""
 
-
-class QueueFull(BatcherError):
-    """The queue bound was hit, or the queue ahead would outlast the request's deadline; the caller should
-    answer 503 + Retry-After."""
-
-
-class DeadlineExceeded(BatcherError):
-    """The request waited past its deadline; queued work of it is dropped, never computed."""
-
-
-class BatcherClosed(BatcherError):
-    """submit() after stop() began (or before start())."""
-
-
-class BatchObserver(Protocol):
-    """Metrics side channel. Exceptions raised here are logged and swallowed."""
-
-    def on_batch(self, batch_size: int, queue_waits_s: Sequence[float], compute_s: float) -> None: ...
-    def on_items(self, n: int) -> None: ...
-    # reason: "queue_full" | "expected_wait" | "deadline" | "closed" | "error"
-    def on_reject(self, reason: str) -> None: ...
-    def on_queue_depth(self, depth: int) -> None: ...
-
-
-class _Request:
-    def __init__(self, signature: Signature, deadline: float, future: asyncio.Future[Arrays], chunks: int):
+    def __init__(self, batcher: Batcher, future: asyncio.Future[Arrays], deadline: float, timeout_s: float,
+                 signature: Signature, chunks: int) -> None:
+        super().__init__(batcher, future, deadline, timeout_s)
         self.signature = signature
-        self.deadline = deadline  # on the event loop's monotonic clock
-        self.future = future
         self.results: list[Arrays | None] = [None] * chunks
         self.pending = chunks  # chunks not yet computed
-        self.queued = 0  # chunks still sitting in the queue
 
 
 @dataclass(eq=False)
-class _Chunk:
-    request: _Request
+class _Chunk(QueuedWork):
+    ticket: BatchTicket
     index: int  # position of this chunk inside its request
     inputs: Arrays
-    n: int
     seq: int  # global arrival order, so the oldest work across signatures goes first
     enqueued_at: float
 
@@ -113,31 +91,28 @@ def _inspect(inputs: Arrays) -> tuple[int, Signature]:
     return sizes.pop(), tuple(signature)
 
 
-class Batcher:
+class Batcher(Scheduler):
+    kind = "batcher"
+
     def __init__(
         self,
         name: str,
         predict: Callable[[Arrays], Arrays],
         config: BatchingConfig,
         executor: concurrent.futures.Executor | None = None,
-        observer: BatchObserver | None = None,
+        observer: SchedulingObserver | None = None,
         concurrency: int = 1,
     ) -> None:
         if config.max_batch_size < 1 or config.max_queue_items < 1 or concurrency < 1:
             raise ValueError("max_batch_size, max_queue_items and concurrency must be >= 1")
-        self.name = name
+        super().__init__(name, config.timeout_s, observer)
         self._predict = predict
         self._config = config
         self._executor = executor  # None: the event loop's default thread pool
-        self._observer = observer
-        self._queues: dict[Signature, deque[_Chunk]] = {}  # one FIFO per signature
-        self._queued_items = 0  # items in the queues proper
+        self._signature_queues: dict[Signature, deque[_Chunk]] = {}  # one FIFO per signature
         self._forming: list[_Chunk] = []  # the batch being collected or waiting for a compute slot
         self._seq = 0
-        self._closing = False
-        self._task: asyncio.Task[None] | None = None
         self._inflight: set[asyncio.Task[None]] = set()
-        self._wakeup = asyncio.Event()
         # Bounds in-flight predict calls; the next batch is collected while one computes.
         self._slots = asyncio.Semaphore(concurrency)
         self._concurrency = concurrency
@@ -146,61 +121,38 @@ class Batcher:
     @property
     def queue_depth(self) -> int:
         """Items accepted but not yet handed to predict (the forming batch counts: it waits too)."""
-        return self._queued_items + sum(c.n for c in self._forming if not c.request.future.done())
-
-    async def start(self) -> None:
-        if self._task is None:
-            self._task = asyncio.create_task(self._run(), name=f"batcher-{self.name}")
-
-    async def stop(self) -> None:
-        self._closing = True
-        self._wakeup.set()
-        if self._task is not None:
-            await self._task  # the loop drains the queue and waits for in-flight batches
+        return self._queued + sum(c.n for c in self._forming if not c.ticket.future.done())
 
     async def submit(self, inputs: Arrays, timeout_s: float | None = None) -> Arrays:
+        """The outputs of predict on inputs, batched with other callers' work; see `enqueue` and `wait`."""
+        return await self.wait(self.enqueue(inputs, timeout_s))
+
+    def enqueue(self, inputs: Arrays, timeout_s: float | None = None) -> BatchTicket:
+        """Queue the work (split into chunks of at most max_batch_size items) or refuse it at once: ValueError,
+        BatcherClosed, QueueFull, DeadlineExceeded. The ticket's deadline is timeout_s (default the config's)
+        from the request's arrival."""
         n, signature = _inspect(inputs)
-        if self._closing or self._task is None:
-            self._notify("on_reject", "closed")
-            raise BatcherClosed(f"batcher {self.name!r} is not accepting work")
+        self._refuse_if_closed()
         if (depth := self.queue_depth) + n > self._config.max_queue_items:
             self._notify("on_reject", "queue_full")
             raise QueueFull(f"batcher {self.name!r}: {depth} items queued, {n} more refused")
         loop = asyncio.get_running_loop()
         now, step = loop.time(), self._config.max_batch_size
-        timeout = self._config.timeout_s if timeout_s is None else timeout_s
-        deadline = (arrived_at.get() or now) + timeout
-        if deadline <= now:
-            self._notify("on_reject", "deadline")
-            raise DeadlineExceeded(f"batcher {self.name!r}: deadline of {timeout:g}s passed before the work was queued")
+        deadline, timeout = self._deadline(now, timeout_s)
         ahead = self.expected_wait_s()
         if ahead > self._config.max_queue_wait_s or ahead + self.expected_wait_s(n, ahead=False) > deadline - now:
             self._notify("on_reject", "expected_wait")
             raise QueueFull(f"batcher {self.name!r}: the work queued ahead needs ~{ahead:.2g}s (limit "
                             f"{self._config.max_queue_wait_s:g}s), this request's {n} more; its deadline is in "
                             f"{deadline - now:.2g}s")
-        request = _Request(signature, deadline, loop.create_future(), -(-n // step))
-        queue = self._queues.setdefault(signature, deque())
+        ticket = BatchTicket(self, loop.create_future(), deadline, timeout, signature, -(-n // step))
+        queue = self._signature_queues.setdefault(signature, deque())
         for index, start in enumerate(range(0, n, step)):
             chunk_inputs = {name: array[start : start + step] for name, array in inputs.items()}
-            queue.append(_Chunk(request, index, chunk_inputs, min(step, n - start), self._seq, now))
+            self._enqueue(queue, _Chunk(ticket, min(step, n - start), index, chunk_inputs, self._seq, now))
             self._seq += 1
-        request.queued = len(request.results)
-        self._queued_items += n
         self._wakeup.set()
-        timer = asyncio.timeout_at(request.deadline)
-        try:
-            async with timer:
-                return await request.future
-        except (TimeoutError, DeadlineExceeded) as exc:
-            if isinstance(exc, TimeoutError) and not timer.expired():
-                raise  # a TimeoutError raised by predict itself, not our deadline
-            self._drop(request)
-            self._notify("on_reject", "deadline")
-            raise DeadlineExceeded(f"batcher {self.name!r}: deadline of {timeout:g}s exceeded") from None
-        except asyncio.CancelledError:
-            self._drop(request)  # client went away: never compute its queued work
-            raise
+        return ticket
 
     def expected_wait_s(self, n: int = 0, ahead: bool = True) -> float:
         """Seconds to compute the items queued now (with `ahead`) and n more, at the speed of recent batches.
@@ -209,48 +161,27 @@ class Batcher:
             return 0.0
         return ((self.queue_depth if ahead else 0) + n) * self._item_s / self._concurrency
 
-    # --- queue bookkeeping (all on the event loop thread, so no locks) ---
+    # --- taking work off the queues (event loop thread only, so no locks) ---
 
-    def _drop(self, request: _Request) -> None:
-        if request.queued:
-            queue = self._queues[request.signature]
-            kept = [chunk for chunk in queue if chunk.request is not request]
-            self._queued_items -= sum(chunk.n for chunk in queue if chunk.request is request)
-            queue.clear()
-            queue.extend(kept)
-            request.queued = 0
-
-    def _take(self, queue: deque[_Chunk]) -> _Chunk:
-        chunk = queue.popleft()
-        self._queued_items -= chunk.n
-        chunk.request.queued -= 1
-        return chunk
-
-    def _alive(self, chunk: _Chunk, now: float) -> bool:
-        request = chunk.request
-        if request.future.done():  # cancelled, timed out or failed elsewhere
-            return False
-        if now >= request.deadline:  # its caller is about to give up: don't spend compute on it
-            self._drop(request)
-            request.future.set_exception(DeadlineExceeded(f"batcher {self.name!r}: deadline exceeded"))
-            return False
-        return True
+    def _queues(self) -> Iterable[deque[_Chunk]]:
+        return self._signature_queues.values()
 
     def _pop_oldest(self) -> _Chunk | None:
-        while heads := [queue for queue in self._queues.values() if queue]:
+        while heads := [queue for queue in self._signature_queues.values() if queue]:
             chunk = self._take(min(heads, key=lambda queue: queue[0].seq))
-            if self._alive(chunk, asyncio.get_running_loop().time()):
+            if self._live(chunk.ticket, asyncio.get_running_loop().time()):
                 return chunk
         return None
 
     def _fill(self, batch: list[_Chunk], size: int) -> tuple[int, bool]:
         """Move compatible queued chunks into batch, oldest first; returns (size, full)."""
-        queue, now = self._queues[batch[0].request.signature], asyncio.get_running_loop().time()
+        queue, now = self._signature_queues[batch[0].ticket.signature], asyncio.get_running_loop().time()
         while queue:
-            if size + queue[0].n > self._config.max_batch_size:
+            head = queue[0]
+            if not head.ticket.future.done() and size + head.n > self._config.max_batch_size:
                 return size, True  # chunks are never split across calls, and FIFO order is kept
             chunk = self._take(queue)
-            if self._alive(chunk, now):
+            if self._live(chunk.ticket, now):
                 batch.append(chunk)
                 size += chunk.n
         return size, size >= self._config.max_batch_size
@@ -282,10 +213,9 @@ class Batcher:
             await asyncio.gather(*self._inflight)
         finally:
             # Normally empty; after a crash or cancellation nobody may be left waiting forever.
-            queued = [chunk for queue in self._queues.values() for chunk in queue]
-            leftovers = {chunk.request for chunk in [*queued, *self._forming]}
-            for request in leftovers:
-                self._fail(request, BatcherClosed(f"batcher {self.name!r} stopped"), "closed")
+            queued = [chunk for queue in self._signature_queues.values() for chunk in queue]
+            for ticket in {chunk.ticket for chunk in [*queued, *self._forming]}:
+                self._fail(ticket, BatcherClosed(f"batcher {self.name!r} stopped"), "closed")
 
     async def _first_chunk(self) -> _Chunk | None:
         while (chunk := self._pop_oldest()) is None:
@@ -315,7 +245,7 @@ class Batcher:
         queue the start behind every callback already on the loop: after a batch completes, those are the
         handlers of its requests (image encoding, responses), and the runtime would idle until they ran."""
         now = asyncio.get_running_loop().time()
-        batch = [chunk for chunk in batch if self._alive(chunk, now)]  # callers may have left
+        batch = [chunk for chunk in batch if self._live(chunk.ticket, now)]  # callers may have left
         self._notify("on_queue_depth", self.queue_depth)
         if not batch:
             self._slots.release()
@@ -329,7 +259,7 @@ class Batcher:
         except Exception as exc:  # e.g. the executor is shut down: these callers must not wait for nothing
             self._slots.release()
             for chunk in batch:
-                self._fail(chunk.request, exc)
+                self._fail(chunk.ticket, exc)
             return
         task = asyncio.create_task(self._finish(batch, pending, now))
         self._inflight.add(task)
@@ -340,7 +270,7 @@ class Batcher:
             results, compute_s = await self._collect(batch, pending)
         except asyncio.CancelledError:  # the batcher itself is being torn down: nobody may wait for nothing
             for chunk in batch:
-                self._fail(chunk.request, BatcherClosed(f"batcher {self.name!r} stopped"), "closed")
+                self._fail(chunk.ticket, BatcherClosed(f"batcher {self.name!r} stopped"), "closed")
             raise
         finally:
             # Free the slot before delivering: the batch loop's wake-up is then queued ahead of the handlers
@@ -349,7 +279,7 @@ class Batcher:
         ok_items = 0
         for chunk, result in zip(batch, results, strict=True):
             if isinstance(result, BaseException):
-                self._fail(chunk.request, result)
+                self._fail(chunk.ticket, result)
             elif result is not None:
                 ok_items += chunk.n
                 self._deliver(chunk, result)
@@ -388,7 +318,7 @@ class Batcher:
         # One poisoned item must not fail its neighbours: isolate it by running each chunk solo.
         results: list[Arrays | BaseException | None] = []
         for chunk in batch:
-            if chunk.request.future.done():
+            if chunk.ticket.future.done():
                 results.append(None)
                 continue
             part, seconds = await self._outputs(self._submit(chunk.inputs), chunk.n)
@@ -397,28 +327,14 @@ class Batcher:
         return results, compute_s
 
     def _deliver(self, chunk: _Chunk, part: Arrays) -> None:
-        request = chunk.request
-        if request.future.done():
+        ticket = chunk.ticket
+        if ticket.future.done():
             return
-        request.results[chunk.index] = part
-        request.pending -= 1
-        if request.pending == 0:
-            results: list[Arrays] = request.results  # type: ignore[assignment]  # all filled now
+        ticket.results[chunk.index] = part
+        ticket.pending -= 1
+        if ticket.pending == 0:
+            results: list[Arrays] = ticket.results  # type: ignore[assignment]  # all filled now
             if len(results) == 1:
-                request.future.set_result(results[0])
+                ticket.future.set_result(results[0])
             else:
-                request.future.set_result({k: np.concatenate([r[k] for r in results]) for k in results[0]})
-
-    def _fail(self, request: _Request, error: BaseException, reason: str = "error") -> None:
-        if not request.future.done():
-            self._drop(request)
-            request.future.set_exception(error)
-            self._notify("on_reject", reason)
-
-    def _notify(self, method: str, *args: object) -> None:
-        if self._observer is None:
-            return
-        try:
-            getattr(self._observer, method)(*args)
-        except Exception:  # metrics must never fail a request
-            logger.warning("batcher %r: observer.%s failed", self.name, method, exc_info=True)
+                ticket.future.set_result({k: np.concatenate([r[k] for r in results]) for k in results[0]})

@@ -1,7 +1,11 @@
 """Prometheus metrics for genserve, kept as a side channel: recording a metric never fails a request.
 
-Every recording method (``BatchObserver.on_*``, ``Metrics.observe_request``, ``Metrics.set_model_info``)
+Every recording method (``GraphObserver.on_*``, ``Metrics.observe_request``, ``Metrics.set_model_info``)
 catches any exception, logs a rate-limited warning on ``service.metrics`` and carries on.
+
+The batchers and the PixelCNN sampler report through one observer each (``Metrics.observer`` for a graph's
+batcher, ``Metrics.sampler_observer`` for the sampler, whose ``graph`` label is ``sampler``): both implement
+``service.scheduling.SchedulingObserver``.
 
 Metrics (all names prefixed ``genserve_``, base units; ``model`` is the model name, ``version`` its integer
 version as a string, ``graph`` the ONNX graph in it (e.g. ``encoder``); ``route`` is the route template,
@@ -17,12 +21,15 @@ e.g. ``/v1/models/{name}``):
 - ``genserve_compute_seconds`` (histogram; model, version, graph): model compute time per batch, buckets
   0.0001 s .. 10 s.
 - ``genserve_queue_depth`` (gauge; model, version, graph): items waiting in the batching queue.
-- ``genserve_items_processed_total`` (counter; model, version, graph): images produced.
-- ``genserve_rejections_total`` (counter; model, version, graph, reason): requests turned away (e.g.
-  ``queue_full``, ``timeout``); at most 32 distinct reasons per model version, further ones count as
+- ``genserve_items_processed_total`` (counter; model, version, graph): items completed, one per row of a
+  batch: images generated or decoded, but also inputs encoded or scored (e.g. the VAE ``encoder``, the
+  PixelCNN ``logprob``); for ``graph="sampler"``, images sampled.
+- ``genserve_rejections_total`` (counter; model, version, graph, reason): requests turned away or failed:
+  ``queue_full``, ``expected_wait`` (the queue ahead would outlast the limit or the deadline), ``deadline``,
+  ``closed`` (shutting down), ``error``; at most 32 distinct reasons per model version, further ones count as
   ``other``.
 - ``genserve_sampler_active_sequences`` (histogram; model, version, graph): PixelCNN sampling, number of
-  sequences sharing each autoregressive sampling step, buckets 1, 2, 4, .., 256.
+  sequences sharing each autoregressive sampling step, buckets 1, 2, 4, .., 256; only ``graph="sampler"``.
 - ``genserve_model_info`` (gauge; model, version, provider, family): 1 for each loaded model version, with
   its ONNX Runtime execution provider and model family (pixelcnn / vae / gan).
 - ``genserve_inflight_requests`` (gauge): data-plane requests (``/v1``, ``/v2``) admitted and not yet answered.
@@ -71,13 +78,16 @@ from prometheus_client import (
 from prometheus_client import values as _prom_values
 from prometheus_client.multiprocess import MultiProcessCollector
 
+from service.scheduling import SchedulingObserver
+
 __all__ = [
     "BATCH_SIZE_BUCKETS",
     "LATENCY_BUCKETS",
     "REQUEST_BUCKETS",
-    "BatchObserver",
+    "SAMPLER_GRAPH",
+    "GraphObserver",
     "Metrics",
-    "NullObserver",
+    "SamplerObserver",
     "multiprocess_dir",
 ]
 
@@ -95,6 +105,7 @@ REQUEST_BUCKETS = (
 
 _WARN_INTERVAL_S = 60.0
 _MAX_REASONS = 32  # cap on distinct rejection reasons per model version (label cardinality)
+SAMPLER_GRAPH = "sampler"  # the graph label of the PixelCNN sampler's series
 
 
 def _seconds(value: object) -> float | None:
@@ -138,10 +149,11 @@ class _RateLimitedWarning:
 _warn = _RateLimitedWarning()
 
 
-class BatchObserver:
-    """Records batching/inference metrics for one model version. Every method swallows its own errors.
+class GraphObserver(SchedulingObserver):
+    """Records the batching metrics of one graph of one model version. Every method swallows its own errors.
 
-    Label children are bound once here, so the hot-path calls only do the observations.
+    Label children are bound once here, so the hot-path calls only do the observations; only the series of
+    what this observer records are created (an unobserved labelled child would be exported as zeros).
     """
 
     def __init__(self, metrics: Metrics, model: str, version: int, graph: str) -> None:
@@ -154,7 +166,6 @@ class BatchObserver:
         self._compute = metrics.compute_seconds.labels(*labels)
         self._queue_depth = metrics.queue_depth.labels(*labels)
         self._items = metrics.items_processed_total.labels(*labels)
-        self._sampler_active = metrics.sampler_active_sequences.labels(*labels)
         self._rejections = metrics.rejections_total
         self._reject_children: dict[str, Counter] = {}
 
@@ -176,7 +187,7 @@ class BatchObserver:
             _warn("on_batch", exc)
 
     def on_items(self, n: int) -> None:
-        """``n`` images were produced (completed successfully)."""
+        """``n`` items (images, or inputs encoded or scored) completed successfully."""
         try:
             self._items.inc(int(n))
         except Exception as exc:
@@ -204,31 +215,21 @@ class BatchObserver:
         except Exception as exc:
             _warn("on_queue_depth", exc)
 
+
+class SamplerObserver(GraphObserver):
+    """The PixelCNN sampler's observer (``graph="sampler"``): the batching metrics, one batch per sampling
+    step, plus the number of sequences sharing each step."""
+
+    def __init__(self, metrics: Metrics, model: str, version: int) -> None:
+        super().__init__(metrics, model, version, SAMPLER_GRAPH)
+        self._sampler_active = metrics.sampler_active_sequences.labels(self.model, self.version, self.graph)
+
     def on_sampler_step(self, active: int) -> None:
         """One autoregressive (PixelCNN) sampling step ran with ``active`` sequences sharing it."""
         try:
             self._sampler_active.observe(int(active))
         except Exception as exc:
             _warn("on_sampler_step", exc)
-
-
-class NullObserver:
-    """Same interface as ``BatchObserver``; records nothing (for code paths with metrics turned off)."""
-
-    def on_batch(self, batch_size: int, queue_waits_s: Sequence[float], compute_s: float) -> None:
-        pass
-
-    def on_items(self, n: int) -> None:
-        pass
-
-    def on_reject(self, reason: str) -> None:
-        pass
-
-    def on_queue_depth(self, depth: int) -> None:
-        pass
-
-    def on_sampler_step(self, active: int) -> None:
-        pass
 
 
 class Metrics:
@@ -294,7 +295,8 @@ class Metrics:
         )
         self.items_processed_total = Counter(
             PREFIX + "items_processed_total",
-            "Items (images) produced by the model.",
+            "Items completed, one per row of a batch: images generated or decoded, inputs encoded or scored; "
+            "for the sampler, images sampled.",
             model_labels,
             registry=r,
         )
@@ -306,7 +308,7 @@ class Metrics:
         )
         self.sampler_active_sequences = Histogram(
             PREFIX + "sampler_active_sequences",
-            "Autoregressive (PixelCNN) sampling: number of sequences sharing each sampling step.",
+            "Autoregressive (PixelCNN) sampling: number of sequences sharing each sampling step (graph=sampler).",
             model_labels,
             buckets=BATCH_SIZE_BUCKETS,
             registry=r,
@@ -338,17 +340,25 @@ class Metrics:
         )
         self._info_lock = threading.Lock()
         self._info_labels: dict[tuple[str, str], tuple[str, str]] = {}
-        self._observers: dict[tuple[str, str, str], BatchObserver] = {}
+        self._observers: dict[tuple[str, str, str], GraphObserver] = {}
         self._route_children: dict[tuple[str, str, str], tuple[Counter, Histogram]] = {}
 
     # ------------------------------------------------------------------------------------------ record
 
-    def observer(self, model: str, version: int, graph: str) -> BatchObserver:
-        """The (cached) observer recording batching metrics for one graph of one model version."""
+    def observer(self, model: str, version: int, graph: str) -> GraphObserver:
+        """The (cached) observer recording the batching metrics of one graph of one model version."""
         key = (str(model), str(version), str(graph))
         obs = self._observers.get(key)
         if obs is None:
-            obs = self._observers.setdefault(key, BatchObserver(self, model, version, graph))
+            obs = self._observers.setdefault(key, GraphObserver(self, model, version, graph))
+        return obs
+
+    def sampler_observer(self, model: str, version: int) -> SamplerObserver:
+        """The (cached) observer of one model version's PixelCNN sampler (``graph="sampler"``)."""
+        key = (str(model), str(version), SAMPLER_GRAPH)
+        obs = self._observers.get(key)
+        if not isinstance(obs, SamplerObserver):
+            obs = self._observers[key] = SamplerObserver(self, model, version)
         return obs
 
     def observe_request(self, route: str, method: str, status: int, duration_s: float) -> None:
@@ -403,17 +413,6 @@ class Metrics:
                 self.model_info.labels(*mv, *pf).set(1)
         except Exception as exc:
             _warn("set_model_info", exc)
-
-    def clear_model_info(self, model: str, version: int) -> None:
-        """Withdraw the ``genserve_model_info`` series of an unloaded model version. Never raises."""
-        try:
-            mv = (str(model), str(version))
-            with self._info_lock:
-                old = self._info_labels.pop(mv, None)
-                if old is not None:
-                    self._drop_info(mv, old)
-        except Exception as exc:
-            _warn("clear_model_info", exc)
 
     def _drop_info(self, mv: tuple[str, str], pf: tuple[str, str]) -> None:
         if self.multiprocess:  # label removal is not implemented for multiprocess files

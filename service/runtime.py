@@ -179,11 +179,12 @@ class ModelVersion:
         self.sampler: IterationSampler | None = None
         if m.family == "pixelcnn":
             vstack, hrow = (out_of_memory_guard(session_fn(lv.sessions[g])) for g in ("vstack", "hrow"))
+            geometry = {k: int(m.model[k]) for k in ("image_size", "num_classes") if k in m.model}
             self.sampler = IterationSampler(
                 vstack, hrow,
                 SamplerConfig(max_active=settings.sampler_max_active, max_queue=settings.sampler_max_queue,
-                              timeout_s=settings.sample_timeout_s),
-                executor=executor, observer=metrics.observer(m.name, m.version, "sampler"))
+                              timeout_s=settings.sample_timeout_s, **geometry),
+                executor=executor, observer=metrics.sampler_observer(m.name, m.version))
         metrics.set_model_info(m.name, m.version, self.provider, m.family)
 
     async def start(self) -> None:

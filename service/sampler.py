@@ -6,7 +6,7 @@ so the same (label, u, temperature) give the same image whichever path computes 
 else shares the batch. This is the numpy twin of `training.pixelcnn.sample_from_logits` / `sample_fast`.
 
 Three samplers, slowest first:
-    sample_naive   the whole 28-row image through vstack + hrow for every one of the 784 pixels (reference)
+    sample_naive   the whole image through vstack + hrow for every one of its pixels (reference)
     sample_fast    vstack once per row on rows 0..r only, hrow on that single row per pixel (one batch)
     IterationSampler
                    sample_fast's per-row caching, but every sequence keeps its own position (r, c) and its own
@@ -17,7 +17,8 @@ Three samplers, slowest first:
 vstack: image (B, 1, H, W) float32 0..255, label (B,) int64 -> vfeats (B, L, 2C, H, W); row r sees rows < r.
 hrow:   image (B, 1, H, W), vfeats (B, L, 2C, H, W) -> logits (B, 256, H, W); kernel height 1, rows independent.
 
-numpy + asyncio only: no torch, no HTTP. Errors reuse the batcher's (QueueFull / BatcherClosed -> 503, ...).
+numpy + asyncio only: no torch, no HTTP. Deadlines, abandonment, errors (QueueFull / BatcherClosed -> 503, ...)
+and the observer are the scheduler's (service.scheduling), shared with the batcher.
 """
 
 from __future__ import annotations
@@ -28,22 +29,18 @@ import logging
 import math
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from service.batcher import BatcherClosed, DeadlineExceeded, QueueFull, arrived_at
+from service.scheduling import BatcherClosed, QueuedWork, QueueFull, Scheduler, SchedulingObserver, Ticket
 
 logger = logging.getLogger(__name__)
 
 Arrays = dict[str, np.ndarray]
 GraphFn = Callable[[Arrays], Arrays]  # named inputs -> named outputs, e.g. one ONNX Runtime session
-
-SIZE = 28  # the IterationSampler's image side (MNIST); the functions infer it from u
-PIXELS = SIZE * SIZE
-
 
 def session_fn(sess: Any) -> GraphFn:
     """Wrap an onnxruntime.InferenceSession as `feeds -> {output name: array}`."""
@@ -138,29 +135,34 @@ class SamplerConfig:
     max_active: int = 64  # sequences advanced together per step; more wait in a queue
     max_queue: int = 256  # sequences waiting beyond max_active; past it sample() raises QueueFull
     timeout_s: float = 120.0  # default per-request deadline, from the request's arrival (arrived_at)
-    max_label: int = 10  # labels 0..max_label are accepted (PixelCNN: digits 0..9, 10 = any digit)
+    # The model's geometry, from its manifest: images are image_size x image_size, and labels 0..num_classes are
+    # accepted (num_classes itself meaning "any class": for the PixelCNN, digits 0..9 and 10 = any digit).
+    image_size: int = 28
+    num_classes: int = 10
 
 
-class _Request:
-    def __init__(
-        self,
-        labels: np.ndarray,
-        u: np.ndarray,
-        temperature: float,
-        deadline: float,
-        future: asyncio.Future[np.ndarray],
-        enqueued_at: float,
-    ):
+class SamplingTicket(Ticket[np.ndarray]):
+    """One sample() call: n sequences, each with its label and uniforms, sharing one temperature."""
+
+    def __init__(self, sampler: IterationSampler, future: asyncio.Future[np.ndarray], deadline: float,
+                 timeout_s: float, labels: np.ndarray, u: np.ndarray, temperature: float, enqueued_at: float) -> None:
+        super().__init__(sampler, future, deadline, timeout_s)
         self.labels, self.u, self.temperature = labels, u, temperature
-        self.deadline = deadline  # on the event loop's monotonic clock
-        self.future = future
         self.enqueued_at = enqueued_at
-        self.images = np.zeros((labels.size, SIZE, SIZE), np.uint8)
+        side = sampler.config.image_size
+        self.images = np.zeros((labels.size, side, side), np.uint8)
         self.remaining = labels.size  # sequences not finished
-        self.queued = labels.size  # sequences still waiting in the queue
 
 
-class IterationSampler:
+@dataclass(eq=False)
+class _Sequence(QueuedWork):
+    """One image of a ticket waiting for a slot (n = 1)."""
+
+    ticket: SamplingTicket
+    index: int  # which of the ticket's images
+
+
+class IterationSampler(Scheduler):
     """Samples concurrent PixelCNN requests together, one pixel of every active sequence per step.
 
     One step: the active sequences starting a row (c == 0) get their vfeats row from ONE vstack call on the
@@ -172,35 +174,35 @@ class IterationSampler:
     task, between executor calls, never while one is running.
     """
 
+    kind = "sampler"
+
     def __init__(
         self,
         vstack: GraphFn,
         hrow: GraphFn,
         config: SamplerConfig = SamplerConfig(),
         executor: concurrent.futures.Executor | None = None,
-        observer: Any = None,
+        observer: SchedulingObserver | None = None,
         name: str = "pixelcnn",
     ) -> None:
         if config.max_active < 1 or config.max_queue < 0 or config.timeout_s <= 0:
             raise ValueError("max_active must be >= 1, max_queue >= 0 and timeout_s > 0")
-        self.name = name
+        if config.image_size < 1 or config.num_classes < 0:
+            raise ValueError("image_size must be >= 1 and num_classes >= 0")
+        super().__init__(name, config.timeout_s, observer)
         self._vstack, self._hrow = vstack, hrow
-        self._config = config
+        self.config = config
         self._executor = executor  # None: the event loop's default thread pool
-        self._observer = observer
-        self._queue: deque[tuple[_Request, int]] = deque()  # (request, sequence index), FIFO
-        self._queued = 0
-        self._slots: list[tuple[_Request, int]] = []  # active sequence k <-> row k of the state arrays
-        cap = config.max_active
-        self._img = np.zeros((cap, 1, SIZE, SIZE), np.float32)  # pixels sampled so far (0..255)
+        self._queue: deque[_Sequence] = deque()  # FIFO
+        self._slots: list[tuple[SamplingTicket, int]] = []  # active sequence k <-> row k of the state arrays
+        cap, side = config.max_active, config.image_size
+        self._side, self._pixels = side, side * side
+        self._img = np.zeros((cap, 1, side, side), np.float32)  # pixels sampled so far (0..255)
         self._label = np.zeros(cap, np.int64)
-        self._pos = np.zeros(cap, np.int64)  # next pixel, r * SIZE + c
+        self._pos = np.zeros(cap, np.int64)  # next pixel, r * side + c
         self._temp = np.ones(cap, np.float64)
-        self._u = np.zeros((cap, PIXELS), np.float64)
-        self._vrow: np.ndarray | None = None  # (cap, L, 2C, 1, SIZE), allocated at the first vstack output
-        self._closing = False
-        self._task: asyncio.Task[None] | None = None
-        self._wakeup = asyncio.Event()
+        self._u = np.zeros((cap, self._pixels), np.float64)
+        self._vrow: np.ndarray | None = None  # (cap, L, 2C, 1, side), allocated at the first vstack output
         self.steps = 0  # loop steps run (one hrow call each)
 
     @property
@@ -213,89 +215,46 @@ class IterationSampler:
         """Sequences accepted and waiting for a slot."""
         return self._queued
 
-    async def start(self) -> None:
-        if self._task is None:
-            self._task = asyncio.create_task(self._run(), name=f"sampler-{self.name}")
-
-    async def stop(self) -> None:
-        """Refuse new requests (BatcherClosed), finish every accepted one, then end the loop."""
-        self._closing = True
-        self._wakeup.set()
-        if self._task is not None:
-            await self._task
-
     async def sample(
         self, labels: np.ndarray, u: np.ndarray, temperature: float = 1.0, timeout_s: float | None = None
     ) -> np.ndarray:
-        """labels (n,) 0..max_label, u (n, 784) in [0, 1) -> images (n, 28, 28) uint8."""
-        labels, u, temperature, _ = _check_inputs(labels, u, temperature, PIXELS)
-        if labels.min() < 0 or labels.max() > self._config.max_label:
-            raise ValueError(f"labels must lie in 0..{self._config.max_label}")
-        n, cfg = labels.size, self._config
-        if self._closing or self._task is None:
-            self._notify("on_reject", "closed")
-            raise BatcherClosed(f"sampler {self.name!r} is not accepting work")
+        """labels (n,) 0..num_classes, u (n, side * side) in [0, 1) -> images (n, side, side) uint8."""
+        return await self.wait(self.enqueue(labels, u, temperature, timeout_s))
+
+    def enqueue(
+        self, labels: np.ndarray, u: np.ndarray, temperature: float = 1.0, timeout_s: float | None = None
+    ) -> SamplingTicket:
+        """Queue the n sequences or refuse them at once: ValueError, BatcherClosed, QueueFull, DeadlineExceeded.
+        The ticket's deadline is timeout_s (default the config's) from the request's arrival."""
+        labels, u, temperature, _ = _check_inputs(labels, u, temperature, self._pixels)
+        if labels.min() < 0 or labels.max() > self.config.num_classes:
+            raise ValueError(f"labels must lie in 0..{self.config.num_classes}")
+        n, cfg = labels.size, self.config
+        self._refuse_if_closed()
         if (held := self.active + self._queued) + n > cfg.max_active + cfg.max_queue:
             self._notify("on_reject", "queue_full")
             raise QueueFull(f"sampler {self.name!r}: {held} sequences active or queued, {n} more refused")
         loop = asyncio.get_running_loop()
         now = loop.time()
-        timeout = cfg.timeout_s if timeout_s is None else timeout_s
-        request = _Request(labels, u, temperature, (arrived_at.get() or now) + timeout, loop.create_future(), now)
-        self._queue.extend((request, i) for i in range(n))
-        self._queued += n
+        deadline, timeout = self._deadline(now, timeout_s)
+        ticket = SamplingTicket(self, loop.create_future(), deadline, timeout, labels, u, temperature, now)
+        for i in range(n):
+            self._enqueue(self._queue, _Sequence(ticket, 1, i))
         self._notify("on_queue_depth", self._queued)
         self._wakeup.set()
-        timer = asyncio.timeout_at(request.deadline)
-        try:
-            async with timer:
-                return await request.future
-        except (TimeoutError, DeadlineExceeded) as exc:
-            if isinstance(exc, TimeoutError) and not timer.expired():
-                raise  # a TimeoutError raised by a graph call, not our deadline
-            self._abandon(request)
-            self._notify("on_reject", "deadline")
-            raise DeadlineExceeded(f"sampler {self.name!r}: deadline of {timeout:g}s exceeded") from None
-        except asyncio.CancelledError:
-            self._abandon(request)  # client went away: its sequences leave at the next step
-            raise
-
-    def _abandon(self, request: _Request) -> None:
-        self._drop(request)
-        if not request.future.done():  # normally already cancelled along with the awaiting task
-            request.future.cancel()
+        return ticket
 
     # --- bookkeeping (event loop thread only, so no locks) ---
 
-    def _drop(self, request: _Request) -> None:
-        """Remove the request's queued sequences now; its active ones leave at the next step (future done)."""
-        if request.queued:
-            kept = [item for item in self._queue if item[0] is not request]
-            self._queued -= len(self._queue) - len(kept)
-            self._queue.clear()
-            self._queue.extend(kept)
-            request.queued = 0
-
-    def _fail(self, request: _Request, error: BaseException, reason: str) -> None:
-        if not request.future.done():
-            self._drop(request)
-            request.future.set_exception(error)
-            self._notify("on_reject", reason)
-
-    def _expired(self, request: _Request, now: float) -> bool:
-        if now < request.deadline:
-            return False
-        if not request.future.done():  # sample() reports the rejection when it sees this
-            self._drop(request)
-            request.future.set_exception(DeadlineExceeded(f"sampler {self.name!r}: deadline exceeded"))
-        return True
+    def _queues(self) -> Iterable[deque[_Sequence]]:
+        return (self._queue,)
 
     def _admit(self, now: float) -> list[float]:
         """Let finished/abandoned sequences leave, then fill free slots from the queue; returns new joiners' waits."""
         keep = [
             k
-            for k, (request, _) in enumerate(self._slots)
-            if self._pos[k] < PIXELS and not request.future.done() and not self._expired(request, now)
+            for k, (ticket, _) in enumerate(self._slots)
+            if self._pos[k] < self._pixels and self._live(ticket, now)
         ]
         if len(keep) < len(self._slots):
             idx = np.asarray(keep, dtype=np.int64)
@@ -305,20 +264,19 @@ class IterationSampler:
                     array[:m] = array[idx]  # fancy indexing copies first, so overlapping moves are safe
             self._slots = [self._slots[k] for k in keep]
         waits: list[float] = []
-        while self._queue and len(self._slots) < self._config.max_active:
-            request, i = self._queue.popleft()
-            self._queued -= 1
-            request.queued -= 1
-            if request.future.done() or self._expired(request, now):
+        while self._queue and len(self._slots) < self.config.max_active:
+            sequence = self._take(self._queue)
+            ticket, i = sequence.ticket, sequence.index
+            if not self._live(ticket, now):
                 continue
             k = len(self._slots)
-            self._slots.append((request, i))
+            self._slots.append((ticket, i))
             self._img[k] = 0.0
-            self._label[k] = request.labels[i]
+            self._label[k] = ticket.labels[i]
             self._pos[k] = 0
-            self._temp[k] = request.temperature
-            self._u[k] = request.u[i]
-            waits.append(now - request.enqueued_at)
+            self._temp[k] = ticket.temperature
+            self._u[k] = ticket.u[i]
+            waits.append(now - ticket.enqueued_at)
         if waits:
             self._notify("on_queue_depth", self._queued)
         return waits
@@ -340,18 +298,18 @@ class IterationSampler:
         finally:
             # Normally empty; after a crash or cancellation nobody may be left waiting forever.
             closed = BatcherClosed(f"sampler {self.name!r} stopped")
-            for request in {request for request, _ in [*self._queue, *self._slots]}:
-                self._fail(request, closed, "closed")
+            for ticket in {s.ticket for s in self._queue} | {ticket for ticket, _ in self._slots}:
+                self._fail(ticket, closed, "closed")
             self._queue.clear()
-            self._queued = 0
+            self._queued = self._dropped_units = 0
             self._slots = []
 
     async def _step(self, waits: list[float]) -> None:
         loop = asyncio.get_running_loop()
-        b = len(self._slots)
+        b, side = len(self._slots), self._side
         ar = np.arange(b)
         pos = self._pos[:b].copy()
-        rows, cols = pos // SIZE, pos % SIZE
+        rows, cols = pos // side, pos % side
         started = time.perf_counter()
         try:
             starting = np.flatnonzero(cols == 0)  # sequences entering a new row need its vfeats
@@ -360,16 +318,16 @@ class IterationSampler:
                 feeds = {"image": self._img[starting, :, :height], "label": self._label[starting]}
                 vfeats = (await loop.run_in_executor(self._executor, self._vstack, feeds))["vfeats"]
                 if self._vrow is None:
-                    self._vrow = np.zeros((self._config.max_active, *vfeats.shape[1:3], 1, SIZE), np.float32)
+                    self._vrow = np.zeros((self.config.max_active, *vfeats.shape[1:3], 1, side), np.float32)
                 self._vrow[starting, :, :, 0] = vfeats[np.arange(starting.size), :, :, rows[starting]]
-            image_row = self._img[ar, :, rows][:, :, None, :]  # (b, 1, 1, SIZE): each sequence's own row
+            image_row = self._img[ar, :, rows][:, :, None, :]  # (b, 1, 1, side): each sequence's own row
             feeds = {"image": image_row, "vfeats": self._vrow[:b]}
             logits = (await loop.run_in_executor(self._executor, self._hrow, feeds))["logits"]
             values = sample_pixel(logits[ar, :, 0, cols], self._u[ar, pos], self._temp[:b])
         except Exception as exc:
             logger.exception("sampler %r: step over %d sequences failed", self.name, b)
-            for request in {request for request, _ in self._slots}:
-                self._fail(request, exc, "error")  # they leave at the next _admit
+            for ticket in {ticket for ticket, _ in self._slots}:
+                self._fail(ticket, exc, "error")  # they leave at the next _admit
             return
         compute_s = time.perf_counter() - started
         self._img[ar, 0, rows, cols] = values
@@ -377,21 +335,12 @@ class IterationSampler:
         self.steps += 1
         self._notify("on_sampler_step", b)
         self._notify("on_batch", b, waits, compute_s)
-        for k in np.flatnonzero(pos + 1 == PIXELS):
-            request, i = self._slots[k]
-            if request.future.done():
+        for k in np.flatnonzero(pos + 1 == self._pixels):
+            ticket, i = self._slots[k]
+            if ticket.future.done():
                 continue
-            request.images[i] = self._img[k, 0]
-            request.remaining -= 1
-            if request.remaining == 0:
-                request.future.set_result(request.images)
-                self._notify("on_items", request.labels.size)
-
-    def _notify(self, method: str, *args: object) -> None:
-        callback = getattr(self._observer, method, None)  # observers may implement only some methods
-        if callback is None:
-            return
-        try:
-            callback(*args)
-        except Exception:  # metrics must never fail a request
-            logger.warning("sampler %r: observer.%s failed", self.name, method, exc_info=True)
+            ticket.images[i] = self._img[k, 0]
+            ticket.remaining -= 1
+            if ticket.remaining == 0:
+                ticket.future.set_result(ticket.images)
+                self._notify("on_items", ticket.labels.size)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -18,6 +19,7 @@ from service.batcher import (
     QueueFull,
     arrived_at,
 )
+from service.scheduling import SchedulingObserver
 
 
 class Recorder:
@@ -53,7 +55,7 @@ class Recorder:
         return np.concatenate([call["x"].reshape(-1) for call in self.calls]) if self.calls else np.empty(0)
 
 
-class RecordingObserver:
+class RecordingObserver(SchedulingObserver):
     def __init__(self) -> None:
         self.batches: list[tuple[int, Sequence[float], float]] = []
         self.items = 0
@@ -299,6 +301,36 @@ def test_raising_observer_does_not_fail_requests() -> None:
     run(scenario, predict, Broken(), max_batch_size=4, max_delay_s=0.001)
 
 
+def test_observers_implement_what_they_record_and_a_missing_method_is_logged(caplog) -> None:
+    """The rule for every scheduler: a subclass of SchedulingObserver inherits no-op defaults, so it overrides only
+    what it records; an object that does not subclass it and lacks a method fails like any observer, logged and
+    swallowed, never failing the request."""
+
+    class OnlyRejects(SchedulingObserver):
+        def __init__(self) -> None:
+            self.rejects: list[str] = []
+
+        def on_reject(self, reason: str) -> None:
+            self.rejects.append(reason)
+
+    class Bare:
+        pass
+
+    async def scenario(batcher: Batcher) -> None:
+        check(rows(0, 2), await batcher.submit(rows(0, 2)))
+        with pytest.raises(DeadlineExceeded):
+            await batcher.submit(rows(1, 1), timeout_s=0.0)
+
+    partial = OnlyRejects()
+    with caplog.at_level(logging.WARNING, logger="service.batcher"):
+        run(scenario, Recorder(), partial)
+    assert partial.rejects == ["deadline"] and caplog.records == []
+    with caplog.at_level(logging.WARNING, logger="service.batcher"):
+        run(scenario, Recorder(), Bare())
+    assert {r.getMessage() for r in caplog.records} >= {"batcher 'test': observer.on_batch failed",
+                                                       "batcher 'test': observer.on_reject failed"}
+
+
 def test_cancelled_request_work_is_dropped() -> None:
     predict = Recorder(gate=threading.Event())
 
@@ -462,3 +494,68 @@ def test_work_is_refused_when_the_queue_ahead_exceeds_the_queue_wait_limit() -> 
 
     run(scenario, predict, observer, max_batch_size=1, timeout_s=30.0, max_queue_wait_s=0.25)
     assert observer.rejects == ["expected_wait"]
+
+
+def test_abandoning_queued_work_keeps_the_depth_the_wait_estimate_and_the_gauge_exact() -> None:
+    """ticket.abandon() from outside (as a route that learns its client left would): the ticket's queued items leave
+    the counts at once, without a pass over the queue; its entries are skipped when they reach the head, never
+    computed; the others' results are untouched."""
+    gate = threading.Event()
+    predict, observer = Recorder(gate=gate, delay_s=0.01), RecordingObserver()
+    a, b, c = rows(10, 3), rows(20, 2), rows(30, 1)
+
+    async def scenario(batcher: Batcher) -> None:
+        gate.set()
+        check(rows(0, 1), await batcher.submit(rows(0, 1)))  # a speed estimate, so expected_wait_s() counts
+        gate.clear()
+        held = asyncio.create_task(batcher.submit(rows(1, 1)))
+        await wait_until(lambda: len(predict.calls) == 2)  # the only slot is busy
+        tickets = [batcher.enqueue(r) for r in (a, b, c)]
+        await asyncio.sleep(0.01)  # a's first item forms the next batch; the other five are queued
+        assert batcher.queue_depth == 6
+        per_item = batcher.expected_wait_s(1, ahead=False)
+        assert batcher.expected_wait_s() == pytest.approx(6 * per_item)
+        [queue] = batcher._signature_queues.values()
+        entries = len(queue)
+
+        tickets[1].abandon()
+        assert batcher.queue_depth == 4 and observer.depths[-1] == 4
+        assert batcher.expected_wait_s() == pytest.approx(4 * per_item)
+        assert len(queue) == entries  # nothing was scanned or removed: b's entries wait to be skipped
+        tickets[1].abandon()  # idempotent
+        assert batcher.queue_depth == 4
+        with pytest.raises(asyncio.CancelledError):
+            await batcher.wait(tickets[1])
+
+        gate.set()
+        await held
+        check(a, await batcher.wait(tickets[0]))
+        check(c, await batcher.wait(tickets[2]))
+        assert batcher.queue_depth == 0 and len(queue) == 0 and observer.depths[-1] == 0
+
+    run(scenario, predict, observer, max_batch_size=1)
+    assert not np.isin(predict.seen(), b["x"]).any()
+    assert observer.rejects == [] and observer.items == 1 + 1 + 3 + 1
+
+
+def test_abandoned_entries_do_not_pile_up_behind_a_stuck_batch() -> None:
+    """Entries of abandoned tickets are swept out once they outnumber the live ones (past a floor), so a storm of
+    callers that leave while a batch computes cannot grow the queue without bound."""
+    gate = threading.Event()
+    predict = Recorder(gate=gate)
+
+    async def scenario(batcher: Batcher) -> None:
+        held = asyncio.create_task(batcher.submit(rows(0, 1)))
+        await wait_until(predict.started.is_set)
+        live = batcher.enqueue(rows(1, 1))
+        for i in range(600):
+            batcher.enqueue(rows(100 + i, 1)).abandon()
+        assert batcher.queue_depth == 1
+        assert sum(len(q) for q in batcher._signature_queues.values()) <= 1 + 257
+        gate.set()
+        await held
+        check(rows(1, 1), await batcher.wait(live))
+        assert batcher.queue_depth == 0
+
+    run(scenario, predict, max_batch_size=4, max_queue_items=2048)
+    assert sorted(predict.seen()) == sorted(np.concatenate([rows(0, 1)["x"], rows(1, 1)["x"]]).reshape(-1))

@@ -13,10 +13,12 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 import service.metrics as metrics_mod
-from service.metrics import Metrics, NullObserver
+from service.metrics import GraphObserver, Metrics, SamplerObserver
+from service.scheduling import SchedulingObserver
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 PIX = {"model": "pixelcnn", "version": "1", "graph": "g"}
+SAMPLER = {"model": "pixelcnn", "version": "1", "graph": "sampler"}
 INFO = {"model": "pixelcnn", "version": "1"}  # model_info has no graph label
 
 ALL_METRIC_NAMES = [
@@ -88,17 +90,37 @@ def test_other_observer_methods(metrics):
     obs.on_reject("timeout")
     obs.on_queue_depth(7)
     obs.on_queue_depth(3)
+    sampler = metrics.sampler_observer("pixelcnn", 1)
     for active in (8, 8, 5, 1):
-        obs.on_sampler_step(active)
+        sampler.on_sampler_step(active)
 
     assert value(metrics, "genserve_items_processed_total", PIX) == 7
     assert value(metrics, "genserve_rejections_total", {**PIX, "reason": "queue_full"}) == 2
     assert value(metrics, "genserve_rejections_total", {**PIX, "reason": "timeout"}) == 1
     assert value(metrics, "genserve_queue_depth", PIX) == 3
-    assert value(metrics, "genserve_sampler_active_sequences_count", PIX) == 4
-    assert value(metrics, "genserve_sampler_active_sequences_sum", PIX) == 22
-    assert value(metrics, "genserve_sampler_active_sequences_bucket", {**PIX, "le": "4.0"}) == 1
-    assert value(metrics, "genserve_sampler_active_sequences_bucket", {**PIX, "le": "8.0"}) == 4
+    assert value(metrics, "genserve_sampler_active_sequences_count", SAMPLER) == 4
+    assert value(metrics, "genserve_sampler_active_sequences_sum", SAMPLER) == 22
+    assert value(metrics, "genserve_sampler_active_sequences_bucket", {**SAMPLER, "le": "4.0"}) == 1
+    assert value(metrics, "genserve_sampler_active_sequences_bucket", {**SAMPLER, "le": "8.0"}) == 4
+    assert value(metrics, "genserve_sampler_active_sequences_count", PIX) is None  # a graph's observer: no series
+
+
+def test_sampler_series_exist_for_the_sampler_only(metrics):
+    """A graph's observer creates no sampler series (it used to export the histogram as zeros for every graph);
+    the sampler's observer records the batching series too, under graph="sampler"."""
+    graph = metrics.observer("pixelcnn", 1, "logprob")
+    sampler = metrics.sampler_observer("pixelcnn", 1)
+    assert metrics.sampler_observer("pixelcnn", 1) is sampler and isinstance(sampler, SamplerObserver)
+    graph.on_sampler_step(3)  # the protocol's no-op default: nothing recorded
+    graph.on_batch(2, [0.0, 0.0], 0.01)
+    sampler.on_batch(1, [0.0], 0.01)
+    text = metrics.render()[0].decode()
+    series = [s for f in text_string_to_metric_families(text) for s in f.samples
+              if s.name.startswith("genserve_sampler_active_sequences")]
+    assert series and {s.labels["graph"] for s in series} == {"sampler"}
+    assert value(metrics, "genserve_sampler_active_sequences_count", SAMPLER) == 0
+    assert value(metrics, "genserve_batch_size_count", {**SAMPLER}) == 1
+    assert value(metrics, "genserve_batch_size_count", {**PIX, "graph": "logprob"}) == 1
 
 
 def test_observers_are_per_model_version_and_cached(metrics):
@@ -141,8 +163,6 @@ def test_model_info_gauge(metrics):
     metrics.set_model_info("pixelcnn", 1, "CPUExecutionProvider", "pixelcnn")
     assert value(metrics, "genserve_model_info", labels) is None
     assert value(metrics, "genserve_model_info", {**labels, "provider": "CPUExecutionProvider"}) == 1
-    metrics.clear_model_info("pixelcnn", 1)
-    assert value(metrics, "genserve_model_info", {**labels, "provider": "CPUExecutionProvider"}) is None
 
 
 def test_bad_input_never_raises_and_logs(metrics, caplog):
@@ -156,14 +176,14 @@ def test_bad_input_never_raises_and_logs(metrics, caplog):
         obs.on_items(-3)  # counters cannot go down
         obs.on_reject(object())  # type: ignore[arg-type]  # str() works: recorded, not an error
         obs.on_queue_depth("deep")  # type: ignore[arg-type]
-        obs.on_sampler_step(None)  # type: ignore[arg-type]
+        metrics.sampler_observer("pixelcnn", 1).on_sampler_step(None)  # type: ignore[arg-type]
         metrics.observe_request("/x", "GET", "teapot", 0.1)  # type: ignore[arg-type]
         metrics.observe_request("/x", "GET", 200, None)  # type: ignore[arg-type]
         metrics.set_model_info("m", 1, "cpu", "gan")
     # Nothing half-recorded from the failed calls.
     assert value(metrics, "genserve_batch_size_count", PIX) == 0
     assert value(metrics, "genserve_items_processed_total", PIX) == 0
-    assert value(metrics, "genserve_sampler_active_sequences_count", PIX) == 0
+    assert value(metrics, "genserve_sampler_active_sequences_count", SAMPLER) == 0
     failed = {r.getMessage().split(" failed")[0] for r in caplog.records}
     assert {
         "metrics: on_batch",
@@ -210,7 +230,7 @@ def test_render_contains_every_metric(metrics):
     obs.on_items(1)
     obs.on_reject("queue_full")
     obs.on_queue_depth(0)
-    obs.on_sampler_step(1)
+    metrics.sampler_observer("pixelcnn", 1).on_sampler_step(1)
     metrics.observe_request("/healthz", "GET", 200, 0.001)
     metrics.set_model_info("pixelcnn", 1, "CPUExecutionProvider", "pixelcnn")
     body, content_type = metrics.render()
@@ -240,15 +260,15 @@ def test_independent_registries(metrics):
     assert value(metrics, "genserve_items_processed_total", gan) == 3
 
 
-def test_null_observer_has_the_same_interface():
-    public = {n for n in dir(metrics_mod.BatchObserver) if n.startswith("on_")}
-    assert public == {n for n in dir(NullObserver) if n.startswith("on_")}
-    obs = NullObserver()
-    obs.on_batch(1, [0.0], 0.0)
-    obs.on_items(1)
-    obs.on_reject("x")
-    obs.on_queue_depth(1)
-    obs.on_sampler_step(1)
+def test_observers_implement_the_scheduling_protocol():
+    """Every method a scheduler may call exists on both observers (the protocol's defaults fill in the rest)."""
+    protocol = {n for n in dir(SchedulingObserver) if n.startswith("on_")}
+    assert protocol == {"on_batch", "on_items", "on_reject", "on_queue_depth", "on_sampler_step"}
+    for cls in (GraphObserver, SamplerObserver):
+        assert SchedulingObserver in cls.__mro__  # subclassed explicitly, so the defaults are inherited
+        assert protocol <= {n for n in dir(cls) if n.startswith("on_")}
+    assert SamplerObserver.on_sampler_step is not SchedulingObserver.on_sampler_step
+    assert GraphObserver.on_sampler_step is SchedulingObserver.on_sampler_step  # a graph's: no-op
 
 
 # ------------------------------------------------------------------------------------------ multiprocess

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -18,6 +19,7 @@ from service.sampler import IterationSampler, SamplerConfig, sample_fast
 from tests.unit.test_batcher import RecordingObserver as BatcherRecorder
 
 PIXELS = 28 * 28
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
@@ -61,9 +63,9 @@ class RecordingObserver(BatcherRecorder):
 
 
 class Harness:
-    def __init__(self, graphs, **config: float) -> None:
+    def __init__(self, graphs, observer: BatcherRecorder | None = None, **config: float) -> None:
         self.vstack, self.hrow = Recorder(graphs[0]), Recorder(graphs[1])
-        self.observer = RecordingObserver()
+        self.observer = RecordingObserver() if observer is None else observer
         self.sampler = IterationSampler(self.vstack, self.hrow, SamplerConfig(**config), observer=self.observer)
 
     def run(self, scenario: Callable[[IterationSampler], Awaitable[None]]) -> None:
@@ -262,3 +264,93 @@ def test_bad_requests_are_refused(tiny_pixelcnn_graphs) -> None:
 
     h.run(scenario)
     assert h.hrow.sizes == []
+
+
+def test_abandoning_from_outside_drops_queued_and_active_sequences(tiny_pixelcnn_graphs) -> None:
+    """ticket.abandon() (as a route that learns its client left would): queued sequences leave the counts and
+    the queue-depth gauge at once, active ones leave at the next step; the others are untouched."""
+    (la, ua), (lb, ub) = make_request(21, [2, 10]), make_request(22, [5])
+    want_b = sample_fast(*tiny_pixelcnn_graphs, lb, ub)
+    observer = BatcherRecorder()  # records queue depths (the default harness observer fails them on purpose)
+    h = Harness(tiny_pixelcnn_graphs, observer, max_active=2)
+
+    async def scenario(sampler: IterationSampler) -> None:
+        a = sampler.enqueue(la, ua)
+        await wait_until(lambda: len(h.hrow.sizes) >= 20)
+        waiting = sampler.enqueue(*make_request(23, [1, 3, 4]))
+        b = sampler.enqueue(lb, ub)
+        assert sampler.queue_depth == sampler.queued == 4 and observer.depths[-1] == 4
+        waiting.abandon()
+        assert sampler.queued == 1 and observer.depths[-1] == 1
+        with pytest.raises(asyncio.CancelledError):
+            await sampler.wait(waiting)
+        steps = len(h.hrow.sizes)
+        a.abandon()
+        np.testing.assert_array_equal(await sampler.wait(b), want_b)
+        assert sampler.active == sampler.queued == 0 and observer.depths[-1] == 0
+        cut = h.hrow.sizes.index(1, steps - 1)  # b took a freed slot at the step after the abandonment
+        assert cut <= steps + 1 and h.hrow.sizes[cut:] == [1] * PIXELS
+
+    h.run(scenario)
+    assert observer.items == 1 and observer.rejects == []
+
+
+def causal_vstack(feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """A stand-in for vstack of any image size: row r of vfeats (B, 1, 2, H, W) sees rows < r and the label."""
+    image, label = feeds["image"], feeds["label"]
+    above = (np.cumsum(image, axis=2) - image)[:, :, None] / 255.0 + label[:, None, None, None, None]
+    return {"vfeats": np.concatenate([above, -above], axis=2).astype(np.float32)}
+
+
+def toy_hrow(feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """A stand-in for hrow: logits (B, 256, h, W) peaked where the row's vfeats and the pixels left of c point."""
+    image, vfeats = feeds["image"], feeds["vfeats"]
+    left = np.cumsum(image, axis=3) - image
+    centre = (vfeats[:, 0, 0] * 37.0 + left[:, 0] * 0.3) % 256  # (B, h, W)
+    k = np.arange(256, dtype=np.float64)[None, :, None, None]
+    return {"logits": (-((k - centre[:, None]) ** 2) / 200.0).astype(np.float32)}
+
+
+def test_image_size_and_labels_come_from_the_config() -> None:
+    side = 5
+    labels, u = np.array([0, 3, 2]), np.random.default_rng(24).random((3, side * side))
+    want = sample_fast(causal_vstack, toy_hrow, labels, u, 0.8)
+    h = Harness((causal_vstack, toy_hrow), max_active=2, image_size=side, num_classes=3)
+
+    async def scenario(sampler: IterationSampler) -> None:
+        got = await sampler.sample(labels, u, 0.8)
+        assert got.shape == (3, side, side) and got.dtype == np.uint8
+        np.testing.assert_array_equal(got, want)
+        assert len(np.unique(got)) > 5  # the toy model samples varied values
+        with pytest.raises(ValueError, match=r"labels must lie in 0\.\.3"):
+            await sampler.sample(np.array([4]), u[:1])
+        with pytest.raises(ValueError, match=r"u must have shape \(1, 25\)"):
+            await sampler.sample(np.array([1]), np.zeros((1, PIXELS)))
+
+    h.run(scenario)
+    assert h.vstack.heights[:side] == list(range(1, side + 1)) and len(h.hrow.sizes) == 2 * side * side
+
+
+def test_the_runtime_fills_the_sampler_from_the_manifest_and_only_it_has_sampler_series() -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from service.metrics import Metrics
+    from service.runtime import ModelVersion, session_factory
+    from service.settings import Settings
+    from service.store import validate_version
+
+    settings = Settings(providers="cpu", intra_op_threads=1)
+    lv = validate_version(REPO_ROOT / "models_store" / "pixelcnn" / "1", session_factory(settings))
+    assert (lv.manifest.model["image_size"], lv.manifest.model["num_classes"]) == (28, 10)
+    lv.manifest = lv.manifest.model_copy(update={"model": {**lv.manifest.model, "image_size": 14, "num_classes": 4}})
+    metrics = Metrics()
+    with ThreadPoolExecutor(1) as executor:
+        mv = ModelVersion(lv, settings, executor, metrics)
+    assert mv.sampler is not None
+    assert (mv.sampler.config.image_size, mv.sampler.config.num_classes) == (14, 4)
+    text = metrics.render()[0].decode()
+    graphs = {s.labels["graph"] for f in text_string_to_metric_families(text) for s in f.samples
+              if s.name.startswith("genserve_sampler_active_sequences")}
+    assert graphs == {"sampler"}
