@@ -52,9 +52,9 @@ def no_query(request: Request) -> None:
     (`query.model_version`), not something silently ignored."""
     if request.query_params:
         raise RequestValidationError([
-            {"type": "extra_forbidden", "loc": ("query", name), "input": value,
+            {"type": "extra_forbidden", "loc": ("query", name), "input": request.query_params.getlist(name),
              "msg": f"{name} goes in the JSON body: /v1 POST routes take no query parameters"}
-            for name, value in request.query_params.multi_items()])
+            for name in dict.fromkeys(request.query_params)])
 
 
 V1_POST = [Depends(no_query)]  # `dependencies=` of every /v1 POST route
