@@ -17,9 +17,9 @@ import os
 import orjson
 import uvicorn
 
+from service.families.gan import draw, pixels, z_dim
 from service.imaging import encode_images
 from service.metrics import Metrics
-from service.routes.gan import draw, pixels, z_dim
 from service.runtime import Registry
 from service.settings import Settings, get_settings
 

@@ -72,44 +72,52 @@ class ImageDecodeError(ValueError):
 # --------------------------------------------------------------------------------------------- decode
 
 
-def decode_image(value: object, field: str) -> np.ndarray:
-    """Decode one request image (base64 PNG string or 28x28 nested int list) to a (28, 28) uint8 array."""
+def decode_image(value: object, field: str, size: tuple[int, int] = _SHAPE) -> np.ndarray:
+    """Decode one request image (base64 PNG string or nested int list) of `size` (height, width), by default
+    28x28, to a (height, width) uint8 array."""
     if isinstance(value, str):
-        return _decode_png_b64(value, field)
+        return _decode_png_b64(value, field, size)
     if isinstance(value, list):
-        return _decode_array(value, field)
+        return _decode_array(value, field, size)
     raise ImageDecodeError(
         field,
-        f"expected a base64-encoded PNG string or a 28x28 list of ints, got {_type_name(value)}",
+        f"expected a base64-encoded PNG string or a {_words(size)} list of ints, got {_type_name(value)}",
     )
 
 
-def decode_images(values: list, field: str = "images") -> np.ndarray:
-    """Decode a list of request images to an (N, 28, 28) uint8 array; errors name ``f"{field}[i]"``."""
+def decode_images(values: list, field: str = "images", size: tuple[int, int] = _SHAPE) -> np.ndarray:
+    """Decode a list of request images of `size` (height, width) to an (N, height, width) uint8 array; errors
+    name ``f"{field}[i]"``."""
     if not isinstance(values, list):
         raise ImageDecodeError(field, f"expected a list of images, got {_type_name(values)}")
     n = len(values)
-    out = np.empty((n, IMAGE_SIZE, IMAGE_SIZE), dtype=np.uint8)
+    out = np.empty((n, *size), dtype=np.uint8)
     if n == 0:
         return out
     for i, value in enumerate(values):
-        out[i] = decode_image(value, f"{field}[{i}]")
+        out[i] = decode_image(value, f"{field}[{i}]", size)
     return out
 
 
-def _decode_array(value: list, field: str) -> np.ndarray:
-    # Check structure and element types with C-level loops (len/map/type, ~25us for 28x28), then build
-    # the array with an explicit dtype (faster than letting numpy infer it). The explicit type check is
-    # what catches bools: np.asarray([True, 2]) would silently give ints.
-    if len(value) != IMAGE_SIZE or not all(type(row) is list and len(row) == IMAGE_SIZE for row in value):
-        raise ImageDecodeError(field, f"expected a 28x28 array, got {_describe_shape(value)}")
+def _words(size: tuple[int, int]) -> str:
+    """(height, width) as an error message says it: width x height, the way image sizes are written."""
+    return f"{size[1]}x{size[0]}"
+
+
+def _decode_array(value: list, field: str, size: tuple[int, int]) -> np.ndarray:
+    # Check structure and element types with C-level loops (len/map/type), then build the array with an
+    # explicit dtype (faster than letting numpy infer it). The explicit type check is what catches bools:
+    # np.asarray([True, 2]) would silently give ints.
+    height, width = size
+    if len(value) != height or not all(type(row) is list and len(row) == width for row in value):
+        raise ImageDecodeError(field, f"expected a {_words(size)} array, got {_describe_shape(value, size)}")
     types: set[type] = set()
     for row in value:
         types.update(map(type, row))
     if types - _INT_TYPES:
         bad = [t for t in types if t not in _INT_TYPES]
         if any(t is list or t is tuple for t in bad):
-            raise ImageDecodeError(field, f"expected a 28x28 array, got {_describe_shape(value)}")
+            raise ImageDecodeError(field, f"expected a {_words(size)} array, got {_describe_shape(value, size)}")
         if not all(issubclass(t, (int, np.integer)) and t is not bool for t in bad):
             raise ImageDecodeError(field, f"array entries must be ints in 0..255, got {_describe_types(bad)}")
     try:
@@ -131,7 +139,7 @@ def _describe_types(types: list[type]) -> str:
     return ", ".join(sorted(names.get(t, f"values of type {t.__name__}") for t in types))
 
 
-def _describe_shape(value: list) -> str:
+def _describe_shape(value: list, size: tuple[int, int]) -> str:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -140,12 +148,12 @@ def _describe_shape(value: list) -> str:
         arr = None
     if arr is not None and arr.dtype != object:
         return "shape " + ("x".join(str(d) for d in arr.shape) if arr.ndim else "scalar")
-    if len(value) != IMAGE_SIZE:
+    if len(value) != size[0]:
         return f"a nested list with {len(value)} rows"
     for r, row in enumerate(value):
         if not isinstance(row, list):
             return f"a non-list row at [{r}] ({_type_name(row)})"
-        if len(row) != IMAGE_SIZE:
+        if len(row) != size[1]:
             return f"a ragged nested list (row {r} has {len(row)} entries)"
     return "a ragged nested list"
 
@@ -158,7 +166,7 @@ def _first_out_of_range(value: list) -> str:
     return "an out-of-range value"  # pragma: no cover - only called when one exists
 
 
-def _decode_png_b64(value: str, field: str) -> np.ndarray:
+def _decode_png_b64(value: str, field: str, size: tuple[int, int]) -> np.ndarray:
     text = value
     if text[:5].lower() == "data:":
         if text[: len(_DATA_URI_PNG_PREFIX)].lower() != _DATA_URI_PNG_PREFIX:
@@ -185,14 +193,14 @@ def _decode_png_b64(value: str, field: str) -> np.ndarray:
     if len(data) < 24 or data[12:16] != b"IHDR":
         raise ImageDecodeError(field, "not a decodable PNG image (missing IHDR header)")
     width, height = struct.unpack(">II", data[16:24])
-    if (width, height) != _SHAPE:
-        raise ImageDecodeError(field, f"expected 28x28, got {width}x{height}")
+    if (height, width) != size:
+        raise ImageDecodeError(field, f"expected {_words(size)}, got {width}x{height}")
     try:
         with Image.open(io.BytesIO(data), formats=("PNG",)) as im:
             # Image.open only parses the header: check the size before decoding any pixel data, so a
             # huge (decompression bomb) PNG is refused cheaply.
-            if im.size != _SHAPE:
-                raise ImageDecodeError(field, f"expected 28x28, got {im.size[0]}x{im.size[1]}")
+            if im.size[::-1] != size:
+                raise ImageDecodeError(field, f"expected {_words(size)}, got {im.size[0]}x{im.size[1]}")
             im.load()
             return _to_gray8(im)
     except ImageDecodeError:
@@ -240,10 +248,9 @@ _PNG_IEND = _png_chunk(b"IEND", b"")
 def _encode_png_batch(arr: np.ndarray) -> list[str]:
     """(N, H, W) uint8 -> N base64 PNGs: 8-bit grayscale, no interlace, filter type 0 on every scanline.
 
-    Written with zlib directly, not through a PNG library: for a 28x28 digit pypng costs ~40 us and Pillow
-    ~180 us, almost all of it per-image Python set-up; this costs ~16 us, a third of it deflate. Inside a
-    loaded /v1/gan/sample handler encoding went from 60 to 40 us. tests/unit/test_imaging.py decodes the
-    output with Pillow and checks every chunk's CRC."""
+    Written with zlib directly, not through a PNG library: for an image this small, pypng's and Pillow's cost is
+    almost all per-image Python set-up, several times what deflate takes (figures in docs/benchmarks.md).
+    tests/unit/test_imaging.py decodes the output with Pillow and checks every chunk's CRC."""
     n, h, w = arr.shape
     if h == 0 or w == 0:
         raise ValueError(f"a PNG needs at least one row and one column, got {h}x{w}")
@@ -287,5 +294,5 @@ def to_uint8(x: np.ndarray) -> np.ndarray:
     if arr.dtype.kind in "biu":
         return np.clip(arr, 0, 255).astype(np.uint8)
     # fmax/fmin return the non-NaN operand, so NaN -> 0 with no separate nan_to_num pass; +-inf clip to 255/0.
-    # Three ufuncs in the input's own precision: ~4 us for a 28x28 image instead of ~20 us via float64.
+    # Three ufuncs in the input's own precision, several times faster than a detour through float64.
     return np.fmin(np.fmax(np.rint(arr), 0.0), 255.0).astype(np.uint8)

@@ -1,16 +1,20 @@
-"""Shared pieces of the routes: dependencies, seeds, labels, fast JSON responses, and the error statuses each kind
-of route documents."""
+"""Shared pieces of the routes: dependencies, fast JSON responses, image work on or off the event loop, and the
+error statuses each kind of route documents."""
 
 from __future__ import annotations
 
-import secrets
+import asyncio
+from collections.abc import Callable
+from typing import TypeVar
 
 import numpy as np
 import orjson
-from fastapi import Request
+from fastapi import Depends, Request
+from fastapi.exceptions import RequestValidationError
 from starlette.responses import Response
 
 from service.errors import APIError, responses
+from service.imaging import decode_images, encode_images
 from service.runtime import ModelVersion, Registry
 
 # The statuses besides 200 that routes answer (service/errors.py's policy), for `responses=` on routers and
@@ -43,18 +47,38 @@ def resolve(request: Request, family: str, version: int | None) -> ModelVersion:
     return registry.get(family, version, family=family)
 
 
-def new_seed(seed: int | None) -> int:
-    """The request's seed, or a fresh one that fits a JSON number exactly (< 2**53)."""
-    return seed if seed is not None else secrets.randbits(53)
+def no_query(request: Request) -> None:
+    """A /v1 POST route's dependency: its fields are in the JSON body, so any query parameter is a 422 naming it
+    (`query.model_version`), not something silently ignored."""
+    if request.query_params:
+        raise RequestValidationError([
+            {"type": "extra_forbidden", "loc": ("query", name), "input": request.query_params.getlist(name),
+             "msg": f"{name} goes in the JSON body: /v1 POST routes take no query parameters"}
+            for name in dict.fromkeys(request.query_params)])
 
 
-def label_array(labels: int | list[int] | None, n: int, default: int | np.ndarray) -> np.ndarray:
-    """The request's labels as an (n,) int64 array; `default` when it gave none. An (n,) int64 `default` is
-    returned itself, not a copy (12 us saved in a loaded handler), so pass a fresh array of draws."""
-    if labels is None:
-        default = np.asarray(default, np.int64)
-        return default if default.shape == (n,) else np.broadcast_to(default, (n,)).copy()
-    return np.full(n, labels, np.int64) if isinstance(labels, int) else np.asarray(labels, np.int64)
+V1_POST = [Depends(no_query)]  # `dependencies=` of every /v1 POST route
+
+# Image work of a request with at least this many images runs in a thread instead of on the event loop: request
+# images decoded, response images encoded (with the JSON render), logprob's per_pixel maps serialised. Smaller work
+# gains nothing there: it holds the GIL, so the loop waits for it as long as if it ran inline, until the
+# interpreter's switch interval hands the loop a turn. scripts/offload_threshold.py measures both the hop and the
+# work; docs/benchmarks.md has its figures.
+OFFLOAD_DECODE_IMAGES = 64
+OFFLOAD_ENCODE_IMAGES = 128
+OFFLOAD_PER_PIXEL_MAPS = 64
+
+T = TypeVar("T")
+
+
+async def off_loop_if(offload: bool, fn: Callable[..., T], *args) -> T:
+    """fn(*args), in a worker thread when `offload` says the work is large enough to be worth the hop."""
+    return await asyncio.to_thread(fn, *args) if offload else fn(*args)
+
+
+async def read_images(values: list, size: tuple[int, int], field: str = "images") -> np.ndarray:
+    """The request's images of `size` (height, width) as (n, height, width) uint8; errors name `field[i]`."""
+    return await off_loop_if(len(values) >= OFFLOAD_DECODE_IMAGES, decode_images, values, field, size)
 
 
 class JSON(Response):
@@ -67,3 +91,12 @@ class JSON(Response):
 
 def reply(mv: ModelVersion, **payload) -> JSON:
     return JSON({"model": mv.name, "model_version": mv.version, **payload})
+
+
+def _reply_with_images(mv: ModelVersion, images: np.ndarray, fmt: str, payload: dict) -> JSON:
+    return reply(mv, **payload, images=encode_images(images, fmt))
+
+
+async def reply_images(mv: ModelVersion, images: np.ndarray, fmt: str, **payload) -> JSON:
+    """reply() with (n, H, W) uint8 `images` encoded in `fmt` as its last field."""
+    return await off_loop_if(len(images) >= OFFLOAD_ENCODE_IMAGES, _reply_with_images, mv, images, fmt, payload)

@@ -2,37 +2,42 @@
 
 from __future__ import annotations
 
-import math
-
-import numpy as np
 from fastapi import APIRouter, Request
 
-from service.imaging import decode_images, encode_images
-from service.routes.common import ANY, V1_BODY, V1_MODEL, label_array, new_seed, reply, resolve
+from service.families import pixelcnn
+from service.families.shared import new_seed
+from service.routes.common import (
+    ANY,
+    OFFLOAD_PER_PIXEL_MAPS,
+    V1_BODY,
+    V1_MODEL,
+    V1_POST,
+    off_loop_if,
+    read_images,
+    reply,
+    reply_images,
+    resolve,
+)
+from service.runtime import ModelVersion
 from service.schemas import LogprobRequest, LogprobResponse, PixelCNNSampleRequest, SampleResponse
 
-router = APIRouter(prefix="/v1/pixelcnn", tags=["pixelcnn"], responses={**ANY, **V1_MODEL, **V1_BODY})
-ANY_DIGIT = 10
-LN2 = math.log(2.0)
+router = APIRouter(prefix="/v1/pixelcnn", tags=["pixelcnn"], responses={**ANY, **V1_MODEL, **V1_BODY},
+                   dependencies=V1_POST)
+
+
+def _logprob_reply(mv: ModelVersion, out: dict, per_pixel: bool):
+    return reply(mv, results=pixelcnn.logprob_results(out, per_pixel))
 
 
 @router.post("/logprob", response_model=LogprobResponse)
 async def logprob(body: LogprobRequest, request: Request):
     """log p(x) in nats and bits/dim for each image; `per_pixel` adds the 28x28 map of log p(x_t | x_<t)."""
     mv = resolve(request, "pixelcnn", body.model_version)
-    images = decode_images(body.images)
-    n = len(images)
-    labels = label_array(body.labels, n, ANY_DIGIT)
-    out = await mv.run("logprob", {"image": images[:, None].astype(np.float32), "label": labels})
-    lp = out["log_probs"].astype(np.float64)                  # (n, 28, 28) nats
-    totals = lp.reshape(n, -1).sum(axis=1)
-    results = []
-    for i in range(n):
-        r = {"logprob": float(totals[i]), "bits_per_dim": float(-totals[i] / (lp[i].size * LN2))}
-        if body.per_pixel:
-            r["per_pixel"] = lp[i].tolist()
-        results.append(r)
-    return reply(mv, results=results)
+    images = await read_images(body.images, pixelcnn.input_size(mv))
+    labels = pixelcnn.labels(mv, body.labels, len(images))
+    out = await mv.run(pixelcnn.LOGPROB, pixelcnn.logprob_inputs(images, labels))
+    big = body.per_pixel and len(images) >= OFFLOAD_PER_PIXEL_MAPS
+    return await off_loop_if(big, _logprob_reply, mv, out, body.per_pixel)
 
 
 @router.post("/sample", response_model=SampleResponse)
@@ -41,7 +46,7 @@ async def sample(body: PixelCNNSampleRequest, request: Request):
     Concurrent requests share every step (iteration-level batching): a new request joins at the next step."""
     mv = resolve(request, "pixelcnn", body.model_version)
     seed = new_seed(body.seed)
-    u = np.random.default_rng(seed).random((body.n, 784))     # one uniform per pixel: the only randomness
-    labels = label_array(body.labels, body.n, ANY_DIGIT)
+    u = pixelcnn.uniforms(seed, body.n, pixelcnn.input_size(mv))
+    labels = pixelcnn.labels(mv, body.labels, body.n)
     images = await mv.sampler.sample(labels, u, body.temperature)
-    return reply(mv, seed=seed, labels=labels.tolist(), images=encode_images(images, body.format))
+    return await reply_images(mv, images, body.format, seed=seed, labels=labels.tolist())

@@ -28,6 +28,7 @@ import asyncio
 from fastapi import APIRouter, Request
 from starlette.responses import Response
 
+from service import families
 from service.errors import APIError, responses
 from service.routes.common import JSON, V2_ANY, V2_LOOKUP, get_registry, not_ready
 from service.runtime import ModelNotFound, ModelVersion, Registry, from_onnxruntime
@@ -49,7 +50,6 @@ router = APIRouter(prefix="/v2", tags=["v2 (Open Inference Protocol)"], response
 PLATFORM = "onnxruntime_onnx"
 EXTENSIONS = ["binary_tensor_data"]
 _OFFLOAD_BYTES = 1 << 20          # decode/encode bodies above this off the event loop
-_MAX_AXIS = 28                    # dynamic axes besides the batch: the PixelCNN step graphs' height
 
 
 def v2_models(reg: Registry) -> dict[str, dict[int, ModelVersion]]:
@@ -207,19 +207,17 @@ async def infer_version(name: str, version: str, request: Request) -> Response:
 
 
 def _limits(mv: ModelVersion, outputs: list[TensorMeta], settings) -> Limits:
-    """Graphs take images of pixel values 0..255, whole ones for the PixelCNN (it indexes its 256-way output
-    with them), and labels; a PixelCNN label may also be num_classes ("any digit"), a GAN label may not.
-    The batch is capped by the queue, and by the outputs' size: 256 vstack images would answer ~360 MB of
-    tensors (~940 MB as JSON)."""
-    k = int(mv.manifest.model.get("num_classes", 10))
-    ranges = {"image": (0.0, 255.0), "label": (0.0, float(k if mv.manifest.family == "pixelcnn" else k - 1))}
-    per_item = output_bytes_per_item(outputs, _MAX_AXIS)
+    """The family's rules for input values and dynamic axes (service.families, the rules /v1 follows too), and
+    a batch capped by the queue and by the outputs' size: 256 PixelCNN vstack images would answer hundreds of MB
+    of tensors, more again as JSON."""
+    rules = families.tensor_rules(mv)
+    per_item = output_bytes_per_item(outputs, rules.max_axis)
     by_size = max(1, settings.v2_max_output_bytes // max(per_item, 1))
     max_batch = min(settings.v2_max_batch, mv.batching.max_queue_items, by_size)
     why = (f" (outputs of up to {per_item:,} bytes an item, GENSERVE_V2_MAX_OUTPUT_BYTES="
            f"{settings.v2_max_output_bytes:,} a request)") if max_batch == by_size else ""
-    whole = frozenset({"image"}) if mv.manifest.family == "pixelcnn" else frozenset()  # the VAE encoder's aren't
-    return Limits(max_batch=max_batch, max_axis=_MAX_AXIS, ranges=ranges, batch_why=why, whole=whole)
+    return Limits(max_batch=max_batch, max_axis=rules.max_axis, ranges=rules.ranges, batch_why=why,
+                  whole=rules.whole)
 
 
 async def _infer(request: Request, name: str, version: str | None) -> Response:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from service.routes.gan import draw, pixels
+from service.families.gan import draw, pixels
 
 
 def test_seed_maps_to_pinned_labels_and_z():

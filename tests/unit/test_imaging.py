@@ -366,3 +366,17 @@ def test_to_uint8_shapes_and_ints():
     assert to_uint8(np.array([-3, 7, 900])).tolist() == [0, 7, 255]
     u = np.arange(10, dtype=np.uint8)
     assert to_uint8(u) is u
+
+
+def test_decode_takes_the_model_image_size():
+    """A model's own geometry (height, width) replaces the MNIST default: arrays and PNGs of that size pass,
+    others are refused with the size the model takes, written width x height."""
+    tall = np.arange(14 * 20, dtype=np.uint8).reshape(14, 20)
+    size = tall.shape
+    out = decode_images([tall.tolist(), encode_png_b64(tall)], size=size)
+    assert out.shape == (2, 14, 20) and (out == tall).all()
+    with pytest.raises(ImageDecodeError, match=r"expected 20x14, got 28x28") as info:
+        decode_images([encode_png_b64(np.zeros((28, 28), np.uint8))], size=size)
+    assert info.value.field == "images[0]"
+    with pytest.raises(ImageDecodeError, match=r"expected a 20x14 array, got shape 20x14"):
+        decode_image(tall.T.tolist(), "start", size)
