@@ -28,8 +28,8 @@ from pathlib import Path
 import litserve as ls
 import numpy as np
 
+from service.families.gan import draw, pixels
 from service.imaging import decode_images, encode_images
-from service.routes.gan import draw, pixels
 from service.runtime import session_factory
 from service.settings import Settings, get_settings
 from service.store import read_manifest

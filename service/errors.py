@@ -30,6 +30,7 @@ from starlette.responses import JSONResponse
 
 from service import schemas
 from service.batcher import BatcherClosed, DeadlineExceeded, QueueFull
+from service.families.shared import InvalidField
 from service.imaging import ImageDecodeError
 from service.runtime import ModelNotFound, ResourceExhausted
 from service.v2_codec import TensorError
@@ -204,6 +205,7 @@ ERRORS: dict[type[Exception], Rule | Computed] = {
     APIError: Computed(_api_error, ROUTE_ANSWERS),
     ModelNotFound: Rule(404, "not_found"),
     ImageDecodeError: Rule(422, "invalid_image", fields=lambda e: [{"field": e.field, "message": e.message}]),
+    InvalidField: Rule(422, "invalid_request", fields=lambda e: [{"field": e.field, "message": e.message}]),
     TensorError: Rule(400, "invalid_tensor", in_v1=False),
     RequestValidationError: Computed(_validation_error, ((400, "malformed_json"), (422, "invalid_request"))),
     QueueFull: Rule(503, "overloaded", "server is at capacity, retry later", RETRY_SOON),

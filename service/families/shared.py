@@ -8,7 +8,6 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from service.errors import invalid
 from service.imaging import to_uint8
 from service.runtime import ModelVersion
 from service.store import TensorSpec
@@ -17,6 +16,15 @@ from service.store import TensorSpec
 # schemas.Digit accepts.
 MNIST_CLASSES = 10
 PIXEL_RANGE = (0.0, 255.0)  # what the graphs' image inputs take: 8-bit pixel values, not normalised ones
+
+
+class InvalidField(ValueError):
+    """A request value the model cannot take (a label it does not know, a latent of the wrong length, an unknown
+    attribute): `field` names it as the client wrote it, e.g. "labels[2]". service/errors.py answers it 422."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field, self.message = field, message
 
 
 def new_seed(seed: int | None) -> int:
@@ -31,7 +39,7 @@ def num_classes(mv: ModelVersion) -> int:
 
 def label_array(labels: int | list[int] | None, n: int, default: int | np.ndarray, classes: int) -> np.ndarray:
     """The request's labels as an (n,) int64 array; `default` when it gave none. A label the model does not know
-    (`classes` of them) is a 422 naming it. An (n,) int64 `default` is returned itself, not a copy, so pass a
+    (`classes` of them) is an InvalidField naming it. An (n,) int64 `default` is returned itself, not a copy, so pass a
     fresh array of draws."""
     if labels is None:
         default = np.asarray(default, np.int64)
@@ -40,7 +48,7 @@ def label_array(labels: int | list[int] | None, n: int, default: int | np.ndarra
     bad = np.flatnonzero((out < 0) | (out >= classes))
     if bad.size:
         field = "labels" if isinstance(labels, int) else f"labels[{bad[0]}]"
-        raise invalid(field, f"this model knows labels 0..{classes - 1}, got {out[bad[0]]}")
+        raise InvalidField(field, f"this model knows labels 0..{classes - 1}, got {out[bad[0]]}")
     return out
 
 

@@ -5,8 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from service.errors import invalid
-from service.families.shared import PIXEL_RANGE, TensorRules, from_tanh, image_size, to_model
+from service.families.shared import PIXEL_RANGE, InvalidField, TensorRules, from_tanh, image_size, to_model
 from service.runtime import ModelVersion
 
 ENCODER, DECODER = "encoder", "decoder"
@@ -51,7 +50,7 @@ def latents(mv: ModelVersion, values: list[list[float]]) -> np.ndarray:
     d = latent_dim(mv)
     for i, z in enumerate(values):
         if len(z) != d:
-            raise invalid(f"latents[{i}]", f"expected {d} floats, got {len(z)}")
+            raise InvalidField(f"latents[{i}]", f"expected {d} floats, got {len(z)}")
     return np.asarray(values, np.float64)
 
 
@@ -62,7 +61,7 @@ def edit_shift(mv: ModelVersion, edits: dict[str, float]) -> np.ndarray:
     shift = np.zeros(latent_dim(mv))
     for name, strength in edits.items():
         if name not in known:
-            raise invalid(f"edits.{name}", f"unknown attribute '{name}'; known: {sorted(known)}")
+            raise InvalidField(f"edits.{name}", f"unknown attribute '{name}'; known: {sorted(known)}")
         shift += strength * np.asarray(known[name].direction)
     return shift
 

@@ -62,7 +62,7 @@ V1_POST = [Depends(no_query)]  # `dependencies=` of every /v1 POST route
 # Image work of a request with at least this many images runs in a thread instead of on the event loop: request
 # images decoded, response images encoded (with the JSON render), logprob's per_pixel maps serialised. Smaller work
 # gains nothing there: it holds the GIL, so the loop waits for it as long as if it ran inline, until the
-# interpreter's switch interval hands the loop a turn. scripts/offload_threshold.py measures both the hop and the
+# interpreter's switch interval hands the loop a turn. bench/offload.py measures both the hop and the
 # work; docs/benchmarks.md has its figures.
 OFFLOAD_DECODE_IMAGES = 64
 OFFLOAD_ENCODE_IMAGES = 128

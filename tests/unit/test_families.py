@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 
 from service import families
-from service.errors import APIError
+from service.errors import reply
 from service.families import gan, pixelcnn, vae
-from service.families.shared import MNIST_CLASSES, from_tanh, label_array
+from service.families.shared import MNIST_CLASSES, InvalidField, from_tanh, label_array
 from service.store import AttributeDirection, GraphSpec, TensorSpec
 
 SERVICE = Path(__file__).resolve().parents[2] / "service"
@@ -79,21 +79,22 @@ def test_labels_the_model_does_not_know_are_422_naming_them():
     assert label_array(None, 3, 9, 10).tolist() == [9, 9, 9]
     assert label_array(2, 3, 9, 10).tolist() == [2, 2, 2]
     assert label_array([0, 1, 2], 3, 9, 3).tolist() == [0, 1, 2]
-    with pytest.raises(APIError) as info:
+    with pytest.raises(InvalidField) as info:
         pixelcnn.labels(PIXELCNN, [0, 2, 3], 3)   # 3 is "any digit": the model's own default, not a request's
-    assert (info.value.status, info.value.field) == (422, "labels[2]") and "0..2" in info.value.message
-    with pytest.raises(APIError) as info:
+    assert info.value.field == "labels[2]" and "0..2" in info.value.message
+    assert reply(info.value)[:2] == (422, "invalid_request")
+    with pytest.raises(InvalidField) as info:
         gan.draw_for(GAN, 0, 2, labels=5)
     assert info.value.field == "labels"
 
 
 def test_vae_latents_and_edits_are_checked_against_the_model():
     assert vae.latents(VAE, [[0.0] * 4, [1.0] * 4]).shape == (2, 4)
-    with pytest.raises(APIError) as info:
+    with pytest.raises(InvalidField) as info:
         vae.latents(VAE, [[0.0] * 4, [1.0] * 16])
     assert info.value.field == "latents[1]" and "expected 4 floats, got 16" in info.value.message
     np.testing.assert_allclose(vae.edit_shift(VAE, {"slant": 0.5}), [0.5, 0.0, 0.0, 1.0])
-    with pytest.raises(APIError) as info:
+    with pytest.raises(InvalidField) as info:
         vae.edit_shift(VAE, {"thickness": 1.0})
     assert info.value.field == "edits.thickness" and "['slant']" in info.value.message
 

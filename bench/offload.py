@@ -1,4 +1,4 @@
-"""Where moving /v1 image work off the event loop starts to pay: python -m scripts.offload_threshold
+"""Where moving /v1 image work off the event loop starts to pay: python -m bench.offload
 
 Times, on this machine, one `asyncio.to_thread` round trip (what a request waits for the hop) against the same
 work done inline for n images: decoding request images (base64 PNG and 28x28 int arrays), encoding response
