@@ -87,3 +87,29 @@ def test_the_reader_resolves_every_form_of_import(tmp_path):
                      "def f():\n    from bench.server import Server\n")
     assert imports_of(probe, "service.families") == {"fastapi.responses", "service.routes", "service.families",
                                                       "bench.server"}
+
+
+def _readme_layout_block() -> str:
+    text = (REPO / "README.md").read_text()
+    section = text[text.index("## How it works"):]
+    start = section.index("```\n") + 4
+    return section[start:section.index("```", start)]
+
+
+def test_the_readme_layout_block_matches_the_tree():
+    """Every module of the service, the training code and the client is named in README's layout block, and
+    every file or folder it names exists (bench/'s modules are summarised, not listed)."""
+    import re
+
+    block = _readme_layout_block()
+    named_files = set(re.findall(r"\b([\w]+\.py)\b", block))
+    named_dirs = set(re.findall(r"(?<![\w/])([\w]+)/", block))
+    modules = {p.name for top in ("service", "training", "genserve_client") for p in (REPO / top).rglob("*.py")
+               if p.name != "__init__.py"}
+    assert not modules - named_files, f"not in README's layout block: {sorted(modules - named_files)}"
+    existing = {p.name for top in ("service", "training", "genserve_client", "bench")
+                for p in (REPO / top).rglob("*.py")}
+    assert not named_files - existing, f"README's layout block names missing files: {sorted(named_files - existing)}"
+    dirs = {p.name for p in REPO.glob("*/") if p.is_dir()} | {p.name for d in ("service", "deploy", "tests")
+                                                               for p in (REPO / d).iterdir() if p.is_dir()}
+    assert not named_dirs - dirs, f"README's layout block names missing folders: {sorted(named_dirs - dirs)}"
