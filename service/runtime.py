@@ -261,7 +261,7 @@ def _frozen(mapping: Mapping | None = None) -> MappingProxyType:
 @dataclass(frozen=True)
 class Snapshot:
     """What the registry serves, published whole in one assignment: a reader sees the empty set of before
-    loading or the full one after it, never one being built. Read-only all the way down."""
+    loading or the full one after it, never one being built. Its mappings and sequences are read-only."""
     models: Mapping[str, Mapping[int, ModelVersion]] = field(default_factory=_frozen)
     refused: Mapping[str, tuple[str, ...]] = field(default_factory=_frozen)  # printable path -> its problems
     required: tuple[str, ...] = ()           # models that must serve for the service to be ready
@@ -407,7 +407,8 @@ class Registry:
     @property
     def fully_ready(self) -> bool:
         """What the readiness probes report: loaded, and every required model has a version serving."""
-        return self.ready and not self.missing
+        snapshot = self.snapshot
+        return snapshot.ready and not snapshot.missing
 
     async def stop(self) -> None:
         """Stop accepting work, finish everything accepted, then stop."""

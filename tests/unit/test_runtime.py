@@ -176,3 +176,31 @@ def test_required_models_default_to_every_model_folder_and_the_setting_narrows_t
 
     reg, fully_ready = _started(store, required_models=[])
     assert fully_ready
+
+
+def test_warm_up_sizes_the_step_graphs_rows_by_the_manifests_image_size(store):
+    import json
+
+    manifest = json.loads((store / "pixelcnn/1/manifest.json").read_text())
+    rows = {g: t["shape"] for g, spec in manifest["graphs"].items() for t in spec["inputs"] if t["name"] == "image"}
+    assert rows["vstack"][2] is None and rows["logprob"][2] == manifest["model"]["image_size"]
+    reg, _ = _started(store, warmup=True)
+    mv = reg.get("pixelcnn")
+    assert mv.zeros("vstack", 3)["image"].shape == (3, 1, manifest["model"]["image_size"], rows["vstack"][3])
+    del manifest["model"]["image_size"]
+    (store / "pixelcnn/1/manifest.json").write_text(json.dumps(manifest))  # not a checksummed file
+    reg, fully_ready = _started(store, warmup=True)
+    assert sorted(reg.models) == ["gan", "vae"] and not fully_ready
+    (why,) = reg.refused[str(store / "pixelcnn/1")]
+    assert why.startswith("failed to warm up: ValueError: manifest.model.image_size is None"), why
+
+
+def test_what_readers_see_is_read_only(store):
+    reg, _ = _started(store)
+    with pytest.raises(TypeError):
+        reg.models["gan"][2] = reg.models["gan"][1]  # type: ignore[index]
+    with pytest.raises(TypeError):
+        reg.refused["elsewhere"] = ("made up",)  # type: ignore[index]
+    with pytest.raises(AttributeError):
+        reg.snapshot.ready = False  # type: ignore[misc]
+    assert sorted(reg.models) == ["gan", "pixelcnn", "vae"] and reg.refused == {}
