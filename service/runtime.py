@@ -281,7 +281,7 @@ class Registry:
     """Every valid version in the store; the default version of a model is its highest valid one.
 
     Loading has two steps. load() builds every version (ONNX Runtime sessions, batchers, warm-up) on the thread
-    that calls it, off the event loop, since that takes seconds. start(), on the event loop, starts their
+    that calls it, off the event loop, since that is the slow part. start(), on the event loop, starts their
     batchers and samplers and publishes the whole set as one immutable Snapshot; the readers (`models`,
     `refused`, `required`, `missing`, `ready`) read the current one.
 
