@@ -1,8 +1,10 @@
 """The FastAPI application: settings injected, models loaded in the lifespan, routers per area.
 
-Loading and warm-up run in the background after start-up. /readyz turns 200 once loading is over and every
-required model has a version serving (warm); a model whose every version was refused keeps it at 503 while the
-others serve. On shutdown the batchers finish the work they accepted.
+The server accepts connections at once: loading runs as a task of its own, and its slow part (ONNX Runtime
+sessions, warm-up) on a worker thread, so /healthz answers throughout. Until loading is over the registry
+serves nothing and /readyz answers 503; then the whole set of models is published at once, and /readyz turns
+200 if every required model has a version serving (warm). A model whose every version was refused keeps it at
+503 while the others serve. On shutdown, loading is let finish, then the batchers finish the work they accepted.
 """
 
 from __future__ import annotations
@@ -37,10 +39,10 @@ def create_app(settings: Settings | None = None, metrics: Metrics | None = None)
 
         async def load():
             try:
-                await asyncio.to_thread(registry.load)
-                await registry.start()
+                await asyncio.to_thread(registry.load)   # sessions and warm-up, the slow part: off the event loop
+                await registry.start()                   # batchers start on this loop; then the set is published
                 # What loading made lives as long as the process: out of the collector's sight, a full collection
-                # under load walks only the requests' objects (measured: ~100 ms pauses of the loop before).
+                # under load walks only the requests' objects (the loop's pauses it removed: docs/benchmarks.md).
                 gc.freeze()
                 log.info("ready: %s", {n: sorted(v) for n, v in registry.models.items()})
             except Exception:

@@ -8,9 +8,11 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 import numpy as np
@@ -19,7 +21,7 @@ from service.batcher import Batcher, BatchingConfig
 from service.metrics import Metrics
 from service.sampler import IterationSampler, SamplerConfig, session_fn
 from service.settings import Settings
-from service.store import LoadedVersion, is_dir, load_store, model_folders, printable, refuse
+from service.store import LoadedVersion, is_dir, load_versions, printable, refuse, scan_store
 
 log = logging.getLogger(__name__)
 
@@ -205,16 +207,32 @@ class ModelVersion:
 
     def warmup(self) -> float:
         """Run every graph once on zeros at batch 1 and at the max batch size (at every bucket size where
-        shapes are fixed), so the first request pays no allocation or kernel-selection cost. Returns seconds."""
+        shapes are fixed), so the first request pays no allocation or kernel-selection cost. Returns seconds.
+
+        It calls the predict functions directly, not the batchers: it runs on the thread that builds the
+        registry, off the event loop, before anything is served."""
         t0 = time.perf_counter()
-        for gname, spec in self.manifest.graphs.items():
+        for gname in self.manifest.graphs:
             for b in self.warm_sizes(gname):
-                feeds = {}
-                for t in spec.inputs:
-                    shape = [b if i == 0 else (28 if d is None else d) for i, d in enumerate(t.shape)]
-                    feeds[t.name] = np.zeros(shape, _NP_DTYPES[t.dtype])
-                self.predict[gname](feeds)
+                self.predict[gname](self.zeros(gname, b))
         return time.perf_counter() - t0
+
+    def zeros(self, graph: str, batch: int) -> dict[str, np.ndarray]:
+        """Zero inputs for one graph at `batch` items. A dynamic axis besides the batch (the PixelCNN step graphs'
+        rows so far) gets its largest size: the image size, from the manifest."""
+        feeds = {}
+        for t in self.manifest.graphs[graph].inputs:
+            shape = [batch if i == 0 else (self.image_size() if d is None else d) for i, d in enumerate(t.shape)]
+            feeds[t.name] = np.zeros(shape, _NP_DTYPES[t.dtype])
+        return feeds
+
+    def image_size(self) -> int:
+        """The side of the square images the model works on, as training recorded it in the manifest."""
+        size = self.manifest.model.get("image_size")
+        if not isinstance(size, int) or isinstance(size, bool) or size < 1:
+            raise ValueError(f"manifest.model.image_size is {size!r}, not an image size: a graph has a dynamic "
+                             "axis besides the batch, sized by it")
+        return size
 
     def warm_sizes(self, graph: str) -> list[int]:
         """The batch sizes warm-up runs a graph at: every bucket where shapes are fixed, else 1 and the max."""
@@ -237,8 +255,36 @@ class ModelVersion:
         }
 
 
+def _frozen(mapping: Mapping | None = None) -> MappingProxyType:
+    return MappingProxyType(dict(mapping or {}))
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """What the registry serves, published whole in one assignment: a reader sees the empty set of before
+    loading or the full one after it, never one being built. Its mappings and sequences are read-only."""
+    models: Mapping[str, Mapping[int, ModelVersion]] = field(default_factory=_frozen)
+    refused: Mapping[str, tuple[str, ...]] = field(default_factory=_frozen)  # printable path -> its problems
+    required: tuple[str, ...] = ()           # models that must serve for the service to be ready
+    missing: Mapping[str, tuple[str, ...]] = field(default_factory=_frozen)  # required model -> why none serves
+    ready: bool = False                      # loading is over: requests are accepted
+
+
+@dataclass
+class _Build:
+    """What load() made on its thread and start() has yet to start and publish."""
+    versions: list[ModelVersion]
+    refused: dict[str, list[str]]
+    required: list[str]
+
+
 class Registry:
     """Every valid version in the store; the default version of a model is its highest valid one.
+
+    Loading has two steps. load() builds every version (ONNX Runtime sessions, batchers, warm-up) on the thread
+    that calls it, off the event loop, since that is the slow part. start(), on the event loop, starts their
+    batchers and samplers and publishes the whole set as one immutable Snapshot; the readers (`models`,
+    `refused`, `required`, `missing`, `ready`) read the current one.
 
     `ready` means loading is over (requests are accepted); the readiness probes also want every required model
     serving (`fully_ready`), as Triton's strict readiness does: a model whose every version was refused leaves
@@ -246,72 +292,115 @@ class Registry:
 
     def __init__(self, settings: Settings, metrics: Metrics):
         self.settings, self.metrics = settings, metrics
-        self.models: dict[str, dict[int, ModelVersion]] = {}
-        self.refused: dict[str, list[str]] = {}
-        self.required: list[str] = []             # models that must serve for the service to be ready
-        self.missing: dict[str, list[str]] = {}   # required model -> why it has no version serving, once started
-        self.ready = False
+        self.snapshot = Snapshot()
         self.stopping = False  # set by stop(): not ready any more, and not because models are loading
+        self._built: _Build | None = None
         threads = settings.worker_threads
         self.executor = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="ort")
         log.info("ONNX Runtime: %d calling threads, %d intra-op threads per session%s", threads,
                  settings.ort_threads(), "" if settings.intra_op_threads else " (cores / workers)")
 
+    @property
+    def models(self) -> Mapping[str, Mapping[int, ModelVersion]]:
+        return self.snapshot.models
+
+    @property
+    def refused(self) -> Mapping[str, tuple[str, ...]]:
+        return self.snapshot.refused
+
+    @property
+    def required(self) -> tuple[str, ...]:
+        return self.snapshot.required
+
+    @property
+    def missing(self) -> Mapping[str, tuple[str, ...]]:
+        return self.snapshot.missing
+
+    @property
+    def ready(self) -> bool:
+        return self.snapshot.ready
+
+    @ready.setter
+    def ready(self, value: bool) -> None:
+        """Marks the published set ready or not (stop() does, and tests); the set itself stays as it is."""
+        self.snapshot = replace(self.snapshot, ready=value)
+
     def load(self) -> None:
-        """Every valid version, each set up on its own: one that fails is refused and the others still load."""
+        """Build every valid version, each on its own: one that fails to set up or to warm up is refused with a
+        log line and the others still load. Run it off the event loop; nothing is served before start()."""
         make_session = session_factory(self.settings)
-        root = self.settings.store_path
+        scan = scan_store(self.settings.store_path)
+        loaded = load_versions(scan, make_session)
         required = self.settings.required_models
-        # the folders as found now, before loading: a model folder whose versions are all refused is still one
-        self.required = list(required) if required is not None else model_folders(root)
-        loaded, self.refused = load_store(root, make_session)
-        for name, versions in loaded.items():
-            for v, lv in sorted(versions.items()):
+        # the folders as found, before loading: a model folder whose versions are all refused is still one
+        build = _Build([], scan.refused, list(required) if required is not None else scan.folders)
+        for _, versions in sorted(loaded.items()):
+            for _, lv in sorted(versions.items()):
                 try:
-                    mv = ModelVersion(lv, self.settings, self.executor, self.metrics, make_session)
+                    build.versions.append(ModelVersion(lv, self.settings, self.executor, self.metrics, make_session))
                 except Exception as e:
                     log.debug("setting up %s failed", lv.path, exc_info=True)
-                    refuse(self.refused, lv.path, [f"cannot be set up for serving: {type(e).__name__}: {e}"])
-                    continue
-                self.models.setdefault(name, {})[v] = mv
-        if not self.models:
+                    refuse(build.refused, lv.path, [f"cannot be set up for serving: {type(e).__name__}: {e}"])
+        if self.settings.warmup:
+            build.versions = [mv for mv in build.versions if self._warmed_up(mv, build.refused)]
+        if not build.versions:
             log.warning("no valid model in %s", self.settings.store_path)
+        self._built = build
+
+    @staticmethod
+    def _warmed_up(mv: ModelVersion, refused: dict[str, list[str]]) -> bool:
+        try:
+            log.info("%s v%d warmed up in %.2f s on %s", mv.name, mv.version, mv.warmup(), mv.provider)
+            return True
+        except Exception as e:  # a graph that loads but cannot run: this version goes, the others serve
+            log.debug("warming up %s failed", mv.loaded.path, exc_info=True)
+            refuse(refused, mv.loaded.path, [f"failed to warm up: {type(e).__name__}: {e}"])
+            return False
 
     async def start(self) -> None:
-        for mv in self.all():
+        """Start the batchers and samplers of what load() built (they run on this event loop), then publish the
+        whole set in one assignment."""
+        build, self._built = self._built, None
+        if build is None:
+            raise RuntimeError("Registry.start() needs a load() first")
+        models: dict[str, dict[int, ModelVersion]] = {}
+        for mv in build.versions:
             try:
                 await mv.start()
-                if self.settings.warmup:
-                    log.info("%s v%d warmed up in %.2f s on %s", mv.name, mv.version, mv.warmup(), mv.provider)
-            except Exception as e:  # a graph that loads but cannot run: this version goes, the others serve
+            except Exception as e:
                 log.debug("starting %s failed", mv.loaded.path, exc_info=True)
-                await self._withdraw(mv, f"failed to start or warm up: {type(e).__name__}: {e}")
-        self.missing = self._find_missing()
-        if self.missing:
-            log.error("not ready: required models with no version serving: %s", self.missing)
-        self.ready = True
+                refuse(build.refused, mv.loaded.path, [f"failed to start: {type(e).__name__}: {e}"])
+                await self._stop_quietly(mv)
+                continue
+            models.setdefault(mv.name, {})[mv.version] = mv
+        missing = self._find_missing(build.required, models, build.refused)
+        if missing:
+            log.error("not ready: required models with no version serving: %s", missing)
+        self.snapshot = Snapshot(
+            models=_frozen({name: _frozen(versions) for name, versions in models.items()}),
+            refused=_frozen({path: tuple(problems) for path, problems in build.refused.items()}),
+            required=tuple(build.required),
+            missing=_frozen({name: tuple(why) for name, why in missing.items()}),
+            ready=True)
 
-    async def _withdraw(self, mv: ModelVersion, reason: str) -> None:
-        versions = self.models.get(mv.name, {})
-        versions.pop(mv.version, None)
-        if not versions:
-            self.models.pop(mv.name, None)
-        refuse(self.refused, mv.loaded.path, [reason])
+    @staticmethod
+    async def _stop_quietly(mv: ModelVersion) -> None:
         try:
             await mv.stop()
         except Exception:
             log.debug("stopping %s failed", mv.loaded.path, exc_info=True)
 
-    def _find_missing(self) -> dict[str, list[str]]:
+    def _find_missing(self, required: list[str], models: Mapping[str, Mapping[int, ModelVersion]],
+                      refused: Mapping[str, list[str]]) -> dict[str, list[str]]:
         """Each required model with no version serving, and why: what was refused in its folder, or that the
         folder holds no version, or is not there."""
         missing = {}
-        for name in self.required:
-            if self.models.get(name):
+        for name in required:
+            if models.get(name):
                 continue
             folder = self.settings.store_path / name
             prefix = printable(str(folder))
-            why = [f"{path}: {'; '.join(problems)}" for path, problems in sorted(self.refused.items())
+            why = [f"{path}: {'; '.join(problems)}" for path, problems in sorted(refused.items())
                    if path == prefix or path.startswith(prefix + os.sep)]
             missing[name] = why or [f"{prefix}: {'holds no version folder' if is_dir(folder) else 'no such folder'}"]
         return missing
@@ -319,9 +408,11 @@ class Registry:
     @property
     def fully_ready(self) -> bool:
         """What the readiness probes report: loaded, and every required model has a version serving."""
-        return self.ready and not self.missing
+        snapshot = self.snapshot
+        return snapshot.ready and not snapshot.missing
 
     async def stop(self) -> None:
+        """Stop accepting work, finish everything accepted, then stop."""
         self.ready, self.stopping = False, True
         for mv in self.all():
             await mv.stop()

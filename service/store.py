@@ -402,18 +402,11 @@ def version_name_problem(name: str) -> str | None:
             f"a leading zero")
 
 
-def model_folders(root: Path) -> list[str]:
-    """The names of the model folders in the store: directories whose name is a valid model name, whatever
-    they hold. Logs nothing: scan_store() reports on the same entries."""
-    try:
-        return [p.name for p in _entries(root) if _MODEL_NAME.fullmatch(p.name) and is_dir(p)]
-    except OSError:
-        return []
-
-
 @dataclass
 class Scan:
-    """What the store's layout offers: version folders to validate, and entries refused by their place alone."""
+    """What the store's layout offers: the model folders (directories named like a model, whatever they hold),
+    version folders to validate, and entries refused by their place alone."""
+    folders: list[str] = field(default_factory=list)
     versions: list[Path] = field(default_factory=list)
     refused: dict[str, list[str]] = field(default_factory=dict)
 
@@ -473,10 +466,12 @@ def scan_store(root: Path) -> Scan:
             _skip(model_dir, "not a folder, so not a model")
         elif not _MODEL_NAME.fullmatch(model_dir.name):
             scan.refuse(model_dir, [f"'{model_dir.name}' is not a valid model name ({MODEL_NAME})"])
-        elif (why := outside(model_dir, real_root)) is not None:
-            scan.refuse(model_dir, [f"the model folder {why}"])
         else:
-            _scan_model(model_dir, real_root, scan)
+            scan.folders.append(model_dir.name)  # one even if refused below: a model that cannot serve
+            if (why := outside(model_dir, real_root)) is not None:
+                scan.refuse(model_dir, [f"the model folder {why}"])
+            else:
+                _scan_model(model_dir, real_root, scan)
     return scan
 
 
@@ -489,8 +484,14 @@ def load_store(root: Path, make_session=None) -> tuple[dict[str, dict[int, Loade
     """Load every valid version under root. Returns (models[name][version], refused[path] = problems).
 
     Never raises for what the store holds: each entry is loaded or refused (or skipped) on its own."""
-    models: dict[str, dict[int, LoadedVersion]] = {}
     scan = scan_store(root)
+    return load_versions(scan, make_session), scan.refused
+
+
+def load_versions(scan: Scan, make_session=None) -> dict[str, dict[int, LoadedVersion]]:
+    """Validate and open every version folder of a scan: models[name][version]. One that fails joins
+    scan.refused; never raises for what the store holds."""
+    models: dict[str, dict[int, LoadedVersion]] = {}
     for vdir in scan.versions:
         try:
             lv = validate_version(vdir, make_session)
@@ -504,4 +505,4 @@ def load_store(root: Path, make_session=None) -> tuple[dict[str, dict[int, Loade
         models.setdefault(lv.manifest.name, {})[lv.manifest.version] = lv
         log.info("model store: loaded %s v%d (%s) on %s", lv.manifest.name, lv.manifest.version,
                  lv.manifest.family, ",".join(lv.providers))
-    return models, scan.refused
+    return models

@@ -33,7 +33,7 @@ async def readyz(request: Request):
     reg = get_registry(request)
     ready = reg.fully_ready
     body = {"ready": ready, "models": {n: sorted(v) for n, v in reg.models.items()},
-            "refused": sorted(reg.refused), "missing": reg.missing,
+            "refused": sorted(reg.refused), "missing": dict(reg.missing),
             "pid": os.getpid()}  # readiness is per worker: which one answered
     return JSON(body, status_code=200 if ready else 503)
 

@@ -8,6 +8,7 @@ import json
 import os
 import shutil
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 from fastapi.testclient import TestClient
@@ -91,3 +92,43 @@ def test_required_models_narrow_readiness(store, monkeypatch):
         _loaded(client)
         body = client.get("/readyz").json()
         assert body["ready"] is False and list(body["missing"]) == ["gan"]
+
+
+def test_readers_never_see_a_half_built_registry(store, monkeypatch):
+    """/readyz, /v1/models and /v2/repository/index asked again and again while a slowed loader sets up one version
+    after another: never a 5xx other than /readyz's 503, and every answer shows no model or all of them."""
+    from service import runtime
+
+    real = runtime.ModelVersion
+
+    def slow_model_version(*args, **kwargs):
+        time.sleep(0.3)  # on the loading thread: the set-up of each version takes a while
+        return real(*args, **kwargs)
+    monkeypatch.setattr(runtime, "ModelVersion", slow_model_version)
+    every = {"gan": [1], "pixelcnn": [1], "vae": [1]}
+    v2_names = ["gan.generator", "pixelcnn.hrow", "pixelcnn.logprob", "pixelcnn.vstack", "vae.decoder", "vae.encoder"]
+    seen: dict[str, list[tuple[int, object]]] = {"/readyz": [], "/v1/models": [], "/v2/repository/index": []}
+
+    def ask(client: TestClient, path: str) -> None:
+        while True:
+            ready = client.app.state.registry.ready  # read before asking: the last answers come from a ready set
+            r = client.post(path) if path.startswith("/v2") else client.get(path)
+            seen[path].append((r.status_code, r.json()))
+            if ready:
+                return
+
+    with make_client(store, warmup=False) as client:
+        with ThreadPoolExecutor(len(seen)) as pool:
+            for f in [pool.submit(ask, client, path) for path in seen]:
+                f.result(timeout=120)
+    loading = [body for status, body in seen["/readyz"] if status == 503]
+    assert len(loading) >= 3, "loading was over before the readers could look"
+    for status, body in seen["/readyz"]:
+        assert status in (200, 503) and body["models"] in ({}, every), (status, body)
+        assert body["ready"] is (status == 200) is (body["models"] == every)
+    for status, body in seen["/v1/models"]:
+        assert status == 200 and [m["name"] for m in body["models"]] in ([], sorted(every)), body
+    for status, body in seen["/v2/repository/index"]:
+        assert status == 200 and sorted(m["name"] for m in body) in ([], v2_names), body
+        assert {m["state"] for m in body} <= {"READY"}, body
+    assert seen["/readyz"][-1][0] == 200 and seen["/v2/repository/index"][-1][1] != []

@@ -136,10 +136,10 @@ def test_a_version_that_cannot_be_set_up_is_refused_and_the_others_serve(store, 
     monkeypatch.setattr(runtime, "ModelVersion", model_version)
     reg, fully_ready = _started(store)
     assert sorted(reg.models) == ["pixelcnn", "vae"] and not fully_ready
-    assert reg.refused == {str(store / "gan/1"): ["cannot be set up for serving: RuntimeError: no memory left for its "
-                                                  "batchers"]}
-    assert reg.missing == {"gan": [f"{store / 'gan/1'}: cannot be set up for serving: RuntimeError: no memory left "
-                                   "for its batchers"]}
+    assert reg.refused == {str(store / "gan/1"): ("cannot be set up for serving: RuntimeError: no memory left for its "
+                                                  "batchers",)}
+    assert reg.missing == {"gan": (f"{store / 'gan/1'}: cannot be set up for serving: RuntimeError: no memory left "
+                                   "for its batchers",)}
     assert sum(str(store / "gan/1") in r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR) == 2
     # one line refusing the version, one saying the service is not ready and why
 
@@ -163,8 +163,8 @@ def test_required_models_default_to_every_model_folder_and_the_setting_narrows_t
     (store / "vae/1/decoder.onnx").write_bytes(b"truncated")
     (store / "empty").mkdir()
     reg, fully_ready = _started(store)
-    assert reg.required == ["empty", "gan", "pixelcnn", "vae"] and not fully_ready
-    assert reg.missing["empty"] == [f"{store / 'empty'}: holds no version folder"]
+    assert reg.required == ("empty", "gan", "pixelcnn", "vae") and not fully_ready
+    assert reg.missing["empty"] == (f"{store / 'empty'}: holds no version folder",)
     (why,) = reg.missing["vae"]
     assert why.startswith(f"{store / 'vae/1'}: file 'decoder.onnx' sha256 is")
 
@@ -172,7 +172,35 @@ def test_required_models_default_to_every_model_folder_and_the_setting_narrows_t
     assert fully_ready and reg.missing == {} and sorted(reg.models) == ["gan", "pixelcnn"]
 
     reg, fully_ready = _started(store, required_models=["gan", "nothere"])
-    assert not fully_ready and reg.missing == {"nothere": [f"{store / 'nothere'}: no such folder"]}
+    assert not fully_ready and reg.missing == {"nothere": (f"{store / 'nothere'}: no such folder",)}
 
     reg, fully_ready = _started(store, required_models=[])
     assert fully_ready
+
+
+def test_warm_up_sizes_the_step_graphs_rows_by_the_manifests_image_size(store):
+    import json
+
+    manifest = json.loads((store / "pixelcnn/1/manifest.json").read_text())
+    rows = {g: t["shape"] for g, spec in manifest["graphs"].items() for t in spec["inputs"] if t["name"] == "image"}
+    assert rows["vstack"][2] is None and rows["logprob"][2] == manifest["model"]["image_size"]
+    reg, _ = _started(store, warmup=True)
+    mv = reg.get("pixelcnn")
+    assert mv.zeros("vstack", 3)["image"].shape == (3, 1, manifest["model"]["image_size"], rows["vstack"][3])
+    del manifest["model"]["image_size"]
+    (store / "pixelcnn/1/manifest.json").write_text(json.dumps(manifest))  # not a checksummed file
+    reg, fully_ready = _started(store, warmup=True)
+    assert sorted(reg.models) == ["gan", "vae"] and not fully_ready
+    (why,) = reg.refused[str(store / "pixelcnn/1")]
+    assert why.startswith("failed to warm up: ValueError: manifest.model.image_size is None"), why
+
+
+def test_what_readers_see_is_read_only(store):
+    reg, _ = _started(store)
+    with pytest.raises(TypeError):
+        reg.models["gan"][2] = reg.models["gan"][1]  # type: ignore[index]
+    with pytest.raises(TypeError):
+        reg.refused["elsewhere"] = ("made up",)  # type: ignore[index]
+    with pytest.raises(AttributeError):
+        reg.snapshot.ready = False  # type: ignore[misc]
+    assert sorted(reg.models) == ["gan", "pixelcnn", "vae"] and reg.refused == {}
