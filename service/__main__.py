@@ -142,8 +142,8 @@ def _raise_open_files_limit() -> None:
 def _bind_sockets_as_tcp() -> None:
     """With several workers uvicorn binds the shared socket itself, leaving its protocol number at 0; accepted
     sockets inherit it, and asyncio sets TCP_NODELAY only when it is IPPROTO_TCP. On the stdlib event loop
-    every keep-alive response then waits ~40 ms for the client's delayed ACK (Kludex/uvicorn#3149, open;
-    measured here: /healthz p50 44 ms with GENSERVE_LOOP=asyncio and 2 workers). uvloop sets TCP_NODELAY
+    every keep-alive response then waits for the client's delayed ACK (Kludex/uvicorn#3149, open; the figures
+    are in docs/benchmarks.md). uvloop sets TCP_NODELAY
     itself. The bound socket is re-wrapped with its protocol named, so both loops get it."""
     original = uvicorn.Config.bind_socket
     if getattr(original, "names_tcp", False):

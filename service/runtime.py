@@ -102,8 +102,7 @@ def session_factory(settings: Settings):
 
     # cuDNN's exhaustive algorithm search (the CUDA provider's default) benchmarks every convolution again
     # for each new input shape. A server sees a new shape for every batch size, and PixelCNN sampling one for
-    # every row, so each first time cost hundreds of milliseconds: measured on an H100, logprob served 80 img/s
-    # at c=64 against 25,500 in-process. The heuristic picks at once.
+    # every row, so a server kept paying the search (docs/benchmarks.md, CUDA run). The heuristic picks at once.
     # kSameAsRequested: grow the device arena by what a call needs, not by doubling, since every bucket session
     # of every worker has an arena of its own on the one GPU.
     options = {CUDA: {"cudnn_conv_algo_search": settings.cuda_conv_algo_search,
@@ -127,9 +126,9 @@ class PaddedPredict:
     smallest bucket that holds it (by repeating its last item) and the padding cut off the outputs.
 
     ONNX Runtime's CUDA convolutions rebuild their state whenever the input shape differs from the previous
-    call's. On an H100 that cost 60-110 ms per call for the PixelCNN, against 1.2-2.6 ms for a repeated shape,
-    and a batcher sees a new batch size at nearly every call. A session that only ever sees one shape never
-    pays it; padding 3 images to 8 costs almost nothing on a GPU."""
+    call's, at many times the cost of the call itself (docs/benchmarks.md, CUDA run), and a batcher sees a new
+    batch size at nearly every call. A session that only ever sees one shape never pays it; padding 3 images to
+    8 costs almost nothing on a GPU."""
 
     def __init__(self, sessions: dict[int, Any]):
         self.buckets = sorted(sessions)

@@ -12,8 +12,8 @@ from service.schemas import Readiness
 
 router = APIRouter(tags=["health"], responses=ANY)
 # HEAD, which some load balancers probe with, on routes of their own (one route with both methods gives OpenAPI
-# a duplicate operation id). Included after every other router: FastAPI matches routes one by one, and two
-# more routes up front cost every request ~7 us in-process.
+# a duplicate operation id). Included after every other router: FastAPI matches routes one by one, so every
+# route up front costs every request that matches later (docs/benchmarks.md, routers ordered data plane first).
 head_router = APIRouter(tags=["health"], include_in_schema=False)
 
 
