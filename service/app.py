@@ -17,7 +17,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 from fastapi_offline import FastAPIOffline
 
-from service import errors, openapi
+from service import __version__, errors, openapi
 from service.metrics import Metrics
 from service.middleware import Admission, RequestGate
 from service.routes import gan, health, models, pixelcnn, v2, vae
@@ -25,7 +25,6 @@ from service.runtime import Registry
 from service.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
-API_VERSION = "1.0.0"
 
 
 def create_app(settings: Settings | None = None, metrics: Metrics | None = None) -> FastAPI:
@@ -53,7 +52,7 @@ def create_app(settings: Settings | None = None, metrics: Metrics | None = None)
         await task
         await registry.stop()
 
-    app = FastAPIOffline(title="genserve", version=API_VERSION, lifespan=lifespan,
+    app = FastAPIOffline(title="genserve", version=__version__, lifespan=lifespan,
                          description="Generative image models (PixelCNN, VAE, GAN) over REST, on ONNX Runtime.")
     app.state.settings, app.state.metrics = settings, metrics
     errors.install(app)

@@ -9,6 +9,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
+import service
 from tests.api.conftest import make_client, wait_ready
 from tests.api.test_server_process import scrape
 
@@ -46,7 +47,8 @@ def test_server_health_metadata_and_index(client):
     assert client.get("/v2/health/live").status_code == 200
     assert client.get("/v2/health/ready").status_code == 200
     meta = client.get("/v2").json()
-    assert meta["name"] == "genserve" and "binary_tensor_data" in meta["extensions"] and meta["version"]
+    assert meta["name"] == "genserve" and "binary_tensor_data" in meta["extensions"]
+    assert meta["version"] == service.__version__
     index = client.post("/v2/repository/index").json()
     assert sorted(m["name"] for m in index) == V2_MODELS
     assert {(m["version"], m["state"]) for m in index} == {("1", "READY")}

@@ -6,7 +6,6 @@ from __future__ import annotations
 import copy
 import os
 import re
-import tomllib
 from pathlib import Path
 
 import kubernetes_validate
@@ -14,6 +13,7 @@ import pytest
 import yaml
 from starlette.routing import Match
 
+import service
 from service.app import create_app
 from service.settings import Settings
 from tests.deploy.conftest import REPO
@@ -218,8 +218,7 @@ def test_security_context_is_non_root_and_matches_the_image():
     assert c["securityContext"]["allowPrivilegeEscalation"] is False
     assert c["securityContext"]["capabilities"]["drop"] == ["ALL"]
     # the same pinned tag as compose builds: genserve:<the package version>
-    version = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["version"]
-    assert c["image"] == f"genserve:{version}"
+    assert c["image"] == f"genserve:{service.__version__}"
     compose = yaml.safe_load((REPO / "docker-compose.yml").read_text())
     assert compose["services"]["genserve"]["image"] == c["image"]
     dockerfile = (REPO / "Dockerfile").read_text()

@@ -170,3 +170,17 @@ def test_route_answers_list_every_api_error_the_service_raises():
     package = Path(errors.__file__).parent
     raised = set().union(*(api_errors_raised_in(p) for p in package.rglob("*.py") if p != Path(errors.__file__)))
     assert raised | set(_HELPERS.values()) == set(errors.ROUTE_ANSWERS)  # a helper counts, used or not (yet)
+
+
+def test_one_version_everywhere():
+    """The package, the OpenAPI document and the app carry service.__version__ (pyproject.toml reads it from
+    there; tests/api/test_v2.py checks /v2's server metadata, tests/deploy/test_k8s.py the image tags)."""
+    import tomllib
+
+    import service
+
+    repo = Path(__file__).resolve().parents[2]
+    project = tomllib.loads((repo / "pyproject.toml").read_text())
+    assert "version" in project["project"]["dynamic"]
+    assert project["tool"]["setuptools"]["dynamic"]["version"] == {"attr": "service.__version__"}
+    assert document()["info"]["version"] == create_app(Settings()).version == service.__version__
