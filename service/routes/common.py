@@ -9,7 +9,7 @@ from typing import TypeVar
 
 import numpy as np
 import orjson
-from fastapi import Depends, Request
+from fastapi import Request
 from fastapi.exceptions import RequestValidationError
 from starlette.responses import Response
 
@@ -40,24 +40,24 @@ def not_ready(registry: Registry) -> APIError:
 
 
 def resolve(request: Request, family: str, version: int | None) -> ModelVersion:
-    """The family's model (named like the family) at the requested or default version; 404 otherwise."""
+    """The family's model (named like the family) at the requested or default version; 404 otherwise. A /v1
+    POST takes its fields, `model_version` too, in the JSON body: a query parameter there is a 422 naming it
+    (`query.model_version`), not something silently ignored."""
+    if request.scope["query_string"] and request.method == "POST":
+        _refuse_query(request)
     registry = get_registry(request)
     if not registry.ready:
         raise not_ready(registry)
     return registry.get(family, version, family=family)
 
 
-def no_query(request: Request) -> None:
-    """A /v1 POST route's dependency: its fields are in the JSON body, so any query parameter is a 422 naming it
-    (`query.model_version`), not something silently ignored."""
+def _refuse_query(request: Request) -> None:
+    # Here rather than a route dependency: FastAPI's dependency machinery costs every request more than the check.
     if request.query_params:
         raise RequestValidationError([
             {"type": "extra_forbidden", "loc": ("query", name), "input": request.query_params.getlist(name),
              "msg": f"{name} goes in the JSON body: /v1 POST routes take no query parameters"}
             for name in dict.fromkeys(request.query_params)])
-
-
-V1_POST = [Depends(no_query)]  # `dependencies=` of every /v1 POST route
 
 # Image work of a request with at least this many images runs in a thread instead of on the event loop: request
 # images decoded, response images encoded (with the JSON render), logprob's per_pixel maps serialised. Smaller work

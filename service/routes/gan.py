@@ -6,10 +6,10 @@ from fastapi import APIRouter, Request
 
 from service.families import gan
 from service.families.shared import new_seed
-from service.routes.common import ANY, V1_BODY, V1_MODEL, V1_POST, reply_images, resolve
+from service.routes.common import ANY, V1_BODY, V1_MODEL, reply_images, resolve
 from service.schemas import GanSampleRequest, SampleResponse
 
-router = APIRouter(prefix="/v1/gan", tags=["gan"], responses={**ANY, **V1_MODEL, **V1_BODY}, dependencies=V1_POST)
+router = APIRouter(prefix="/v1/gan", tags=["gan"], responses={**ANY, **V1_MODEL, **V1_BODY})
 
 
 @router.post("/sample", response_model=SampleResponse)

@@ -11,7 +11,6 @@ from service.routes.common import (
     OFFLOAD_PER_PIXEL_MAPS,
     V1_BODY,
     V1_MODEL,
-    V1_POST,
     off_loop_if,
     read_images,
     reply,
@@ -21,8 +20,7 @@ from service.routes.common import (
 from service.runtime import ModelVersion
 from service.schemas import LogprobRequest, LogprobResponse, PixelCNNSampleRequest, SampleResponse
 
-router = APIRouter(prefix="/v1/pixelcnn", tags=["pixelcnn"], responses={**ANY, **V1_MODEL, **V1_BODY},
-                   dependencies=V1_POST)
+router = APIRouter(prefix="/v1/pixelcnn", tags=["pixelcnn"], responses={**ANY, **V1_MODEL, **V1_BODY})
 
 
 def _logprob_reply(mv: ModelVersion, out: dict, per_pixel: bool):

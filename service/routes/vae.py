@@ -8,7 +8,7 @@ from fastapi import APIRouter, Query, Request
 from service.families import vae
 from service.families.shared import new_seed
 from service.imaging import decode_image
-from service.routes.common import ANY, V1_BODY, V1_MODEL, V1_POST, read_images, reply, reply_images, resolve
+from service.routes.common import ANY, V1_BODY, V1_MODEL, read_images, reply, reply_images, resolve
 from service.schemas import (
     ImagesResponse,
     SampleResponse,
@@ -22,7 +22,7 @@ from service.schemas import (
 )
 
 router = APIRouter(prefix="/v1/vae", tags=["vae"], responses={**ANY, **V1_MODEL})  # POST routes add V1_BODY
-POST = {"responses": V1_BODY, "dependencies": V1_POST}  # what every POST route adds
+POST = {"responses": V1_BODY}  # what every POST route adds
 
 
 @router.post("/encode", response_model=VaeEncodeResponse, **POST)
