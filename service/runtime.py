@@ -186,7 +186,6 @@ class ModelVersion:
                 SamplerConfig(max_active=settings.sampler_max_active, max_queue=settings.sampler_max_queue,
                               timeout_s=settings.sample_timeout_s, **geometry),
                 executor=executor, observer=metrics.sampler_observer(m.name, m.version))
-        metrics.set_model_info(m.name, m.version, self.provider, m.family)
 
     async def start(self) -> None:
         for b in self.batchers.values():
@@ -372,6 +371,7 @@ class Registry:
                 await self._stop_quietly(mv)
                 continue
             models.setdefault(mv.name, {})[mv.version] = mv
+            self.metrics.set_model_info(mv.name, mv.version, mv.provider, mv.family)  # only what serves
         missing = self._find_missing(build.required, models, build.refused)
         if missing:
             log.error("not ready: required models with no version serving: %s", missing)

@@ -52,6 +52,30 @@ REQUIRED_GRAPHS: dict[str, tuple[str, ...]] = {
     "vae": ("encoder", "decoder"),
     "gan": ("generator",),
 }
+# The tensors (inputs or outputs) the service calls each graph's by, and the image tensors whose height and width
+# must be fixed numbers: the families read a model's image geometry from them.
+REQUIRED_TENSORS: dict[str, dict[str, tuple[str, ...]]] = {
+    "pixelcnn": {"logprob": ("image", "label", "log_probs"), "vstack": ("image", "label", "vfeats"),
+                 "hrow": ("image", "vfeats", "logits")},
+    "vae": {"encoder": ("image", "mean", "logvar"), "decoder": ("z", "loc")},
+    "gan": {"generator": ("z", "label", "image")},
+}
+FIXED_IMAGES: dict[str, tuple[str, str]] = {"pixelcnn": ("logprob", "image"), "vae": ("encoder", "image"),
+                                            "gan": ("generator", "image")}
+
+
+def _tensor_problems(manifest: Manifest) -> list[str]:
+    """What the manifest's graphs lack of the tensors the service relies on (the graphs themselves are there)."""
+    problems = []
+    for gname, names in REQUIRED_TENSORS[manifest.family].items():
+        declared = {t.name: t for t in (*manifest.graphs[gname].inputs, *manifest.graphs[gname].outputs)}
+        if lacking := [n for n in names if n not in declared]:
+            problems.append(f"graph '{gname}' needs tensors {lacking}")
+    gname, tname = FIXED_IMAGES[manifest.family]
+    image = next((t for t in manifest.graphs[gname].inputs + manifest.graphs[gname].outputs if t.name == tname), None)
+    if image is not None and (len(image.shape) < 3 or not all(isinstance(d, int) for d in image.shape[-2:])):
+        problems.append(f"graph '{gname}' tensor '{tname}' needs a fixed height and width, got {image.shape}")
+    return problems
 
 _ORT_DTYPES = {"tensor(float)": "float32", "tensor(int64)": "int64", "tensor(uint8)": "uint8"}
 
@@ -376,6 +400,7 @@ def validate_version(version_dir: Path, make_session=None) -> LoadedVersion:
         for p in sess.get_providers():
             if p not in loaded.providers:
                 loaded.providers.append(p)
+    problems += _tensor_problems(manifest)  # after the graphs: their own mismatches say more
     if problems:
         raise StoreError(version_dir, problems)
     return loaded

@@ -195,8 +195,13 @@ def exchange(a: Path, b: Path) -> None:
         err = ctypes.get_errno()
         if err not in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP):
             raise OSError(err, os.strerror(err), str(a), None, str(b))
-    os.rename(b, a.with_name(a.name + "-replaced"))
-    os.rename(a, b)
+    aside = a.with_name(a.name + "-replaced")
+    os.rename(b, aside)
+    try:
+        os.rename(a, b)
+    except OSError:
+        os.rename(aside, b)  # put the old version back: the caller deletes a's parent, and aside with it
+        raise
 
 
 def _fsync(path: Path) -> None:

@@ -31,8 +31,10 @@ def test_model_version_in_the_query_of_a_post_is_422_not_ignored(client):
 
 # A valid body for each /v1 POST: the query is what is wrong (with a bad body too, the body's errors come first).
 VALID = {"/v1/gan/sample": {}, "/v1/pixelcnn/logprob": {"images": [ZERO]}, "/v1/pixelcnn/sample": {"n": 1},
-         "/v1/vae/encode": {"images": [ZERO]}, "/v1/vae/decode": {"latents": [[0.0] * 16]}, "/v1/vae/sample": {},
-         "/v1/vae/edit": {"images": [ZERO], "edits": {"slant": 1.0}}, "/v1/vae/interpolate": {"start": ZERO, "end": ZERO}}
+         "/v1/vae/encode": {"images": [ZERO]}, "/v1/vae/decode": {"latents": [[0.0] * 16]},
+         "/v1/vae/sample": {},
+         "/v1/vae/edit": {"images": [ZERO], "edits": {"slant": 1.0}},
+         "/v1/vae/interpolate": {"start": ZERO, "end": ZERO}}
 
 
 def test_every_v1_post_refuses_every_query_parameter(client):

@@ -145,6 +145,27 @@ def test_a_version_exported_again_replaces_the_old_one_whole(gan_store, monkeypa
     assert sorted(models["gan"]) == [1] and refused == {}
 
 
+def test_the_move_aside_swap_puts_the_old_version_back_when_the_new_one_cannot_move_in(tmp_path, monkeypatch):
+    from training import export as ex
+
+    monkeypatch.setattr(ex.ctypes, "CDLL", lambda *a, **k: types.SimpleNamespace())  # no renameat2
+    staged, final = tmp_path / ".1-x/gan/1", tmp_path / "gan/1"
+    for folder, tag in ((staged, "new"), (final, "old")):
+        folder.mkdir(parents=True)
+        (folder / "manifest.json").write_text(tag)
+    real_rename, calls = os.rename, []
+
+    def rename(src, dst):
+        calls.append(src)
+        if len(calls) == 2:  # the new version moving in
+            raise OSError(28, "No space left on device")
+        real_rename(src, dst)
+    monkeypatch.setattr(ex.os, "rename", rename)
+    with pytest.raises(OSError):
+        ex.exchange(staged, final)
+    assert (final / "manifest.json").read_text() == "old"
+
+
 @pytest.mark.parametrize("swap", ["exchange", "move aside"])
 def test_a_reader_never_sees_a_partial_version_while_one_is_published(tmp_path, monkeypatch, swap):
     from training import export as ex

@@ -157,6 +157,10 @@ def test_a_version_that_fails_warm_up_is_withdrawn_and_the_others_serve(store, m
     reg, fully_ready = _started(store, warmup=True)
     assert sorted(reg.models) == ["gan", "pixelcnn"] and not fully_ready
     assert list(reg.refused) == [str(store / "vae/1")] and list(reg.missing) == ["vae"]
+    # genserve_model_info names what serves, not what was built and then refused
+    info = {s.labels["model"] for m in reg.metrics.registry.collect() if m.name == "genserve_model_info"
+            for s in m.samples}
+    assert info == {"gan", "pixelcnn"}
 
 
 def test_required_models_default_to_every_model_folder_and_the_setting_narrows_them(store):

@@ -106,6 +106,16 @@ def test_invalid_json_and_missing_manifest(store):
     assert _problems(store / "gan/1") == ["manifest.json is missing"]
 
 
+def test_family_needs_the_tensors_the_service_calls_and_a_fixed_image_size(store):
+    """The families read names and image geometry from the manifest: a version lacking them is refused at load,
+    not answered 500 by the first request that needs them."""
+    _edit_manifest(store / "gan/1", lambda m: m["graphs"]["generator"]["outputs"][0].update(name="picture"))
+    assert "graph 'generator' needs tensors ['image']" in _problems(store / "gan/1")
+    _edit_manifest(store / "vae/1", lambda m: m["graphs"]["encoder"]["inputs"][0].update(shape=[None, 1, None, 28]))
+    assert "graph 'encoder' tensor 'image' needs a fixed height and width, got [None, 1, None, 28]" in _problems(
+        store / "vae/1")
+
+
 def test_family_needs_its_graphs_and_folders_must_agree(store):
     _edit_manifest(store / "pixelcnn/1", lambda m: m["graphs"].pop("hrow"))
     assert "family 'pixelcnn' needs graphs ['hrow']" in _problems(store / "pixelcnn/1")
