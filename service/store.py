@@ -64,15 +64,26 @@ FIXED_IMAGES: dict[str, tuple[str, str]] = {"pixelcnn": ("logprob", "image"), "v
                                             "gan": ("generator", "image")}
 
 
+def declared_tensor(manifest: Manifest, graph: str, name: str) -> TensorSpec | None:
+    """A graph's input or output as the manifest declares it; None if it declares none of that name."""
+    spec = manifest.graphs[graph]
+    return next((t for t in (*spec.inputs, *spec.outputs) if t.name == name), None)
+
+
+def image_shape(manifest: Manifest) -> tuple[int, int]:
+    """(height, width) of the family's images: its FIXED_IMAGES tensor, which a version is refused without."""
+    height, width = declared_tensor(manifest, *FIXED_IMAGES[manifest.family]).shape[-2:]
+    return height, width
+
+
 def _tensor_problems(manifest: Manifest) -> list[str]:
     """What the manifest's graphs lack of the tensors the service relies on (the graphs themselves are there)."""
     problems = []
     for gname, names in REQUIRED_TENSORS[manifest.family].items():
-        declared = {t.name: t for t in (*manifest.graphs[gname].inputs, *manifest.graphs[gname].outputs)}
-        if lacking := [n for n in names if n not in declared]:
+        if lacking := [n for n in names if declared_tensor(manifest, gname, n) is None]:
             problems.append(f"graph '{gname}' needs tensors {lacking}")
     gname, tname = FIXED_IMAGES[manifest.family]
-    image = next((t for t in manifest.graphs[gname].inputs + manifest.graphs[gname].outputs if t.name == tname), None)
+    image = declared_tensor(manifest, gname, tname)
     if image is not None and (len(image.shape) < 3 or not all(isinstance(d, int) for d in image.shape[-2:])):
         problems.append(f"graph '{gname}' tensor '{tname}' needs a fixed height and width, got {image.shape}")
     return problems

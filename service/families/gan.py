@@ -42,5 +42,5 @@ def generated(out: dict[str, np.ndarray]) -> np.ndarray:
 
 def tensor_rules(mv: ModelVersion) -> TensorRules:
     """A label must be one the generator knows; there is no 'any digit' label."""
-    height, _ = image_size(mv, GRAPH, "image")
+    height, _ = image_size(mv)
     return TensorRules(ranges={"label": (0.0, float(num_classes(mv) - 1))}, whole=frozenset(), max_axis=height)

@@ -17,7 +17,7 @@ LN2 = math.log(2.0)
 
 def input_size(mv: ModelVersion) -> tuple[int, int]:
     """(height, width) of the images the model scores and samples."""
-    return image_size(mv, LOGPROB, "image")
+    return image_size(mv)
 
 
 def any_digit(mv: ModelVersion) -> int:

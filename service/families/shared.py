@@ -10,7 +10,7 @@ import numpy as np
 
 from service.imaging import to_uint8
 from service.runtime import ModelVersion
-from service.store import TensorSpec
+from service.store import image_shape
 
 # The label space of a conditional model whose manifest does not state `num_classes`: the MNIST digits that
 # schemas.Digit accepts.
@@ -62,16 +62,9 @@ def to_model(images: np.ndarray) -> np.ndarray:
     return images[:, None].astype(np.float32)
 
 
-def tensor(mv: ModelVersion, graph: str, name: str) -> TensorSpec:
-    """A graph's input or output as the manifest declares it."""
-    spec = mv.manifest.graphs[graph]
-    return next(t for t in (*spec.inputs, *spec.outputs) if t.name == name)
-
-
-def image_size(mv: ModelVersion, graph: str, name: str) -> tuple[int, int]:
-    """(height, width) of an image tensor (n, [1,] H, W) of a graph, from the manifest."""
-    height, width = tensor(mv, graph, name).shape[-2:]
-    return height, width
+def image_size(mv: ModelVersion) -> tuple[int, int]:
+    """(height, width) of the model's images, from its manifest (the store checked that they are fixed)."""
+    return image_shape(mv.manifest)
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,7 @@ def latent_dim(mv: ModelVersion) -> int:
 
 def input_size(mv: ModelVersion) -> tuple[int, int]:
     """(height, width) of the images the encoder takes."""
-    return image_size(mv, ENCODER, "image")
+    return image_size(mv)
 
 
 def encoder_inputs(images: np.ndarray) -> dict[str, np.ndarray]:
