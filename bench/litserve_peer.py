@@ -19,7 +19,6 @@ worker is ready.
 
 from __future__ import annotations
 
-import math
 import multiprocessing
 import os
 import signal
@@ -29,13 +28,13 @@ import litserve as ls
 import numpy as np
 
 from service.families.gan import draw, pixels
+from service.families.pixelcnn import logprob_inputs, logprob_results
 from service.imaging import decode_images, encode_images
 from service.runtime import session_factory
 from service.settings import Settings, get_settings
-from service.store import read_manifest
+from service.store import image_shape, read_manifest
 
 ANY_DIGIT = 10  # the PixelCNN's label for "any digit", as the service's logprob route passes it
-LN2 = math.log(2.0)
 # LitServe's batch_timeout=0 polls its request queue without blocking: a busy loop taking a core per
 # inference worker even when idle. A short window instead: the loop blocks on the queue between requests.
 BATCH_TIMEOUT_S = float(os.environ.get("GENSERVE_LITSERVE_BATCH_TIMEOUT_S", "0.001"))
@@ -116,24 +115,23 @@ class Logprob(_OnnxApi):
     model, graph, path = "pixelcnn", "logprob", "/v1/pixelcnn/logprob"
 
     def warmup_feeds(self, b: int) -> dict[str, np.ndarray]:
-        return {"image": np.zeros((b, 1, 28, 28), np.float32), "label": np.full(b, ANY_DIGIT, np.int64)}
+        images = np.zeros((b, *image_shape(self.manifest)), np.uint8)
+        return logprob_inputs(images, np.full(b, ANY_DIGIT, np.int64))
 
     def decode_request(self, request):
-        return decode_images(request["images"])  # (1, 28, 28) uint8
+        return decode_images(request["images"], size=image_shape(self.manifest))  # (1, H, W) uint8
 
     def batch(self, inputs: list[np.ndarray]) -> np.ndarray:
-        return np.concatenate(inputs)  # (B, 28, 28)
+        return np.concatenate(inputs)  # (B, H, W)
 
     def predict(self, images: np.ndarray) -> np.ndarray:
-        n = len(images)
-        lp = self.run_graph({"image": images[:, None].astype(np.float32), "label": np.full(n, ANY_DIGIT, np.int64)})
-        return lp.astype(np.float64).reshape(n, -1).sum(axis=1)  # (B,) nats
+        return self.run_graph(logprob_inputs(images, np.full(len(images), ANY_DIGIT, np.int64)))  # (B, H, W) nats
 
-    def unbatch(self, totals: np.ndarray) -> list[float]:
-        return totals.tolist()
+    def unbatch(self, log_probs: np.ndarray) -> list[np.ndarray]:
+        return list(log_probs[:, None])  # (1, H, W) each
 
-    def encode_response(self, total):
-        return self.reply(results=[{"logprob": total, "bits_per_dim": -total / (28 * 28 * LN2)}])
+    def encode_response(self, log_probs):  # the service's own totals and bits per dimension
+        return self.reply(results=logprob_results({"log_probs": log_probs}, per_pixel=False))
 
 
 def build(settings: Settings, batch_timeout_s: float = BATCH_TIMEOUT_S) -> ls.LitServer:
