@@ -51,10 +51,6 @@ def not_found(message: str) -> APIError:
     return APIError(404, "not_found", message)
 
 
-def invalid(field: str, message: str) -> APIError:
-    return APIError(422, "invalid_request", message, field=field)
-
-
 def _body(code: str, message: str, fields: list[dict] | None = None) -> dict:
     err: dict = {"code": code, "message": message}
     if fields:
@@ -131,9 +127,9 @@ def _api_error(exc: APIError) -> Reply:
     return Reply(exc.status, exc.code, message, fields, exc.headers)
 
 
-# The codes the routes raise APIError with (not_found(), invalid(), routes.common.not_ready() and /v2's readiness);
-# tests/api/test_errors.py reads the routes to keep this list true.
-ROUTE_ANSWERS = ((404, "not_found"), (422, "invalid_request"), (503, "not_ready"), (503, "shutting_down"))
+# The codes the routes raise APIError with (not_found(), routes.common.not_ready() and /v2's readiness); a field
+# the model cannot take is the families' InvalidField. tests/api/test_errors.py reads the routes to keep this true.
+ROUTE_ANSWERS = ((404, "not_found"), (503, "not_ready"), (503, "shutting_down"))
 
 _BODY_PARSE_FAILED = "There was an error parsing the body"  # FastAPI's detail when json.loads raised
 
@@ -204,8 +200,8 @@ RETRY_SOON = {"Retry-After": "1"}  # shared by the rows below; never modified
 ERRORS: dict[type[Exception], Rule | Computed] = {
     APIError: Computed(_api_error, ROUTE_ANSWERS),
     ModelNotFound: Rule(404, "not_found"),
-    ImageDecodeError: Rule(422, "invalid_image", fields=lambda e: [{"field": e.field, "message": e.message}]),
     InvalidField: Rule(422, "invalid_request", fields=lambda e: [{"field": e.field, "message": e.message}]),
+    ImageDecodeError: Rule(422, "invalid_image", fields=lambda e: [{"field": e.field, "message": e.message}]),
     TensorError: Rule(400, "invalid_tensor", in_v1=False),
     RequestValidationError: Computed(_validation_error, ((400, "malformed_json"), (422, "invalid_request"))),
     QueueFull: Rule(503, "overloaded", "server is at capacity, retry later", RETRY_SOON),

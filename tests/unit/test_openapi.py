@@ -146,7 +146,7 @@ def test_every_status_the_error_table_answers_is_documented_with_its_codes():
     assert "invalid_tensor" not in errors.codes(400)  # raised only under /v2, whose bodies carry no code
 
 
-_HELPERS = {"not_found": (404, "not_found"), "invalid": (422, "invalid_request")}  # of service/errors.py
+_HELPERS = {"not_found": (404, "not_found")}  # of service/errors.py
 
 
 def api_errors_raised_in(path: Path) -> set[tuple[int, str]]:
