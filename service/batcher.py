@@ -93,6 +93,7 @@ def _inspect(inputs: Arrays) -> tuple[int, Signature]:
 
 class Batcher(Scheduler):
     kind = "batcher"
+    running_stage = "computing"  # a batch holding some of its items runs to the end; the rest never runs
 
     def __init__(
         self,

@@ -166,6 +166,8 @@ class GraphObserver(SchedulingObserver):
         self._compute = metrics.compute_seconds.labels(*labels)
         self._queue_depth = metrics.queue_depth.labels(*labels)
         self._items = metrics.items_processed_total.labels(*labels)
+        self._cancelled = metrics.cancelled_total
+        self._cancel_children: dict[str, Counter] = {}
         self._rejections = metrics.rejections_total
         self._reject_children: dict[str, Counter] = {}
 
@@ -207,6 +209,19 @@ class GraphObserver(SchedulingObserver):
             child.inc()
         except Exception as exc:
             _warn("on_reject", exc)
+
+    def on_cancel(self, stage: str) -> None:
+        """A request's caller went away (client disconnected, or its task was cancelled) at ``stage``."""
+        try:
+            key = str(stage)
+            child = self._cancel_children.get(key)
+            if child is None:
+                if len(self._cancel_children) >= _MAX_REASONS:
+                    raise ValueError(f"too many cancellation stages, {key!r} not recorded")
+                child = self._cancel_children[key] = self._cancelled.labels(self.model, self.version, self.graph, key)
+            child.inc()
+        except Exception as exc:
+            _warn("on_cancel", exc)
 
     def on_queue_depth(self, depth: int) -> None:
         """Current number of items waiting in this model version's queue."""
@@ -304,6 +319,13 @@ class Metrics:
             PREFIX + "rejections_total",
             "Requests rejected before running, by reason.",
             ("model", "version", "graph", "reason"),
+            registry=r,
+        )
+        self.cancelled_total = Counter(
+            PREFIX + "cancelled_total",
+            "Requests whose caller went away before their work was done, by stage: queued (none of it computed), "
+            "sampling (its sequences left the sampler at the next step), computing (the batch holding it finished).",
+            ("model", "version", "graph", "stage"),
             registry=r,
         )
         self.sampler_active_sequences = Histogram(

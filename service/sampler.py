@@ -14,6 +14,11 @@ Three samplers, slowest first:
                    arrives while others are sampling joins at the next step (iteration-level, or
                    "continuous", batching as in LLM servers) instead of waiting for them to finish.
 
+Classifier-free guidance (Ho & Salimans, 2022, "Classifier-Free Diffusion Guidance", applied to the 256-way
+logits of each pixel): a sequence with weight w > 0 is drawn from (1 + w) * cond - w * uncond, where uncond is
+the same prefix under the "any digit" label. Its unconditional twin rides in the same vstack and hrow calls as
+every other sequence; w = 0 adds nothing, so its images are bit-identical to unguided sampling.
+
 vstack: image (B, 1, H, W) float32 0..255, label (B,) int64 -> vfeats (B, L, 2C, H, W); row r sees rows < r.
 hrow:   image (B, 1, H, W), vfeats (B, L, 2C, H, W) -> logits (B, 256, H, W); kernel height 1, rows independent.
 
@@ -68,6 +73,20 @@ def sample_pixel(logits: np.ndarray, u: np.ndarray, temperature: float | np.ndar
     return np.minimum(idx, z.shape[1] - 1).astype(np.int64)
 
 
+def guided_logits(cond: np.ndarray, uncond: np.ndarray, guidance: float | np.ndarray) -> np.ndarray:
+    """(B, K) conditional and unconditional logits, guidance w >= 0 (scalar or (B,)) -> (1 + w) * cond - w * uncond
+    in float64. Weights of 0 give cond exactly."""
+    w = np.reshape(np.asarray(guidance, dtype=np.float64), (-1, 1))
+    return (1.0 + w) * np.asarray(cond, dtype=np.float64) - w * np.asarray(uncond, dtype=np.float64)
+
+
+def _check_guidance(guidance: Any) -> float:
+    guidance = float(guidance)
+    if not (math.isfinite(guidance) and guidance >= 0.0):
+        raise ValueError(f"guidance must be a finite number >= 0, got {guidance}")
+    return guidance
+
+
 # --- single-batch samplers --------------------------------------------------------------------------
 
 
@@ -112,19 +131,32 @@ def sample_naive(
 
 
 def sample_fast(
-    vstack: GraphFn, hrow: GraphFn, labels: np.ndarray, u: np.ndarray, temperature: float = 1.0
+    vstack: GraphFn, hrow: GraphFn, labels: np.ndarray, u: np.ndarray, temperature: float = 1.0,
+    guidance: float = 0.0, any_label: int | None = None,
 ) -> np.ndarray:
-    """Row-cached: vstack once per row on rows 0..r, hrow on row r alone per pixel. Same images as sample_naive."""
+    """Row-cached: vstack once per row on rows 0..r, hrow on row r alone per pixel. Same images as sample_naive.
+
+    With guidance w > 0 the batch is doubled, its second half labelled `any_label` (required then), and each pixel
+    drawn from guided_logits: the reference of the IterationSampler's guided steps."""
     labels, u, temperature, s = _check_inputs(labels, u, temperature)
+    guidance, n = _check_guidance(guidance), labels.size
+    if guidance > 0:
+        if any_label is None:
+            raise ValueError("guidance needs any_label, the unconditional label")
+        labels = np.concatenate([labels, np.full(n, any_label, np.int64)])
     x = np.zeros((labels.size, 1, s, s), np.float32)
     for r in range(s):
         # rows > r cannot influence row r of vfeats: feed only rows 0..r
         vfeats = vstack({"image": np.ascontiguousarray(x[:, :, : r + 1]), "label": labels})["vfeats"]
         vrow = np.ascontiguousarray(vfeats[:, :, :, r : r + 1])  # (B, L, 2C, 1, s)
         for c in range(s):
-            logits = hrow({"image": np.ascontiguousarray(x[:, :, r : r + 1]), "vfeats": vrow})["logits"]
-            x[:, 0, r, c] = sample_pixel(logits[:, :, 0, c], u[:, r * s + c], temperature)
-    return x[:, 0].astype(np.uint8)
+            logits = hrow({"image": np.ascontiguousarray(x[:, :, r : r + 1]), "vfeats": vrow})["logits"][:, :, 0, c]
+            if guidance > 0:
+                logits = guided_logits(logits[:n], logits[n:], guidance)
+            x[:n, 0, r, c] = sample_pixel(logits[:n], u[:, r * s + c], temperature)
+            if guidance > 0:
+                x[n:, 0, r, c] = x[:n, 0, r, c]  # the unconditional twins follow the guided prefix
+    return x[:n, 0].astype(np.uint8)
 
 
 # --- iteration-level batching ---------------------------------------------------------------------
@@ -142,16 +174,26 @@ class SamplerConfig:
 
 
 class SamplingTicket(Ticket[np.ndarray]):
-    """One sample() call: n sequences, each with its label and uniforms, sharing one temperature."""
+    """One sample() call: n sequences, each with its label and uniforms, sharing one temperature and guidance."""
 
     def __init__(self, sampler: IterationSampler, future: asyncio.Future[np.ndarray], deadline: float,
-                 timeout_s: float, labels: np.ndarray, u: np.ndarray, temperature: float, enqueued_at: float) -> None:
+                 timeout_s: float, labels: np.ndarray, u: np.ndarray, temperature: float, guidance: float,
+                 enqueued_at: float) -> None:
         super().__init__(sampler, future, deadline, timeout_s)
-        self.labels, self.u, self.temperature = labels, u, temperature
+        self.sampler = sampler
+        self.labels, self.u, self.temperature, self.guidance = labels, u, temperature, guidance
         self.enqueued_at = enqueued_at
         side = sampler.config.image_size
         self.images = np.zeros((labels.size, side, side), np.uint8)
         self.remaining = labels.size  # sequences not finished
+
+    def progress(self) -> tuple[int, int]:
+        """(pixels drawn so far, pixels in all) over the ticket's images."""
+        return self.sampler.progress(self)
+
+    def preview(self) -> np.ndarray:
+        """(n, side, side) uint8: the images as drawn so far, zeros where no pixel was drawn yet."""
+        return self.sampler.preview(self)
 
 
 @dataclass(eq=False)
@@ -167,14 +209,17 @@ class IterationSampler(Scheduler):
 
     One step: the active sequences starting a row (c == 0) get their vfeats row from ONE vstack call on the
     image batch cropped to max(r) + 1 rows; then ONE hrow call over all active sequences, each feeding its
-    own current row and cached vfeats row; each takes the logits at its own column with its own uniform and
-    temperature, writes the pixel and advances. Queued sequences join at the start of every step, finished
-    or abandoned ones leave. Per-sequence state lives in fixed slot arrays (compacted when sequences leave),
-    so the hrow feed of cached vfeats rows is a view, not a copy; the state is only touched by the loop
-    task, between executor calls, never while one is running.
+    own current row and cached vfeats row; each takes the logits at its own column with its own uniform,
+    temperature and guidance, writes the pixel and advances. A guided sequence adds its unconditional twin
+    (same prefix, the "any digit" label, its own cached vfeats row) to both calls. Queued sequences join at
+    the start of every step, finished or abandoned ones leave. Per-sequence state lives in fixed slot arrays
+    (compacted when sequences leave), so without guided sequences the hrow feed of cached vfeats rows is a
+    view, not a copy; the state is only touched by the loop task, between executor calls, never while one
+    is running.
     """
 
     kind = "sampler"
+    running_stage = "sampling"  # its sequences in slots leave at the next step
 
     def __init__(
         self,
@@ -201,8 +246,10 @@ class IterationSampler(Scheduler):
         self._label = np.zeros(cap, np.int64)
         self._pos = np.zeros(cap, np.int64)  # next pixel, r * side + c
         self._temp = np.ones(cap, np.float64)
+        self._guid = np.zeros(cap, np.float64)  # guidance weight; 0 for unguided and "any digit" sequences
         self._u = np.zeros((cap, self._pixels), np.float64)
         self._vrow: np.ndarray | None = None  # (cap, L, 2C, 1, side), allocated at the first vstack output
+        self._vrow_any: np.ndarray | None = None  # the same under the "any digit" label, for guided sequences
         self.steps = 0  # loop steps run (one hrow call each)
 
     @property
@@ -216,17 +263,20 @@ class IterationSampler(Scheduler):
         return self._queued
 
     async def sample(
-        self, labels: np.ndarray, u: np.ndarray, temperature: float = 1.0, timeout_s: float | None = None
+        self, labels: np.ndarray, u: np.ndarray, temperature: float = 1.0, timeout_s: float | None = None,
+        guidance: float = 0.0,
     ) -> np.ndarray:
         """labels (n,) 0..num_classes, u (n, side * side) in [0, 1) -> images (n, side, side) uint8."""
-        return await self.wait(self.enqueue(labels, u, temperature, timeout_s))
+        return await self.wait(self.enqueue(labels, u, temperature, timeout_s, guidance))
 
     def enqueue(
-        self, labels: np.ndarray, u: np.ndarray, temperature: float = 1.0, timeout_s: float | None = None
+        self, labels: np.ndarray, u: np.ndarray, temperature: float = 1.0, timeout_s: float | None = None,
+        guidance: float = 0.0,
     ) -> SamplingTicket:
         """Queue the n sequences or refuse them at once: ValueError, BatcherClosed, QueueFull, DeadlineExceeded.
         The ticket's deadline is timeout_s (default the config's) from the request's arrival."""
         labels, u, temperature, _ = _check_inputs(labels, u, temperature, self._pixels)
+        guidance = _check_guidance(guidance)
         if labels.min() < 0 or labels.max() > self.config.num_classes:
             raise ValueError(f"labels must lie in 0..{self.config.num_classes}")
         n, cfg = labels.size, self.config
@@ -237,7 +287,7 @@ class IterationSampler(Scheduler):
         loop = asyncio.get_running_loop()
         now = loop.time()
         deadline, timeout = self._deadline(now, timeout_s)
-        ticket = SamplingTicket(self, loop.create_future(), deadline, timeout, labels, u, temperature, now)
+        ticket = SamplingTicket(self, loop.create_future(), deadline, timeout, labels, u, temperature, guidance, now)
         for i in range(n):
             self._enqueue(self._queue, _Sequence(ticket, 1, i))
         self._notify("on_queue_depth", self._queued)
@@ -245,6 +295,22 @@ class IterationSampler(Scheduler):
         return ticket
 
     # --- bookkeeping (event loop thread only, so no locks) ---
+
+    def progress(self, ticket: SamplingTicket) -> tuple[int, int]:
+        """(pixels drawn, pixels in all) of a ticket of this sampler: O(active sequences)."""
+        done = (ticket.labels.size - ticket.remaining) * self._pixels
+        for k, (holder, _) in enumerate(self._slots):
+            if holder is ticket and self._pos[k] < self._pixels:  # finished ones are counted above
+                done += int(self._pos[k])
+        return done, ticket.labels.size * self._pixels
+
+    def preview(self, ticket: SamplingTicket) -> np.ndarray:
+        """The ticket's images as drawn so far (finished ones whole, active ones up to their position)."""
+        images = ticket.images.copy()
+        for k, (holder, i) in enumerate(self._slots):
+            if holder is ticket and self._pos[k] < self._pixels:
+                images[i] = self._img[k, 0]
+        return images
 
     def _queues(self) -> Iterable[deque[_Sequence]]:
         return (self._queue,)
@@ -259,7 +325,8 @@ class IterationSampler(Scheduler):
         if len(keep) < len(self._slots):
             idx = np.asarray(keep, dtype=np.int64)
             m = idx.size
-            for array in (self._img, self._label, self._pos, self._temp, self._u, self._vrow):
+            for array in (self._img, self._label, self._pos, self._temp, self._guid, self._u, self._vrow,
+                          self._vrow_any):
                 if array is not None:
                     array[:m] = array[idx]  # fancy indexing copies first, so overlapping moves are safe
             self._slots = [self._slots[k] for k in keep]
@@ -275,6 +342,8 @@ class IterationSampler(Scheduler):
             self._label[k] = ticket.labels[i]
             self._pos[k] = 0
             self._temp[k] = ticket.temperature
+            any_digit = ticket.labels[i] == self.config.num_classes  # nothing to guide towards
+            self._guid[k] = 0.0 if any_digit else ticket.guidance
             self._u[k] = ticket.u[i]
             waits.append(now - ticket.enqueued_at)
         if waits:
@@ -304,26 +373,47 @@ class IterationSampler(Scheduler):
             self._queued = self._dropped_units = 0
             self._slots = []
 
+    async def _vstack_rows(self, starting: np.ndarray, rows: np.ndarray, guided: np.ndarray) -> None:
+        """Cache the vfeats row that each starting sequence (and each guided one's twin) enters, in one call."""
+        height = int(rows[starting].max()) + 1  # rows > r never influence vfeats row r
+        members = np.concatenate([starting, guided])
+        labels = self._label[members]
+        labels[starting.size:] = self.config.num_classes  # the twins: "any digit"
+        feeds = {"image": self._img[members, :, :height], "label": labels}
+        loop = asyncio.get_running_loop()
+        vfeats = (await loop.run_in_executor(self._executor, self._vstack, feeds))["vfeats"]
+        if self._vrow is None or self._vrow_any is None:
+            shape = (self.config.max_active, *vfeats.shape[1:3], 1, self._side)
+            self._vrow, self._vrow_any = np.zeros(shape, np.float32), np.zeros(shape, np.float32)
+        own = vfeats[np.arange(members.size), :, :, rows[members]]  # (m, L, 2C, side): each one's own row
+        self._vrow[starting, :, :, 0] = own[: starting.size]
+        self._vrow_any[guided, :, :, 0] = own[starting.size:]
+
     async def _step(self, waits: list[float]) -> None:
         loop = asyncio.get_running_loop()
         b, side = len(self._slots), self._side
         ar = np.arange(b)
         pos = self._pos[:b].copy()
         rows, cols = pos // side, pos % side
+        guided = np.flatnonzero(self._guid[:b] > 0.0)  # these add an unconditional twin to both calls
         started = time.perf_counter()
         try:
             starting = np.flatnonzero(cols == 0)  # sequences entering a new row need its vfeats
             if starting.size:
-                height = int(rows[starting].max()) + 1  # rows > r never influence vfeats row r
-                feeds = {"image": self._img[starting, :, :height], "label": self._label[starting]}
-                vfeats = (await loop.run_in_executor(self._executor, self._vstack, feeds))["vfeats"]
-                if self._vrow is None:
-                    self._vrow = np.zeros((self.config.max_active, *vfeats.shape[1:3], 1, side), np.float32)
-                self._vrow[starting, :, :, 0] = vfeats[np.arange(starting.size), :, :, rows[starting]]
+                await self._vstack_rows(starting, rows, np.intersect1d(starting, guided, assume_unique=True))
             image_row = self._img[ar, :, rows][:, :, None, :]  # (b, 1, 1, side): each sequence's own row
-            feeds = {"image": image_row, "vfeats": self._vrow[:b]}
+            vrows = self._vrow[:b]
+            if guided.size:  # twins after the b sequences: the same rows, the "any digit" vfeats
+                image_row = np.concatenate([image_row, image_row[guided]])
+                vrows = np.concatenate([vrows, self._vrow_any[guided]])
+            feeds = {"image": image_row, "vfeats": vrows}
             logits = (await loop.run_in_executor(self._executor, self._hrow, feeds))["logits"]
-            values = sample_pixel(logits[ar, :, 0, cols], self._u[ar, pos], self._temp[:b])
+            step_logits = logits[ar, :, 0, cols]  # (b, 256)
+            if guided.size:
+                step_logits = step_logits.astype(np.float64)
+                uncond = logits[b + np.arange(guided.size), :, 0, cols[guided]]
+                step_logits[guided] = guided_logits(step_logits[guided], uncond, self._guid[guided])
+            values = sample_pixel(step_logits, self._u[ar, pos], self._temp[:b])
         except Exception as exc:
             logger.exception("sampler %r: step over %d sequences failed", self.name, b)
             for ticket in {ticket for ticket, _ in self._slots}:

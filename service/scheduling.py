@@ -75,6 +75,11 @@ class SchedulingObserver(Protocol):
     def on_sampler_step(self, active: int) -> None:
         """One autoregressive sampling step ran with `active` sequences sharing it (the sampler only)."""
 
+    def on_cancel(self, stage: str) -> None:
+        """A caller went away before its work was done: "queued" (none of it had started, and none of it will
+        be computed), or the scheduler's `running_stage` ("sampling": its sequences leave at the next step;
+        "computing": the batch holding it finishes, the rest of it is dropped)."""
+
 
 class Ticket(Generic[R]):
     """One caller's claim on a scheduler: its future, its deadline, and its work units still in the queue."""
@@ -84,6 +89,7 @@ class Ticket(Generic[R]):
         self.future = future
         self.deadline = deadline  # on the event loop's monotonic clock
         self.timeout_s = timeout_s  # the time the deadline granted, for messages
+        self.units = 0  # units of its work ever queued
         self.queued = 0  # units of its work in the queue, counted in the scheduler's queue depth
         self.dropped = False  # its queued units were discounted; its entries are skipped at the head of the queue
 
@@ -109,6 +115,7 @@ class Scheduler:
     so no locks."""
 
     kind = "scheduler"  # names it in messages and logs: "batcher", "sampler"
+    running_stage = "running"  # what a cancelled ticket was doing once some of its work left the queue
 
     def __init__(self, name: str, timeout_s: float, observer: SchedulingObserver | None) -> None:
         self.name = name
@@ -165,6 +172,7 @@ class Scheduler:
 
     def _enqueue(self, queue: deque[W], entry: W) -> None:
         queue.append(entry)
+        entry.ticket.units += entry.n
         entry.ticket.queued += entry.n
         self._queued += entry.n
 
@@ -219,8 +227,14 @@ class Scheduler:
 
     def abandon(self, ticket: Ticket) -> None:
         """The ticket's caller is gone: its queued work leaves the counts now (O(1)) and is never computed, work of
-        it in progress is dropped at the next step, and whoever awaits it gets CancelledError. Idempotent; call it
-        from anywhere on the event loop."""
+        it in progress is dropped at the next step, and whoever awaits it gets CancelledError. Counted as a
+        cancellation (`on_cancel`, by stage) unless its result was already settled. Idempotent; call it from
+        anywhere on the event loop."""
+        if not ticket.future.done():
+            self._notify("on_cancel", "queued" if ticket.queued == ticket.units else self.running_stage)
+        self._give_up(ticket)
+
+    def _give_up(self, ticket: Ticket) -> None:
         if not ticket.future.done():
             ticket.future.cancel()
         self._drop_queued(ticket)
@@ -235,7 +249,7 @@ class Scheduler:
         except (TimeoutError, DeadlineExceeded) as exc:
             if isinstance(exc, TimeoutError) and not timer.expired():
                 raise  # raised by the work itself (predict, a graph call), not our deadline
-            self.abandon(ticket)
+            self._give_up(ticket)  # a "deadline" rejection, not a cancellation
             self._notify("on_reject", "deadline")
             raise DeadlineExceeded(f"{self.kind} {self.name!r}: deadline of {ticket.timeout_s:g}s exceeded") from None
         except asyncio.CancelledError:

@@ -263,7 +263,7 @@ def test_independent_registries(metrics):
 def test_observers_implement_the_scheduling_protocol():
     """Every method a scheduler may call exists on both observers (the protocol's defaults fill in the rest)."""
     protocol = {n for n in dir(SchedulingObserver) if n.startswith("on_")}
-    assert protocol == {"on_batch", "on_items", "on_reject", "on_queue_depth", "on_sampler_step"}
+    assert protocol == {"on_batch", "on_items", "on_reject", "on_queue_depth", "on_sampler_step", "on_cancel"}
     for cls in (GraphObserver, SamplerObserver):
         assert SchedulingObserver in cls.__mro__  # subclassed explicitly, so the defaults are inherited
         assert protocol <= {n for n in dir(cls) if n.startswith("on_")}
