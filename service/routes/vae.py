@@ -8,7 +8,16 @@ from fastapi import APIRouter, Query, Request
 from service.families import vae
 from service.families.shared import new_seed
 from service.imaging import decode_image
-from service.routes.common import ANY, V1_BODY, V1_MODEL, read_images, reply, reply_images, resolve
+from service.routes.common import (
+    ANY,
+    V1_BODY,
+    V1_MODEL,
+    read_images,
+    reply,
+    reply_images,
+    resolve,
+    unless_disconnected,
+)
 from service.schemas import (
     ImagesResponse,
     SampleResponse,
@@ -47,7 +56,7 @@ async def sample(body: VaeSampleRequest, request: Request):
     mv = resolve(request, "vae", body.model_version)
     seed = new_seed(body.seed)
     z = vae.prior(seed, body.n, vae.latent_dim(mv), body.temperature)
-    out = await mv.run(vae.DECODER, vae.decoder_inputs(z))
+    out = await unless_disconnected(request, mv.run(vae.DECODER, vae.decoder_inputs(z)))  # n may be large
     return await reply_images(mv, vae.decoded(out), body.format, seed=seed)
 
 
@@ -76,6 +85,10 @@ async def interpolate(body: VaeInterpolateRequest, request: Request):
     mv = resolve(request, "vae", body.model_version)
     size = vae.input_size(mv)
     pair = np.stack([decode_image(body.start, "start", size), decode_image(body.end, "end", size)])
-    (a, b), _ = vae.posterior(await mv.run(vae.ENCODER, vae.encoder_inputs(pair)))
-    out = await mv.run(vae.DECODER, vae.decoder_inputs(vae.path(a, b, body.steps, body.method)))
+    out = await unless_disconnected(request, _interpolate(mv, pair, body.steps, body.method))  # steps may be many
     return await reply_images(mv, vae.decoded(out), body.format)
+
+
+async def _interpolate(mv, pair: np.ndarray, steps: int, method: str) -> dict:
+    (a, b), _ = vae.posterior(await mv.run(vae.ENCODER, vae.encoder_inputs(pair)))
+    return await mv.run(vae.DECODER, vae.decoder_inputs(vae.path(a, b, steps, method)))
