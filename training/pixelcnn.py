@@ -25,7 +25,13 @@ forward(x, y) == horizontal(x, vertical_features(x, y)), so the per-row fast pat
 ops of the full pass, only on fewer rows.
 
 Labels: y in 0..9 conditions on a digit; y == num_classes ("any digit") is the unconditional model,
-trained by label dropout. Pixels enter as float values 0..255 (the graph normalises them).
+trained by label dropout. Pixels enter as float values 0..255 (the graph normalises them). Every layer of
+both stacks adds an embedding of the label (the paper's global conditioning); with `label_maps` M > 0 it
+also adds a learned per-label spatial map (M channels, H x W, mixed to 2C channels per layer by a 1x1
+convolution): where strokes of that digit lie, position by position (the paper's location-dependent
+conditioning, with the map learned per label instead of computed from an embedding). The map never
+depends on pixels, so causality is untouched; the horizontal stack receives it through the vertical
+features, so a single row of it still needs no position of its own.
 """
 
 from __future__ import annotations
@@ -46,6 +52,7 @@ class PixelCNNConfig:
     head_channels: int = 96  # hidden width of the 1x1 output head
     num_classes: int = 10    # labels 0..9; label == num_classes means "unconditional"
     image_size: int = 28
+    label_maps: int = 0      # M: channels of the per-label spatial maps (0: the label enters as an embedding only)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -58,7 +65,7 @@ def gate(a: torch.Tensor) -> torch.Tensor:
 
 
 class GatedLayer(nn.Module):
-    def __init__(self, c_in: int, c: int, k: int, num_labels: int, first: bool):
+    def __init__(self, c_in: int, c: int, k: int, num_labels: int, first: bool, label_maps: int = 0):
         super().__init__()
         p = k // 2
         self.p, self.first = p, first
@@ -68,15 +75,24 @@ class GatedLayer(nn.Module):
         self.h_out = nn.Conv2d(c, c, 1)
         self.v_label = nn.Embedding(num_labels, 2 * c)
         self.h_label = nn.Embedding(num_labels, 2 * c)
+        if label_maps:
+            self.v_map = nn.Conv2d(label_maps, 2 * c, 1, bias=False)
+            self.h_map = nn.Conv2d(label_maps, 2 * c, 1, bias=False)
 
-    def vertical(self, v: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """v (B, C_in, H, W) -> (next v (B, C, H, W), contribution to the horizontal stack (B, 2C, H, W))."""
+    def vertical(self, v: torch.Tensor, y: torch.Tensor,
+                 maps: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """v (B, C_in, H, W), y (B,), maps (B, M, H, W) or None -> (next v (B, C, H, W), contribution to the
+        horizontal stack (B, 2C, H, W))."""
         p = self.p
         v_pre = self.v_conv(F.pad(v, (p, p, p, 0)))             # (B, 2C, H, W), row r sees rows <= r
         # shift down one row: row r of the horizontal stack must only see rows < r
         v_shift = F.pad(v_pre, (0, 0, 1, 0))[:, :, :-1, :]
         to_h = self.v_to_h(v_shift) + self.h_label(y)[:, :, None, None]
-        v_next = gate(v_pre + self.v_label(y)[:, :, None, None])
+        v_cond = self.v_label(y)[:, :, None, None]
+        if maps is not None:  # label only, no pixels: row r may see its own row of the map
+            to_h = to_h + self.h_map(maps)
+            v_cond = v_cond + self.v_map(maps)
+        v_next = gate(v_pre + v_cond)
         return v_next, to_h
 
     def horizontal(self, h: torch.Tensor, from_v: torch.Tensor) -> torch.Tensor:
@@ -95,9 +111,13 @@ class PixelCNN(nn.Module):
         self.cfg = cfg
         c = cfg.channels
         self.layers = nn.ModuleList(
-            GatedLayer(1 if i == 0 else c, c, cfg.kernel, cfg.num_classes + 1, first=(i == 0))
+            GatedLayer(1 if i == 0 else c, c, cfg.kernel, cfg.num_classes + 1, first=(i == 0),
+                       label_maps=cfg.label_maps)
             for i in range(cfg.n_layers)
         )
+        s = cfg.image_size
+        self.label_map = (nn.Parameter(0.1 * torch.randn(cfg.num_classes + 1, cfg.label_maps, s, s))
+                          if cfg.label_maps else None)
         self.head = nn.Sequential(nn.ReLU(), nn.Conv2d(c, cfg.head_channels, 1), nn.ReLU(),
                                   nn.Conv2d(cfg.head_channels, 256, 1))
 
@@ -106,10 +126,12 @@ class PixelCNN(nn.Module):
         return x / 127.5 - 1.0                                  # 0..255 -> -1..1
 
     def vertical_features(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """x (B, 1, H, W) pixel values, y (B,) labels -> (B, L, 2C, H, W); row r depends on rows < r only."""
+        """x (B, 1, H, W) pixel values, y (B,) labels -> (B, L, 2C, H, W); row r depends on rows < r only.
+        H may be fewer than image_size rows (the top ones): sampling feeds only the rows drawn so far."""
         v, feats = self.normalise(x), []
+        maps = None if self.label_map is None else self.label_map[y][:, :, : x.shape[2]]  # (B, M, H, W)
         for layer in self.layers:
-            v, to_h = layer.vertical(v, y)
+            v, to_h = layer.vertical(v, y, maps)
             feats.append(to_h)
         return torch.stack(feats, dim=1)
 

@@ -12,10 +12,12 @@ from training import pixelcnn as pcnn_lib
 from training import vae as vae_lib
 
 
-@pytest.fixture(scope="module")
-def pcnn():
+@pytest.fixture(scope="module", params=[0, 2], ids=["embedding", "label-maps"])
+def pcnn(request):
+    """Both ways the label enters: an embedding per layer (version 1), and with per-label spatial maps too."""
     torch.manual_seed(0)
-    return pcnn_lib.PixelCNN(pcnn_lib.PixelCNNConfig(channels=8, n_layers=3, head_channels=16)).eval()
+    cfg = pcnn_lib.PixelCNNConfig(channels=8, n_layers=3, head_channels=16, label_maps=request.param)
+    return pcnn_lib.PixelCNN(cfg).eval()
 
 
 @pytest.mark.parametrize("t", [0, 1, 27, 28, 29, 300, 782])
@@ -23,7 +25,7 @@ def test_pixelcnn_is_causal_and_has_no_blind_spot(pcnn, t):
     """Changing pixel t changes no logits at positions <= t, and does change the logits of pixel t + 1
     and of the pixel right below it (the gated stacks have no blind spot)."""
     x = torch.randint(0, 256, (1, 1, 28, 28)).float()
-    y = torch.tensor([10])
+    y = torch.tensor([10 if t % 2 else 4])
     r, c = divmod(t, 28)
     x2 = x.clone()
     x2[0, 0, r, c] = 255.0 - x2[0, 0, r, c]
