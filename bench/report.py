@@ -173,6 +173,19 @@ def limit_lines(run: dict) -> list[str]:
                    f"throughput {it['throughput_ratio']:.2f}x; p50 latency sequential / shared = "
                    f"{it['p50_ratio']:.2f}x. Shared mode answered every request (sustained the rate): "
                    f"{'yes' if it['shared_sustained'] else 'no'}.")
+    if "abandon" in s:
+        a = s["abandon"]["abandon"]
+        stay, left = a["runs"]["stay"], a["runs"]["give_up"]
+        out.append(f"Clients that give up: PixelCNN samples of n {a['n_range'][0]}..{a['n_range'][1]}, Poisson "
+                   f"{a['rate_per_s']:.2f}/s for {a['duration_s']:.0f} s ({a['load']:.0%} of the sampler's "
+                   f"full-width throughput), the same arrivals twice. Nobody gives up: the {stay['stayers']} who "
+                   f"stay in the other run see p50 {stay['stayers_latency']['p50_ms']:,.0f} ms, p99 "
+                   f"{stay['stayers_latency']['p99_ms']:,.0f} ms. {a['share']:.0%} give up after {a['give_up_s']:g} "
+                   f"s ({left['gave_up']} did): those who stay see p50 {left['stayers_latency']['p50_ms']:,.0f} ms, "
+                   f"p99 {left['stayers_latency']['p99_ms']:,.0f} ms; the server counted "
+                   f"{left['cancelled']['sampling']:.0f} cancelled while sampling and "
+                   f"{left['cancelled']['queued']:.0f} while queued, and ran {left['sequence_steps']:,.0f} "
+                   f"sequence-steps against {stay['sequence_steps']:,.0f}.")
     return out
 
 

@@ -3,6 +3,7 @@ docs marker replacement. No test here measures or asserts a speed."""
 
 from __future__ import annotations
 
+import asyncio
 import math
 import time
 
@@ -295,3 +296,36 @@ def test_same_work_wants_the_same_images_and_log_likelihoods():
     assert same_work(answers("iVBOR", -150.0), answers("iVBOR", -150.0 * (1 + 1e-7)))
     assert not same_work(answers("iVBOR", -150.0), answers("iVBOX", -150.0))
     assert not same_work(answers("iVBOR", -150.0), answers("iVBOR", -151.0))
+
+
+def test_clients_that_give_up_are_reported_beside_those_who_stay():
+    run = _fake_run()
+    runs = {mode: {"stayers": 20, "gave_up": gave_up, "stayers_latency": {"p50_ms": p50, "p99_ms": p99},
+                   "cancelled": {"queued": queued, "sampling": sampling}, "sequence_steps": steps}
+            for mode, gave_up, p50, p99, queued, sampling, steps in (("stay", 0, 2000.0, 4000.0, 0, 0, 1000.0),
+                                                                      ("give_up", 9, 1500.0, 3000.0, 1, 8, 700.0))}
+    run["scenarios"]["abandon"] = {"abandon": {"n_range": [4, 8], "rate_per_s": 1.5, "duration_s": 30.0,
+                                               "load": 0.8, "share": 0.3, "give_up_s": 1.0, "runs": runs},
+                                   "floors": []}
+    text = report.terminal(run)
+    assert "the 20 who stay in the other run see p50 2,000 ms, p99 4,000 ms" in text
+    assert "30% give up after 1 s (9 did): those who stay see p50 1,500 ms, p99 3,000 ms" in text
+    assert "8 cancelled while sampling and 1 while queued, and ran 700 sequence-steps against 1,000" in text
+
+
+def test_a_client_that_gives_up_closes_its_connection():
+    from bench import abandon
+
+    async def main() -> tuple[str, bytes]:
+        seen = asyncio.get_running_loop().create_future()
+
+        async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            seen.set_result(await reader.read())  # everything the client sent, until it closes the connection
+            writer.close()
+
+        server = await asyncio.start_server(silent, "127.0.0.1", 0)
+        async with server:
+            status = await abandon._request(server.sockets[0].getsockname()[1], b"GET / HTTP/1.1\r\n\r\n", 0.05)
+            return status, await asyncio.wait_for(seen, 5)
+
+    assert asyncio.run(main()) == ("gave_up", b"GET / HTTP/1.1\r\n\r\n")
