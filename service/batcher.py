@@ -66,6 +66,7 @@ class BatchTicket(Ticket[Arrays]):
         self.signature = signature
         self.results: list[Arrays | None] = [None] * chunks
         self.pending = chunks  # chunks not yet computed
+        self.launched = False  # some of it was handed to predict (a forming batch has not been)
 
 
 @dataclass(eq=False)
@@ -123,6 +124,10 @@ class Batcher(Scheduler):
     def queue_depth(self) -> int:
         """Items accepted but not yet handed to predict (the forming batch counts: it waits too)."""
         return self._queued + sum(c.n for c in self._forming if not c.ticket.future.done())
+
+    def _stage(self, ticket: BatchTicket) -> str:  # type: ignore[override]
+        # A chunk in the forming batch has left the queue but will be dropped at launch, never computed.
+        return self.running_stage if ticket.launched else "queued"
 
     async def submit(self, inputs: Arrays, timeout_s: float | None = None) -> Arrays:
         """The outputs of predict on inputs, batched with other callers' work; see `enqueue` and `wait`."""
@@ -247,6 +252,8 @@ class Batcher(Scheduler):
         handlers of its requests (image encoding, responses), and the runtime would idle until they ran."""
         now = asyncio.get_running_loop().time()
         batch = [chunk for chunk in batch if self._live(chunk.ticket, now)]  # callers may have left
+        for chunk in batch:
+            chunk.ticket.launched = True
         self._notify("on_queue_depth", self.queue_depth)
         if not batch:
             self._slots.release()

@@ -231,8 +231,12 @@ class Scheduler:
         cancellation (`on_cancel`, by stage) unless its result was already settled. Idempotent; call it from
         anywhere on the event loop."""
         if not ticket.future.done():
-            self._notify("on_cancel", "queued" if ticket.queued == ticket.units else self.running_stage)
+            self._notify("on_cancel", self._stage(ticket))
         self._give_up(ticket)
+
+    def _stage(self, ticket: Ticket) -> str:
+        """What the ticket's work is doing, for the cancellation count: "queued" while none of it left the queue."""
+        return "queued" if ticket.queued == ticket.units else self.running_stage
 
     def _give_up(self, ticket: Ticket) -> None:
         if not ticket.future.done():
@@ -245,7 +249,9 @@ class Scheduler:
         timer = asyncio.timeout_at(ticket.deadline)
         try:
             async with timer:
-                return await ticket.future
+                # Shielded: a task's cancel() also cancels the future it awaits, and abandon() below must find
+                # the ticket unsettled to count the cancellation.
+                return await asyncio.shield(ticket.future)
         except (TimeoutError, DeadlineExceeded) as exc:
             if isinstance(exc, TimeoutError) and not timer.expired():
                 raise  # raised by the work itself (predict, a graph call), not our deadline

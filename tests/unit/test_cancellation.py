@@ -302,6 +302,24 @@ def test_batcher_counts_callers_that_leave_by_stage() -> None:
     assert observer.cancels == ["queued", "computing"]
 
 
+def test_a_batch_still_forming_counts_as_queued() -> None:
+    """Work taken into the next batch, which waits for a compute slot, is dropped at launch, never computed."""
+    async def scenario(batcher: Batcher, predict: HeldPredict) -> None:
+        predict.hold.clear()
+        computing = asyncio.create_task(batcher.submit(rows(0, 2)))
+        await wait_until(predict.entered.is_set)
+        forming = asyncio.create_task(batcher.submit(rows(10, 2)))  # the next batch, full, waiting for the slot
+        await wait_until(lambda: batcher.queue_depth == 2)
+        forming.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await forming
+        predict.hold.set()
+        np.testing.assert_array_equal((await computing)["y"], rows(0, 2)["x"] * 2)
+
+    observer = run_batcher(scenario)
+    assert observer.cancels == ["queued"]
+
+
 def test_batcher_deadlines_are_not_cancellations_and_abandoning_counts_once() -> None:
     async def scenario(batcher: Batcher, predict: HeldPredict) -> None:
         done = batcher.enqueue(rows(0, 1))
