@@ -118,8 +118,10 @@ async def progress_events(ticket: Watched, answer: Callable[[], Awaitable[bytes]
         else:
             yield event("result", body)
     finally:  # also when the client left (this generator cancelled or closed)
-        work.cancel()
+        # The ticket first: cancelling the task would cancel the future it awaits, and an abandoned ticket whose
+        # future is already settled is not counted as a cancellation.
         ticket.abandon()
+        work.cancel()
 
 
 class EventStream(StreamingResponse):
