@@ -8,7 +8,14 @@ codec, which import nothing heavier); the service never imports it.
 
 Every method returns a pydantic model; all of them are importable from here."""
 
-from genserve_client.client import AsyncGenserveClient, GenserveClient, GenserveError, ImagesResult, SampleResult
+from genserve_client.client import (
+    AsyncGenserveClient,
+    GenserveClient,
+    GenserveError,
+    ImagesResult,
+    Progress,
+    SampleResult,
+)
 from genserve_client.responses import (
     AttributeInfo,
     BatchingInfo,
@@ -34,7 +41,7 @@ from service.schemas import (
 __all__ = [
     "AsyncGenserveClient", "GenserveClient", "GenserveError",
     # answers: with images (decoded in `.array`), the service's own bodies, and the rest
-    "ImagesResult", "SampleResult",
+    "ImagesResult", "SampleResult", "Progress",
     "LogprobResponse", "LogprobResult", "Readiness", "VaeAttributesResponse", "VaeEncodeResponse", "Attribute",
     "Latent",
     "AttributeInfo", "BatchingInfo", "GraphInfo", "Health", "ModelDetail", "ModelList", "ModelSummary",

@@ -7,6 +7,9 @@ subclasses whose `array` holds the images decoded to an (n, 28, 28) uint8 array.
 (one (28, 28) image, an (n, 28, 28) batch, or a sequence of (28, 28) arrays) and travel as PNG, the API's
 compact format. An error answer raises `GenserveError`; transport failures are httpx's own.
 
+`pixelcnn_sample_stream` asks for the sample as server-sent events and yields `Progress` while it is drawn, then
+its `SampleResult`; an error after the stream began (an `error` event) raises `GenserveError` too.
+
 Dependencies: httpx, pydantic, numpy and Pillow only (service.schemas and service.imaging import nothing
 else), so the client works without FastAPI or ONNX Runtime installed; the service never imports the client.
 """
@@ -14,7 +17,8 @@ else), so the client works without FastAPI or ONNX Runtime installed; the servic
 from __future__ import annotations
 
 import inspect
-from collections.abc import Awaitable, Callable, Sequence
+import json
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Concatenate, Generic, Literal, ParamSpec, TypeVar
 from urllib.parse import quote
@@ -29,12 +33,13 @@ from service.schemas import (
     ImagesResponse,
     LogprobResponse,
     Readiness,
+    SampleProgress,
     SampleResponse,
     VaeAttributesResponse,
     VaeEncodeResponse,
 )
 
-__all__ = ["AsyncGenserveClient", "GenserveClient", "GenserveError", "ImagesResult", "SampleResult"]
+__all__ = ["AsyncGenserveClient", "GenserveClient", "GenserveError", "ImagesResult", "Progress", "SampleResult"]
 
 T = TypeVar("T")
 P = ParamSpec("P")
@@ -86,6 +91,73 @@ class SampleResult(SampleResponse, _Decoded):
 
 class ImagesResult(ImagesResponse, _Decoded):
     """ImagesResponse (model, model_version, images) plus `array`."""
+
+
+class Progress(SampleProgress):
+    """A streamed sample's progress: pixels_done of pixels_total, and the partial images when asked for (`preview`
+    as base64 PNG, `array` decoded, both None otherwise)."""
+
+    @property
+    def array(self) -> np.ndarray | None:
+        """The partial images, (n, 28, 28) uint8, black where not drawn yet; None without preview."""
+        return None if self.preview is None else decode_images(list(self.preview))
+
+
+class _EventParser:
+    """Server-sent events from the lines of a stream, by the WHATWG rules: `field: value` lines (one space after
+    the colon dropped), several `data` lines joined by newlines, comment lines (a leading ':', e.g. the keep-alive)
+    skipped, and a blank line ending the event. Fields other than `event` and `data` are ignored."""
+
+    def __init__(self) -> None:
+        self._name, self._data = "message", []
+
+    def feed(self, line: str) -> tuple[str, str] | None:
+        """(event name, data) when `line` ends an event, else None."""
+        if not line:
+            event = (self._name, "\n".join(self._data)) if self._data else None
+            self._name, self._data = "message", []
+            return event
+        if line.startswith(":"):
+            return None
+        field, _, value = line.partition(":")
+        value = value.removeprefix(" ")
+        if field == "event":
+            self._name = value
+        elif field == "data":
+            self._data.append(value)
+        return None
+
+
+class _SampleEvents:
+    """A streamed sample's events as answers: Progress, then the SampleResult that ends it; an `error` event raises
+    GenserveError with the status it carries. Events of other names are skipped."""
+
+    def __init__(self, r: httpx.Response):
+        self._r, self._parser, self.finished = r, _EventParser(), False
+
+    def feed(self, line: str) -> Progress | SampleResult | None:
+        if (event := self._parser.feed(line)) is None:
+            return None
+        name, data = event
+        try:
+            if name == "progress":
+                return Progress.model_validate_json(data)
+            if name == "result":
+                self.finished = True
+                return SampleResult.model_validate_json(data)
+            if name == "error":
+                body = json.loads(data)
+                err = body["error"]
+                raise GenserveError(int(body["status"]), str(err["code"]), str(err["message"]),
+                                    list(err.get("fields") or []), request_id=self._r.headers.get("x-request-id"))
+        except (ValueError, KeyError, TypeError) as e:
+            raise GenserveError(self._r.status_code, "invalid_response", f"unexpected {name} event: {e}") from e
+        return None
+
+    def end(self) -> None:
+        """The stream closed: without a result, that is an error."""
+        if not self.finished:
+            raise GenserveError(self._r.status_code, "incomplete_stream", "the event stream ended without a result")
 
 
 @dataclass(frozen=True)
@@ -198,10 +270,25 @@ def _pixelcnn_logprob(images: Images, *, per_pixel: bool = False, labels: Labels
 
 
 def _pixelcnn_sample(n: int = 1, *, seed: int | None = None, temperature: float = 1.0, labels: Labels = None,
-                     model_version: int | None = None) -> _Call[SampleResult]:
-    """POST /v1/pixelcnn/sample: autoregressive samples, seconds per call (uses `sample_timeout`)."""
+                     guidance: float | None = None, model_version: int | None = None) -> _Call[SampleResult]:
+    """POST /v1/pixelcnn/sample: autoregressive samples, seconds per call (uses `sample_timeout`); `guidance`:
+    the classifier-free guidance weight (None: the service's default)."""
     return _post("/v1/pixelcnn/sample", SampleResult, slow=True, n=n, seed=seed, temperature=temperature,
-                 labels=_labels(labels), model_version=model_version)
+                 labels=_labels(labels), guidance=guidance, model_version=model_version)
+
+
+def _pixelcnn_sample_stream(n: int = 1, *, seed: int | None = None, temperature: float = 1.0, labels: Labels = None,
+                            guidance: float | None = None, preview: bool = False,
+                            model_version: int | None = None) -> _Call[SampleResult]:
+    """POST /v1/pixelcnn/sample as server-sent events: yields Progress (with the partial images if `preview`) while
+    the samples are drawn, then their SampleResult, the same as pixelcnn_sample's for the same seed. Leaving the
+    loop early closes the connection, and the service stops sampling."""
+    call = _pixelcnn_sample(n, seed=seed, temperature=temperature, labels=labels, guidance=guidance,
+                            model_version=model_version)
+    return _Call(call.method, call.path, call.parse, json={**(call.json or {}), "preview": preview}, slow=True)
+
+
+_EVENT_STREAM = {"accept": "text/event-stream"}
 
 
 def _models() -> _Call[ModelList]:
@@ -252,6 +339,25 @@ def _async(build: Callable[P, _Call[T]]) -> Callable[Concatenate[AsyncGenserveCl
     return _method(build, endpoint)
 
 
+def _sync_stream(build: Callable[P, _Call[Any]]) -> Callable[Concatenate[GenserveClient, P],
+                                                             Iterator[Progress | SampleResult]]:
+    def endpoint(self: GenserveClient, *args: P.args, **kwargs: P.kwargs) -> Iterator[Progress | SampleResult]:
+        return self._events(build(*args, **kwargs))
+    method = _method(build, endpoint)
+    method.__signature__ = method.__signature__.replace(return_annotation="Iterator[Progress | SampleResult]")
+    return method
+
+
+def _async_stream(build: Callable[P, _Call[Any]]) -> Callable[Concatenate[AsyncGenserveClient, P],
+                                                               AsyncIterator[Progress | SampleResult]]:
+    def endpoint(self: AsyncGenserveClient, *args: P.args,
+                 **kwargs: P.kwargs) -> AsyncIterator[Progress | SampleResult]:
+        return self._events(build(*args, **kwargs))
+    method = _method(build, endpoint)
+    method.__signature__ = method.__signature__.replace(return_annotation="AsyncIterator[Progress | SampleResult]")
+    return method
+
+
 class _Client:
     """What both clients hold: the httpx client (a new one, or `http`, e.g. with a test transport, which is then
     not closed here) and the timeouts. `sample_timeout` (for PixelCNN sampling) exceeds the service's default
@@ -281,6 +387,19 @@ class GenserveClient(_Client):
     def _send(self, call: _Call[T]) -> T:
         return call.finish(self._http.request(call.method, call.path, **self._args(call)))
 
+    def _events(self, call: _Call[Any]) -> Iterator[Progress | SampleResult]:
+        with self._http.stream(call.method, call.path, headers=_EVENT_STREAM, **self._args(call)) as r:
+            if r.status_code != 200:
+                r.read()
+                raise GenserveError.from_response(r)
+            events = _SampleEvents(r)
+            for line in r.iter_lines():
+                if (item := events.feed(line)) is not None:
+                    yield item
+                    if events.finished:
+                        return
+            events.end()
+
     def close(self) -> None:
         if self._owns_http:
             self._http.close()
@@ -300,6 +419,7 @@ class GenserveClient(_Client):
     vae_interpolate = _sync(_vae_interpolate)
     pixelcnn_logprob = _sync(_pixelcnn_logprob)
     pixelcnn_sample = _sync(_pixelcnn_sample)
+    pixelcnn_sample_stream = _sync_stream(_pixelcnn_sample_stream)
     models = _sync(_models)
     model = _sync(_model)
     health = _sync(_health)
@@ -313,6 +433,19 @@ class AsyncGenserveClient(_Client):
 
     async def _send(self, call: _Call[T]) -> T:
         return call.finish(await self._http.request(call.method, call.path, **self._args(call)))
+
+    async def _events(self, call: _Call[Any]) -> AsyncIterator[Progress | SampleResult]:
+        async with self._http.stream(call.method, call.path, headers=_EVENT_STREAM, **self._args(call)) as r:
+            if r.status_code != 200:
+                await r.aread()
+                raise GenserveError.from_response(r)
+            events = _SampleEvents(r)
+            async for line in r.aiter_lines():
+                if (item := events.feed(line)) is not None:
+                    yield item
+                    if events.finished:
+                        return
+            events.end()
 
     async def aclose(self) -> None:
         if self._owns_http:
@@ -333,6 +466,7 @@ class AsyncGenserveClient(_Client):
     vae_interpolate = _async(_vae_interpolate)
     pixelcnn_logprob = _async(_pixelcnn_logprob)
     pixelcnn_sample = _async(_pixelcnn_sample)
+    pixelcnn_sample_stream = _async_stream(_pixelcnn_sample_stream)
     models = _async(_models)
     model = _async(_model)
     health = _async(_health)

@@ -273,11 +273,22 @@ def is_v2_path(path: str) -> bool:
     return path == "/v2" or path.startswith("/v2/")
 
 
+def _error_body(answer: Reply, v2: bool) -> dict:
+    return {"error": answer.message} if v2 else _body(answer.code, answer.message, answer.fields)
+
+
+def status_and_body(exc: Exception, v2: bool = False) -> tuple[int, dict]:
+    """The status and body `exc` is answered with, without a response: for an answer that can no longer be a
+    status line, such as an error inside an event stream already under way."""
+    answer = reply(exc)
+    return answer.status, _error_body(answer, v2)
+
+
 def to_response(exc: Exception, v2: bool = False) -> JSONResponse:
     """Map any exception to its response: the /v1 body, or with v2 the Open Inference Protocol's
     {"error": "message"}; status and headers are the same either way."""
-    status, code, message, fields, headers = reply(exc)
-    return JSONResponse({"error": message} if v2 else _body(code, message, fields), status, headers=headers)
+    answer = reply(exc)
+    return JSONResponse(_error_body(answer, v2), answer.status, headers=answer.headers)
 
 
 def install(app: FastAPI) -> None:

@@ -196,4 +196,14 @@ class PixelCNNSampleRequest(_LabelsForN):
         PIXELCNN_GUIDANCE, ge=0.0, le=MAX_GUIDANCE,
         description="classifier-free guidance weight w: each pixel is drawn from (1 + w) * conditional - w * "
                     "unconditional logits; 0 samples the model as trained; no effect on 'any digit' samples")
+    preview: bool = Field(False, description="streamed (Accept: text/event-stream) only: each progress event also "
+                                             "carries the images as drawn so far, as base64 PNG")
     format: ImageFormat = "png"
+
+
+class SampleProgress(BaseModel):
+    """The data of a streamed sample's `progress` event."""
+    pixels_done: int = Field(ge=0, description="pixels drawn so far, over all the request's images")
+    pixels_total: int = Field(ge=1, description="n x 28 x 28")
+    preview: list[str] | None = Field(None, description="with `\"preview\": true` in the request: the n images as "
+                                                        "drawn so far (base64 PNG, black where not drawn yet)")

@@ -76,6 +76,10 @@ class Settings(BaseSettings):
     sample_timeout_s: float = Field(300.0, gt=0, description="deadline of a PixelCNN sample request")
     sampler_max_active: int = Field(64, ge=1, le=1024, description="PixelCNN sequences advanced per step")
     sampler_max_queue: int = Field(512, ge=1)
+    sse_progress_interval_s: float = Field(0.25, gt=0, le=60, description="a streamed PixelCNN sample "
+                                           "(Accept: text/event-stream) reports progress at most this often")
+    sse_heartbeat_s: float = Field(15.0, gt=0, le=3600, description="an event stream with nothing to say for "
+                                   "this long sends a comment line, so that proxies keep the connection")
     v2_max_batch: int = Field(256, ge=1, le=4096, description="items in one /v2 infer request (as /v1's n)")
     v2_max_output_bytes: int = Field(32 * 1024 * 1024, ge=1024, description="a /v2 request's outputs as raw "
                                      "tensors at most this many bytes: caps the batch of graphs with big outputs")

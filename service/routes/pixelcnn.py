@@ -8,6 +8,7 @@ from service.families import pixelcnn
 from service.families.shared import new_seed
 from service.routes.common import (
     ANY,
+    JSON,
     OFFLOAD_PER_PIXEL_MAPS,
     V1_BODY,
     V1_MODEL,
@@ -18,8 +19,14 @@ from service.routes.common import (
     resolve,
     unless_disconnected,
 )
+from service.routes.events import EVENT_STREAM, Pacing, event_stream, wants_event_stream
 from service.runtime import ModelVersion
-from service.schemas import LogprobRequest, LogprobResponse, PixelCNNSampleRequest, SampleResponse
+from service.schemas import (
+    LogprobRequest,
+    LogprobResponse,
+    PixelCNNSampleRequest,
+    SampleResponse,
+)
 
 router = APIRouter(prefix="/v1/pixelcnn", tags=["pixelcnn"], responses={**ANY, **V1_MODEL, **V1_BODY})
 
@@ -39,16 +46,44 @@ async def logprob(body: LogprobRequest, request: Request):
     return await off_loop_if(big, _logprob_reply, mv, out, body.per_pixel)
 
 
-@router.post("/sample", response_model=SampleResponse)
+# The one sample route answers JSON, or events when the client asks for them: documented as two media types.
+_EVENTS = " ".join([
+    "`event: progress` at once, then at most every GENSERVE_SSE_PROGRESS_INTERVAL_S while pixels are drawn;",
+    '`data`: {"pixels_done": int, "pixels_total": int}, plus "preview" (the images so far, base64 PNG) when the',
+    'request says `"preview": true`. Then exactly one `event: result` whose `data` is the SampleResponse the plain',
+    "request gets (same seed, same images), or one `event: error` whose `data` is the usual error body plus its",
+    "`status` (e.g. 504 for a deadline). A `: keep-alive` comment line whenever nothing was sent for",
+    "GENSERVE_SSE_HEARTBEAT_S. A client that disconnects stops its sampling.",
+])
+_STREAMED = {200: {
+    "description": "The samples; with `Accept: text/event-stream`, a stream of server-sent events instead (status "
+                   "and headers as soon as the request is admitted: every 4xx and 503 comes before it, as JSON)",
+    "content": {EVENT_STREAM: {"schema": {"type": "string", "description": _EVENTS}}}}}
+
+
+@router.post("/sample", response_model=SampleResponse, responses=_STREAMED)
 async def sample(body: PixelCNNSampleRequest, request: Request):
     """Autoregressive sampling, pixel by pixel: 784 sequential steps, so expect seconds, not milliseconds.
     Concurrent requests share every step (iteration-level batching): a new request joins at the next step.
     `guidance` w > 0 draws each pixel from (1 + w) * conditional - w * unconditional logits (classifier-free
-    guidance): samples follow their label more closely. A client that disconnects stops its sampling."""
+    guidance): samples follow their label more closely. A client that disconnects stops its sampling.
+    With `Accept: text/event-stream` the answer streams progress events, then the same body as a `result` event."""
     mv = resolve(request, "pixelcnn", body.model_version)
     seed = new_seed(body.seed)
     u = pixelcnn.uniforms(seed, body.n, pixelcnn.input_size(mv))
     labels = pixelcnn.labels(mv, body.labels, body.n)
-    ticket = mv.sampler.enqueue(labels, u, body.temperature, guidance=body.guidance)
-    images = await unless_disconnected(request, mv.sampler.wait(ticket))
-    return await reply_images(mv, images, body.format, seed=seed, labels=labels.tolist())
+    ticket = mv.sampler.enqueue(labels, u, body.temperature, guidance=body.guidance)  # refusals: before any byte
+
+    async def answer() -> JSON:
+        images = await mv.sampler.wait(ticket)
+        return await reply_images(mv, images, body.format, seed=seed, labels=labels.tolist())
+
+    if wants_event_stream(",".join(request.headers.getlist("accept"))):
+        settings = request.app.state.settings
+        pacing = Pacing(settings.sse_progress_interval_s, settings.sse_heartbeat_s)
+
+        async def result() -> bytes:
+            return (await answer()).body
+
+        return event_stream(ticket, result, body.preview, pacing)
+    return await unless_disconnected(request, answer())

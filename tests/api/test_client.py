@@ -20,7 +20,16 @@ from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 from pydantic import BaseModel
 
-from genserve_client import AsyncGenserveClient, GenserveClient, GenserveError, Health, ModelDetail, ModelList
+from genserve_client import (
+    AsyncGenserveClient,
+    GenserveClient,
+    GenserveError,
+    Health,
+    ModelDetail,
+    ModelList,
+    Progress,
+    SampleResult,
+)
 from service.app import create_app
 from service.imaging import decode_images
 from service.schemas import (
@@ -42,6 +51,7 @@ RETURNS = {"gan_sample": SampleResponse, "vae_sample": SampleResponse, "pixelcnn
            "pixelcnn_logprob": LogprobResponse, "models": ModelList, "model": ModelDetail, "health": Health,
            "ready": Readiness}
 ENDPOINTS = sorted(RETURNS)
+STREAMS = {"pixelcnn_sample_stream": "pixelcnn_sample"}   # iterators over events -> the plain call they end like
 
 
 @pytest.fixture(scope="module")
@@ -93,7 +103,7 @@ def as_json(result: BaseModel) -> object:
 
 def test_cases_cover_every_endpoint(digit_images):
     public = {n for n in dir(GenserveClient) if not n.startswith("_") and n not in ("close",)}
-    assert public == set(ENDPOINTS) == set(cases(digit_images))
+    assert public - set(STREAMS) == set(ENDPOINTS) == set(cases(digit_images))
 
 
 @pytest.mark.parametrize("name", ENDPOINTS)
@@ -152,6 +162,63 @@ def test_service_errors_raise_a_typed_exception(gs, digit_images):
         assert (e.fields[0]["field"] if e.fields else None) == field
 
 
+def test_sample_stream_yields_progress_then_the_plain_result(gs):
+    items = list(gs.pixelcnn_sample_stream(2, seed=3, labels=[5, 1], preview=True))
+    progress, result = items[:-1], items[-1]
+    assert progress and all(isinstance(p, Progress) for p in progress) and isinstance(result, SampleResult)
+    assert all(p.pixels_total == 2 * 28 * 28 and p.array.shape == (2, 28, 28) for p in progress)
+    assert as_json(result) == as_json(gs.pixelcnn_sample(2, seed=3, labels=[5, 1]))
+    assert [p.preview for p in gs.pixelcnn_sample_stream(1, seed=3) if isinstance(p, Progress)][0] is None
+
+    async def main():                             # the async twin, on its own app
+        app = create_app(Settings(**SETTINGS))
+        async with app.router.lifespan_context(app):
+            http = httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://genserve")
+            async with http, AsyncGenserveClient(http=http) as ags:
+                for _ in range(600):             # bounded: 60 s
+                    if (await ags.ready()).ready:
+                        break
+                    await asyncio.sleep(0.1)
+                items = [item async for item in ags.pixelcnn_sample_stream(2, seed=3, labels=[5, 1])]
+                with pytest.raises(GenserveError) as err:
+                    _ = [item async for item in ags.pixelcnn_sample_stream(2, temperature=5.0)]
+                return items, err.value
+
+    items, err = asyncio.run(main())
+    assert as_json(items[-1]) == as_json(result) and all(isinstance(p, Progress) for p in items[:-1])
+    assert (err.status, err.code, err.field) == (422, "invalid_request", "temperature")
+
+
+def test_sample_stream_errors():
+    """A refusal before the stream (plain JSON), an error event, a stream cut short, a malformed event."""
+    with pytest.raises(GenserveError) as err:
+        list(mock_client(lambda r: httpx.Response(503, json={"error": {"code": "overloaded", "message": "full"}},
+                                                  headers={"retry-after": "1"})).pixelcnn_sample_stream(2))
+    assert (err.value.status, err.value.code, err.value.retry_after) == (503, "overloaded", 1.0)
+
+    def stream(text: str):
+        seen = []
+
+        def handler(request: httpx.Request) -> httpx.Response:
+            seen.append(request)
+            return httpx.Response(200, text=text, headers={"content-type": "text/event-stream"})
+        return mock_client(handler).pixelcnn_sample_stream(1, seed=4, preview=True), seen
+
+    start = 'event: progress\ndata: {"pixels_done": 0, "pixels_total": 784}\n\n: keep-alive\n\n'
+    events, seen = stream(start + 'event: error\ndata: {"status": 504, "error": {"code": "timeout",\n'
+                                  'data: "message": "late"}}\n\n')
+    assert next(events) == Progress(pixels_done=0, pixels_total=784)
+    with pytest.raises(GenserveError) as err:
+        next(events)
+    assert (err.value.status, err.value.code, err.value.message) == (504, "timeout", "late")
+    assert seen[0].headers["accept"] == "text/event-stream"
+    assert json.loads(seen[0].content) == {"n": 1, "seed": 4, "temperature": 1.0, "preview": True}
+    for text, code in [(start, "incomplete_stream"), ('event: progress\ndata: {"pixels": 1}\n\n', "invalid_response")]:
+        with pytest.raises(GenserveError) as err:
+            list(stream(text)[0])
+        assert err.value.code == code
+
+
 def test_images_are_checked_before_sending(gs, digit_images):
     with pytest.raises(ValueError, match="uint8"):
         gs.vae_encode(digit_images.astype(np.float32))
@@ -199,6 +266,14 @@ def test_both_clients_offer_the_same_documented_endpoints():
         sync, asyn = getattr(GenserveClient, name), getattr(AsyncGenserveClient, name)
         assert inspect.signature(sync) == inspect.signature(asyn)
         assert sync.__doc__ and sync.__doc__ == asyn.__doc__ and inspect.iscoroutinefunction(asyn)
+    for name, plain in STREAMS.items():
+        sync, asyn = getattr(GenserveClient, name), getattr(AsyncGenserveClient, name)
+        assert sync.__doc__ and sync.__doc__ == asyn.__doc__
+        assert str(inspect.signature(sync)).endswith("-> 'Iterator[Progress | SampleResult]'")
+        assert str(inspect.signature(asyn)).endswith("-> 'AsyncIterator[Progress | SampleResult]'")
+        # the plain call's parameters, and preview
+        assert list(inspect.signature(sync).parameters) == [*inspect.signature(getattr(GenserveClient, plain))
+                                                            .parameters][:-1] + ["preview", "model_version"]
     with GenserveClient("http://x") as bound:
         assert list(inspect.signature(bound.gan_sample).parameters)[0] == "n"
 

@@ -5,9 +5,12 @@ the README stays true by construction.
   written and the real response, shortened by the README's stated rule (`shorten`), must equal the ```json block
   that follows it, text for text. Only the values named in NONDETERMINISTIC are exempt. A `| grep` example
   (/metrics) is followed by a ```text block: each line's series, name and labels, must exist (values aside).
-- Every ```python block of "## Python client" and "## Open Inference Protocol (KServe V2)" runs as a script in a
-  subprocess, with this server's URL for http://127.0.0.1:8000; a line ending in `# -> <python literal>` asserts
-  that the expression before the comment equals the literal (`with_checks`).
+- Every ```python block of "## Python client", "## Streaming progress" and "## Open Inference Protocol (KServe
+  V2)" runs as a script in a subprocess, with this server's URL for http://127.0.0.1:8000; a line ending in
+  `# -> <python literal>` asserts that the expression before the comment equals the literal (`with_checks`).
+- The one curl example of "## Streaming progress" (`curl -N`, an event stream) is sent too; the ```text block
+  after it shows the stream: its progress events must have the real ones' fields and total (their counts vary),
+  a `...` line stands for more progress events, and its result must equal the real result, shortened.
 """
 
 from __future__ import annotations
@@ -38,7 +41,8 @@ README_HOST = "localhost:8000"                      # the curl examples' server
 README_URL, README_HOSTPORT = "http://127.0.0.1:8000", "127.0.0.1:8000"   # the Python examples' server
 PNG_PLACEHOLDER = "<base64 PNG>"                     # stands for the first held-out digit
 CURL_SECTIONS = ("API", "Open Inference Protocol (KServe V2)")
-PYTHON_SECTIONS = ("Python client", "Open Inference Protocol (KServe V2)")
+PYTHON_SECTIONS = ("Python client", "Streaming progress", "Open Inference Protocol (KServe V2)")
+STREAM_SECTION = "Streaming progress"
 # path -> the top-level response fields whose value changes from run to run (the README shows an example value)
 NONDETERMINISTIC = {"/readyz": {"pid"}}
 MAX_ITEMS, MAX_CHARS, DECIMALS = 3, 24, 4
@@ -140,7 +144,7 @@ def parse_curl(command: str) -> dict:
     method, url, headers, body = None, None, {}, None
     rest = iter(words[1:])
     for word in rest:
-        if word == "-s":
+        if word in ("-s", "-N"):   # silent; no output buffering (an event stream)
             continue
         if word == "-X":
             method = next(rest)
@@ -226,6 +230,7 @@ def test_parse_curl_reads_the_request():
     assert got == {"method": "POST", "path": "/v1/vae/sample", "headers": {"content-type": "application/json"},
                    "body": '{"n": 2}', "grep": None}
     assert parse_curl("curl -s localhost:8000/metrics | grep genserve_x")["grep"] == "genserve_x"
+    assert parse_curl("curl -s -N localhost:8000/healthz")["path"] == "/healthz"
     with pytest.raises(ValueError, match="-o"):
         parse_curl("curl -s -o out.json localhost:8000/healthz")
 
@@ -313,6 +318,39 @@ def test_python_example(name: str, source: str, server, tmp_path):
     done = subprocess.run([sys.executable, str(script)], cwd=REPO, env=env, capture_output=True, text=True,
                           timeout=120)
     assert done.returncode == 0, f"README {name} failed:\n{done.stderr}"
+
+
+def stream_example(markdown: str) -> tuple[dict, str]:
+    """The request of "## Streaming progress"'s curl example and the stream shown after it."""
+    blocks = [b for b in read_blocks(markdown) if b.section == STREAM_SECTION and b.lang in ("bash", "text")]
+    assert [b.lang for b in blocks] == ["bash", "text"], "one curl example, then the stream it prints"
+    return parse_curl(blocks[0].text), blocks[1].text
+
+
+def sse_events(text: str) -> list[tuple[str, dict]]:
+    """(name, data) of each event of a text/event-stream body; comment lines skipped."""
+    from genserve_client.client import _EventParser
+
+    parser = _EventParser()
+    return [(e[0], json.loads(e[1])) for line in text.split("\n") if (e := parser.feed(line)) is not None]
+
+
+@pytest.mark.slow
+def test_stream_example(server):
+    request, shown = stream_example(README.read_text())
+    r = httpx.request(request["method"], server + request["path"], headers=request["headers"],
+                      content=request["body"].encode(), timeout=120)
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream"), r.text
+    real = sse_events(r.text)
+    readme = sse_events("\n".join([*(line for line in shown.splitlines() if line != "..."), ""]))  # its last ends
+    assert [name for name, _ in readme[:-1]] == ["progress"] * (len(readme) - 1) and readme[-1][0] == "result"
+    assert [name for name, _ in real[:-1]] == ["progress"] * (len(real) - 1) and real[-1][0] == "result"
+    assert len(real) >= len(readme)
+    for _, progress in readme[:-1]:
+        assert progress.keys() == real[0][1].keys() and progress["pixels_total"] == real[0][1]["pixels_total"]
+    assert shorten(real[-1][1]) == readme[-1][1]
+    result_line = shown.splitlines()[-1]
+    assert result_line == "data: " + json.dumps(shorten(real[-1][1]), separators=(",", ":"))   # as sent
 
 
 def documented_metrics(markdown: str) -> dict[str, tuple[str, set[str]]]:

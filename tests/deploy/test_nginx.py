@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import re
 import shutil
 import subprocess
@@ -15,6 +16,7 @@ import httpx
 import numpy as np
 import pytest
 
+from genserve_client.client import _EventParser
 from service.imaging import decode_images
 from tests.deploy.conftest import (
     REPO,
@@ -147,6 +149,33 @@ def test_service_errors_pass_through_and_metrics_stay_private(stack):
     assert r.json()["error"]["code"] == "invalid_request" and r.json()["error"]["fields"][0]["field"] == "n"
     r = httpx.get(stack.proxy + "/metrics", timeout=10)
     assert r.status_code == 404 and r.json()["error"]["code"] == "not_found"
+
+
+def test_sample_events_pass_unbuffered(stack):
+    """A streamed PixelCNN sample through nginx: its first progress event reaches the client while a replica still
+    has the request in flight (so nginx did not hold the stream until the end), more progress follows, and the
+    result is the plain answer of a replica for the same seed."""
+    replicas = [base for base, _ in stack.replicas]
+    body = {"n": 4, "seed": 2, "labels": 6}
+    parser, events, inflight = _EventParser(), [], []
+    with httpx.stream("POST", stack.proxy + "/v1/pixelcnn/sample", json=body,
+                      headers={"accept": "text/event-stream"}, timeout=120) as r:
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        for line in r.iter_lines():
+            if (event := parser.feed(line)) is None:
+                continue
+            if not events:
+                inflight.append(sum(inflight_requests(replica) for replica in replicas))
+            events.append((event[0], json.loads(event[1])))
+    names = [name for name, _ in events]
+    assert inflight == [1], "the first event arrived only once the replica had answered in full"
+    assert names[-1] == "result" and names.count("progress") >= 2 and set(names[:-1]) == {"progress"}
+    assert events[-1][1] == httpx.post(replicas[0] + "/v1/pixelcnn/sample", json=body, timeout=120).json()
+
+
+def inflight_requests(replica: str) -> float:
+    text = httpx.get(replica + "/metrics", timeout=10).text
+    return sum(float(line.split()[1]) for line in text.splitlines() if line.startswith("genserve_inflight_requests "))
 
 
 def test_zz_failover_then_unavailable(stack):
