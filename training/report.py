@@ -16,13 +16,19 @@ def _f(x, digits=3) -> str:
 
 
 def render(store: Path) -> str:
-    ms = {m.name: m for m in (read_manifest(v) for v in discover(store))}
+    manifests = [read_manifest(v) for v in discover(store)]  # sorted by model and version
+    ms = {m.name: m for m in manifests}  # the newest version of each model
+    pixelcnns = [m for m in manifests if m.name == "pixelcnn"]
     lines = []
     if (pc := ms.get("pixelcnn")) is not None:
         m = pc.metrics
-        lines += ["| held-out (500 digits) | bits/dim |", "|---|---|",
-                  f"| PixelCNN, exact NLL, log p(x) | **{_f(m['heldout_bits_per_dim'])}** |",
-                  f"| PixelCNN given the digit label, log p(x given y) | {_f(m['heldout_bits_per_dim_given_label'])} |"]
+        lines += ["| held-out (500 digits) | bits/dim |", "|---|---|"]
+        for v in pixelcnns:
+            tag = f" v{v.version}" if len(pixelcnns) > 1 else ""
+            bold = "**" if v is pc else ""
+            lines += [f"| PixelCNN{tag}, exact NLL, log p(x) | {bold}{_f(v.metrics['heldout_bits_per_dim'])}{bold} |",
+                      f"| PixelCNN{tag} given the digit label, log p(x given y) | "
+                      f"{_f(v.metrics['heldout_bits_per_dim_given_label'])} |"]
         if (vae := ms.get("vae")) is not None:
             lines += [f"| VAE, importance-weighted bound (k = {vae.metrics['iwae_samples']}) | "
                       f"{_f(vae.metrics['heldout_iwae_bits_per_dim'])} |",
@@ -52,10 +58,10 @@ def render(store: Path) -> str:
                          f"{_f(e['measured_std_per_unit_strength'])} | {_f(e['class_kept_rate'])} |")
         mse, mae = vae.metrics["reconstruction_mse"], vae.metrics["reconstruction_mae"]
         lines += ["", f"VAE reconstruction error (held-out, pixel units): MSE {_f(mse, 1)}, MAE {_f(mae, 2)}.", ""]
-    lines += ["| model | training time (s) | files |", "|---|---|---|"]
-    for name, m in sorted(ms.items()):
+    lines += ["| model | version | training time (s) | files |", "|---|---|---|---|"]
+    for m in manifests:
         size = sum(f.bytes for f in m.files.values())
-        lines.append(f"| {name} | {m.training['train_seconds']:.0f} | {size / 1e6:.2f} MB |")
+        lines.append(f"| {m.name} | {m.version} | {m.training['train_seconds']:.0f} | {size / 1e6:.2f} MB |")
     return "\n".join(lines)
 
 
