@@ -88,7 +88,7 @@ def naive_prefix(vstack, hrow, labels: np.ndarray, u: np.ndarray, pixels: int) -
 
 
 def sampling(store: Path, n: int = 16, prefix_pixels: int = 56, seed: int = 0) -> dict:
-    folder = Path(store) / "pixelcnn" / "1"
+    folder = max((p for p in (Path(store) / "pixelcnn").iterdir() if p.name.isdigit()), key=lambda p: int(p.name))
     vstack = session_fn(make_session(folder / "vstack.onnx"))
     hrow = session_fn(make_session(folder / "hrow.onnx"))
     rng = np.random.default_rng(seed)

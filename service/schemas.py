@@ -17,7 +17,7 @@ from service.imaging import IMAGE_SIZE
 MAX_SEED = 2**63 - 1
 MAX_ITEMS = 256             # images, latents or samples in one request
 MAX_PIXELCNN_SAMPLES = 64   # 784 sequential steps each
-PIXELCNN_GUIDANCE = 0.0     # the default weight: README "Guidance" has the measurements it was chosen from
+PIXELCNN_GUIDANCE = 0.5     # the default weight, chosen from the measurements in README "Guidance"
 MAX_GUIDANCE = 20.0         # far past any useful weight; larger ones turn every pixel into an argmax
 ImageFormat = Literal["png", "array"]
 _PIXEL_ROW = {"type": "array", "minItems": IMAGE_SIZE, "maxItems": IMAGE_SIZE,

@@ -144,11 +144,12 @@ def judge_guidance(args, cfg: TrainAll, train: Dataset, heldout: Dataset) -> Non
     log.info("judging pixelcnn version %d, %d samples per label and weight", version, args.per_label)
     rows = guidance_lib.evaluate_guidance(args.store / "pixelcnn" / str(version), clf, heldout, args.per_label,
                                           args.weights, args.temperature, log=log.info)
-    report = {"version": version, "per_label": args.per_label, "temperature": args.temperature, "rows": rows}
+    report = {"per_label": args.per_label, "temperature": args.temperature, "rows": rows}
     out = args.runs / f"guidance_v{version}.json"
-    out.write_text(json.dumps(report, indent=1))
+    out.write_text(json.dumps({"version": version, **report}, indent=1))
+    guidance_lib.record(args.store / "pixelcnn" / str(version), report)
     print(guidance_lib.markdown(rows))
-    log.info("wrote %s", out)
+    log.info("wrote %s and the version's manifest (metrics.guidance)", out)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -11,11 +11,15 @@ held-out digits of that label, averaged over digits; Heusel et al., 2017, per cl
     python -m training guidance                       # the shipped store's newest pixelcnn version, 50 per label
     python -m training guidance --version 1 --per-label 10 --weights 0 1 3
 
-The judge is `runs/classifier.pt` (trained first, in about half a minute, when it is missing).
+The judge is `runs/classifier.pt` (trained first, in about half a minute, when it is missing). The results go into
+the judged version's manifest as `metrics.guidance` (the manifest is not among the checksummed files), so a version
+carries the measurements its default weight was chosen from; `python -m training.report` renders them.
 """
 
 from __future__ import annotations
 
+import json
+import os
 import time
 from pathlib import Path
 
@@ -82,3 +86,13 @@ def markdown(rows: list[dict]) -> str:
         lines.append(f"| {r['guidance']:g} | {r['recognised']:.1%} | {r['confidence']:.3f} | "
                      f"{r['classwise_frechet']:.1f} |")
     return "\n".join(lines)
+
+
+def record(version_dir: Path, report: dict) -> None:
+    """Write `report` into the version's manifest as metrics.guidance, atomically (a new file renamed over it)."""
+    path = version_dir / "manifest.json"
+    manifest = json.loads(path.read_text())
+    manifest["metrics"]["guidance"] = report
+    staged = path.with_name(".manifest.json.tmp")
+    staged.write_text(json.dumps(manifest, indent=2) + "\n")
+    os.replace(staged, path)

@@ -58,11 +58,35 @@ def render(store: Path) -> str:
                          f"{_f(e['measured_std_per_unit_strength'])} | {_f(e['class_kept_rate'])} |")
         mse, mae = vae.metrics["reconstruction_mse"], vae.metrics["reconstruction_mae"]
         lines += ["", f"VAE reconstruction error (held-out, pixel units): MSE {_f(mse, 1)}, MAE {_f(mae, 2)}.", ""]
+    judged = [v for v in pixelcnns if "guidance" in v.metrics]
+    if judged:
+        lines += guidance_table(judged) + [""]
     lines += ["| model | version | training time (s) | files |", "|---|---|---|---|"]
     for m in manifests:
         size = sum(f.bytes for f in m.files.values())
         lines.append(f"| {m.name} | {m.version} | {m.training['train_seconds']:.0f} | {size / 1e6:.2f} MB |")
     return "\n".join(lines)
+
+
+def guidance_table(versions) -> list[str]:
+    """Per guidance weight, for each PixelCNN version: the share of conditional samples the judge recognised as
+    their label, its mean confidence in that label, and the class-wise Frechet distance (training.guidance)."""
+    rows = {v.version: {r["guidance"]: r for r in v.metrics["guidance"]["rows"]} for v in versions}
+    weights = sorted({w for by_weight in rows.values() for w in by_weight})
+    n = {v.metrics["guidance"]["per_label"] * 10 for v in versions}
+    head = "| guidance w | " + " | ".join(f"v{v.version}: recognised | v{v.version}: confidence | "
+                                         f"v{v.version}: class-wise Fréchet" for v in versions) + " |"
+    lines = [f"PixelCNN samples judged per guidance weight ({'/'.join(map(str, sorted(n)))} conditional samples, "
+             "50 per digit, the same seeded uniforms for every weight; `python -m training guidance`):", "",
+             head, "|---|" + "---|---|---|" * len(versions)]
+    for w in weights:
+        cells = []
+        for v in versions:
+            r = rows[v.version].get(w)
+            cells += ["" if r is None else f"{r['recognised']:.1%}", "" if r is None else f"{r['confidence']:.3f}",
+                      "" if r is None else f"{r['classwise_frechet']:.0f}"]
+        lines.append(f"| {w:g} | " + " | ".join(cells) + " |")
+    return lines
 
 
 if __name__ == "__main__":

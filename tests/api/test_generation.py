@@ -8,6 +8,7 @@ import numpy as np
 import onnxruntime as ort
 
 from service.sampler import sample_fast, session_fn
+from service.schemas import PIXELCNN_GUIDANCE
 from service.store import read_manifest
 from tests.api.conftest import png_array, png_b64
 
@@ -111,7 +112,9 @@ def test_pixelcnn_sample_matches_the_reference_sampler(client, tiny_store):
     sess = {g: ort.InferenceSession(str(tiny_store / f"pixelcnn/1/{g}.onnx"), providers=["CPUExecutionProvider"])
             for g in ("vstack", "hrow")}
     u = np.random.default_rng(5).random((2, 784))
-    ref = sample_fast(session_fn(sess["vstack"]), session_fn(sess["hrow"]), np.array([4, 8]), u, 0.8)
+    # no guidance in the request: the documented default weight
+    ref = sample_fast(session_fn(sess["vstack"]), session_fn(sess["hrow"]), np.array([4, 8]), u, 0.8,
+                      PIXELCNN_GUIDANCE, any_label=10)
     assert np.array_equal(np.asarray(r["images"]), ref)
 
 

@@ -10,9 +10,14 @@ from tests.conftest import REPO
 STORE = REPO / "models_store"
 
 
+PIXELCNN_VERSIONS = (1, 2)
+
+
 @pytest.fixture(scope="module")
 def manifests():
-    return {name: read_manifest(STORE / name / "1") for name in ("pixelcnn", "vae", "gan")}
+    """The newest version of each model."""
+    return {name: read_manifest(max((STORE / name).iterdir(), key=lambda p: int(p.name)))
+            for name in ("pixelcnn", "vae", "gan")}
 
 
 def test_shipped_store_validates():
@@ -22,10 +27,30 @@ def test_shipped_store_validates():
     assert size < 12e6, f"the store should stay a few MB, it is {size / 1e6:.1f} MB"
 
 
-def test_pixelcnn_beats_the_floor_and_the_codecs(manifests):
-    m = manifests["pixelcnn"].metrics
+@pytest.mark.parametrize("version", PIXELCNN_VERSIONS)
+def test_pixelcnn_beats_the_floor_and_the_codecs(version):
+    m = read_manifest(STORE / "pixelcnn" / str(version)).metrics
     assert m["heldout_bits_per_dim"] <= 1.15
     assert m["heldout_bits_per_dim"] < m["codec_bits_per_dim"]["webp_lossless"] < m["codec_bits_per_dim"]["png"]
+
+
+@pytest.mark.parametrize("version", PIXELCNN_VERSIONS)
+def test_pixelcnn_samples_were_judged_per_guidance_weight(version):
+    """Every version carries the judged table (python -m training guidance) that the README shows."""
+    g = read_manifest(STORE / "pixelcnn" / str(version)).metrics["guidance"]
+    assert g["per_label"] >= 50 and g["temperature"] == 1.0
+    weights = [row["guidance"] for row in g["rows"]]
+    assert {0.0, 0.5, 1.0, 2.0, 3.0, 5.0} <= set(weights)
+    assert all(row["samples"] == 10 * g["per_label"] for row in g["rows"])
+
+
+def test_the_default_guidance_meets_the_floor_on_the_default_version(manifests):
+    """At the documented default weight, >= 90% of the newest PixelCNN's conditional samples were recognised as
+    their label by the judge (the issue's floor); the default is chosen from this measurement."""
+    from service.schemas import PIXELCNN_GUIDANCE
+
+    rows = {row["guidance"]: row for row in manifests["pixelcnn"].metrics["guidance"]["rows"]}
+    assert rows[PIXELCNN_GUIDANCE]["recognised"] >= 0.90
 
 
 def test_vae_bounds_and_edits(manifests):
