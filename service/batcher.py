@@ -66,7 +66,7 @@ class BatchTicket(Ticket[Arrays]):
         self.signature = signature
         self.results: list[Arrays | None] = [None] * chunks
         self.pending = chunks  # chunks not yet computed
-        self.launched = False  # some of it was handed to predict (a forming batch has not been)
+        self.computing = 0  # its chunks handed to predict and not finished (a forming batch's are not)
 
 
 @dataclass(eq=False)
@@ -127,7 +127,7 @@ class Batcher(Scheduler):
 
     def _stage(self, ticket: BatchTicket) -> str:  # type: ignore[override]
         # A chunk in the forming batch has left the queue but will be dropped at launch, never computed.
-        return self.running_stage if ticket.launched else "queued"
+        return self.running_stage if ticket.computing else "queued"
 
     async def submit(self, inputs: Arrays, timeout_s: float | None = None) -> Arrays:
         """The outputs of predict on inputs, batched with other callers' work; see `enqueue` and `wait`."""
@@ -253,7 +253,7 @@ class Batcher(Scheduler):
         now = asyncio.get_running_loop().time()
         batch = [chunk for chunk in batch if self._live(chunk.ticket, now)]  # callers may have left
         for chunk in batch:
-            chunk.ticket.launched = True
+            chunk.ticket.computing += 1
         self._notify("on_queue_depth", self.queue_depth)
         if not batch:
             self._slots.release()
@@ -284,6 +284,8 @@ class Batcher(Scheduler):
             # Free the slot before delivering: the batch loop's wake-up is then queued ahead of the handlers
             # that the deliveries wake, so the next batch starts computing while those handlers run.
             self._slots.release()
+            for chunk in batch:
+                chunk.ticket.computing -= 1
         ok_items = 0
         for chunk, result in zip(batch, results, strict=True):
             if isinstance(result, BaseException):

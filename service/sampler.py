@@ -143,6 +143,7 @@ def sample_fast(
     if guidance > 0:
         if any_label is None:
             raise ValueError("guidance needs any_label, the unconditional label")
+        weights = np.where(labels == any_label, 0.0, guidance)  # as the IterationSampler: "any digit" unguided
         labels = np.concatenate([labels, np.full(n, any_label, np.int64)])
     x = np.zeros((labels.size, 1, s, s), np.float32)
     for r in range(s):
@@ -152,7 +153,7 @@ def sample_fast(
         for c in range(s):
             logits = hrow({"image": np.ascontiguousarray(x[:, :, r : r + 1]), "vfeats": vrow})["logits"][:, :, 0, c]
             if guidance > 0:
-                logits = guided_logits(logits[:n], logits[n:], guidance)
+                logits = guided_logits(logits[:n], logits[n:], weights)
             x[:n, 0, r, c] = sample_pixel(logits[:n], u[:, r * s + c], temperature)
             if guidance > 0:
                 x[n:, 0, r, c] = x[:n, 0, r, c]  # the unconditional twins follow the guided prefix
@@ -180,7 +181,7 @@ class SamplingTicket(Ticket[np.ndarray]):
                  timeout_s: float, labels: np.ndarray, u: np.ndarray, temperature: float, guidance: float,
                  enqueued_at: float) -> None:
         super().__init__(sampler, future, deadline, timeout_s)
-        self.sampler = sampler
+        self.sampler = sampler  # the scheduler, typed
         self.labels, self.u, self.temperature, self.guidance = labels, u, temperature, guidance
         self.enqueued_at = enqueued_at
         side = sampler.config.image_size

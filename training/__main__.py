@@ -93,7 +93,9 @@ def export_pixelcnn(cfg: TrainAll, heldout: Dataset, runs: Path, store: Path, ve
     t0 = time.time()
     pc, ck = _load(runs, "pixelcnn", lambda a: pcnn_lib.PixelCNN(pcnn_lib.PixelCNNConfig(**a)))
     metrics = ev.eval_pixelcnn(pc, heldout)
-    ex.write_version(store, "pixelcnn", "pixelcnn", cfg.pixelcnn.store_version if version is None else version,
+    # the version the checkpoint was trained for, not the preset's: a full-v1 run must not overwrite version 2
+    own = ck["config"].get("store_version", 1)
+    ex.write_version(store, "pixelcnn", "pixelcnn", own if version is None else version,
                      ex.pixelcnn_graphs(pc),
                      description="Gated PixelCNN, 256-way categorical per pixel, class-conditional "
                                  "(label 10 = any digit)" + (", per-label spatial maps" if pc.cfg.label_maps else ""),

@@ -77,7 +77,8 @@ def guidance_table(versions) -> list[str]:
     head = "| guidance w | " + " | ".join(f"v{v.version}: recognised | v{v.version}: confidence | "
                                          f"v{v.version}: class-wise Fréchet" for v in versions) + " |"
     lines = [f"PixelCNN samples judged per guidance weight ({'/'.join(map(str, sorted(n)))} conditional samples, "
-             "50 per digit, the same seeded uniforms for every weight; `python -m training guidance`):", "",
+             "equally many per digit, the same seeded uniforms for every weight; `python -m training guidance`):",
+             "",
              head, "|---|" + "---|---|---|" * len(versions)]
     for w in weights:
         cells = []

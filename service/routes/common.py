@@ -104,6 +104,11 @@ async def reply_images(mv: ModelVersion, images: np.ndarray, fmt: str, **payload
     return await off_loop_if(len(images) >= OFFLOAD_ENCODE_IMAGES, _reply_with_images, mv, images, fmt, payload)
 
 
+# Batcher work of at least this many images is watched for a disconnect (unless_disconnected); smaller work ends in
+# milliseconds, sooner than the watch would pay for itself. PixelCNN sampling is always watched.
+WATCHED_ITEMS = 64
+
+
 async def _disconnected(receive: Receive) -> None:
     """Returns when the client has gone. Called once the body is read, so receive() has nothing left to give but
     the disconnect: the server sends it when the connection drops, or once the response is complete."""
@@ -128,4 +133,6 @@ async def unless_disconnected(request: Request, work: Awaitable[T]) -> T:
     if task.done() and not task.cancelled():
         return task.result()
     await asyncio.wait((task,))  # the cancellation runs its course (tickets abandoned) before the request ends
+    if not task.cancelled():
+        task.exception()  # it ended otherwise (e.g. its deadline): retrieved, nobody waits for it any more
     raise ClientDisconnect()

@@ -86,4 +86,7 @@ async def sample(body: PixelCNNSampleRequest, request: Request):
             return (await answer()).body
 
         return event_stream(ticket, result, body.preview, pacing)
-    return await unless_disconnected(request, answer())
+    try:
+        return await unless_disconnected(request, answer())
+    finally:  # a no-op once answered; otherwise (this task cancelled before answer() ran) nobody will wait for it
+        ticket.abandon()

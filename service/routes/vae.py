@@ -12,6 +12,7 @@ from service.routes.common import (
     ANY,
     V1_BODY,
     V1_MODEL,
+    WATCHED_ITEMS,
     read_images,
     reply,
     reply_images,
@@ -56,7 +57,8 @@ async def sample(body: VaeSampleRequest, request: Request):
     mv = resolve(request, "vae", body.model_version)
     seed = new_seed(body.seed)
     z = vae.prior(seed, body.n, vae.latent_dim(mv), body.temperature)
-    out = await unless_disconnected(request, mv.run(vae.DECODER, vae.decoder_inputs(z)))  # n may be large
+    work = mv.run(vae.DECODER, vae.decoder_inputs(z))
+    out = await (unless_disconnected(request, work) if body.n >= WATCHED_ITEMS else work)
     return await reply_images(mv, vae.decoded(out), body.format, seed=seed)
 
 
@@ -85,7 +87,8 @@ async def interpolate(body: VaeInterpolateRequest, request: Request):
     mv = resolve(request, "vae", body.model_version)
     size = vae.input_size(mv)
     pair = np.stack([decode_image(body.start, "start", size), decode_image(body.end, "end", size)])
-    out = await unless_disconnected(request, _interpolate(mv, pair, body.steps, body.method))  # steps may be many
+    work = _interpolate(mv, pair, body.steps, body.method)
+    out = await (unless_disconnected(request, work) if body.steps >= WATCHED_ITEMS else work)
     return await reply_images(mv, vae.decoded(out), body.format)
 
 

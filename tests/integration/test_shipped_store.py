@@ -66,3 +66,11 @@ def test_gan_judged_by_an_accurate_classifier(manifests):
     assert m["judge"]["classifier"]["heldout_accuracy"] >= 0.97
     assert m["conditional_accuracy"] >= 0.9
     assert sum(m["unconditional_class_histogram"]) == manifests["gan"].dataset["heldout"]
+
+
+def test_the_readme_shows_the_judged_guidance_table():
+    """README's guidance table is training.report's rendering of the manifests, text for text."""
+    from training.report import guidance_table
+
+    versions = [read_manifest(STORE / "pixelcnn" / str(v)) for v in PIXELCNN_VERSIONS]
+    assert "\n".join(guidance_table(versions)) in (REPO / "README.md").read_text()
