@@ -173,6 +173,12 @@ def limit_lines(run: dict) -> list[str]:
                    f"throughput {it['throughput_ratio']:.2f}x; p50 latency sequential / shared = "
                    f"{it['p50_ratio']:.2f}x. Shared mode answered every request (sustained the rate): "
                    f"{'yes' if it['shared_sustained'] else 'no'}.")
+    if "guidance" in s:
+        g = s["guidance"]["guidance"]
+        timings = "; ".join(f"n={r['n']} {r['unguided_s']:.2f} s against {r['guided_s']:.2f} s ({r['ratio']:.2f}x)"
+                            for r in g["rows"])
+        out.append(f"Guidance: labelled PixelCNN samples unguided and at the default weight {g['weight']:g}: "
+                   f"{timings}.")
     if "abandon" in s:
         a = s["abandon"]["abandon"]
         stay, left = a["runs"]["stay"], a["runs"]["give_up"]

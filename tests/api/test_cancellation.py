@@ -22,6 +22,7 @@ import pytest
 
 import service.runtime
 from tests.api.conftest import make_client, server_process, wait_ready
+from tests.api.test_server_process import scrape
 
 pytestmark = pytest.mark.slow
 
@@ -29,15 +30,6 @@ STORE = Path(__file__).resolve().parents[2] / "models_store"
 MAX_ACTIVE = 64
 ABANDONED, N = 6, 48  # the first request fills 48 slots, the second the other 16 and queues 32, the rest queue
 SAMPLE = "/v1/pixelcnn/sample"
-
-
-def scrape(text: str, name: str, **labels: str) -> float:
-    """Sum of the samples of one metric whose labels include `labels`."""
-    total = 0.0
-    for line in text.splitlines():
-        if line.startswith(name + "{") and all(f'{k}="{v}"' in line for k, v in labels.items()):
-            total += float(line.rsplit(" ", 1)[1])
-    return total
 
 
 def steps(metrics: str) -> float:

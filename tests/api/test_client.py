@@ -5,6 +5,7 @@ drives the app and its lifespan); the async one over httpx.ASGITransport, with t
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import importlib.metadata
 import inspect
 import json
@@ -119,25 +120,32 @@ def test_sync_client_matches_the_raw_api(name, gs, app_client, digit_images):
         assert np.array_equal(result.array, decode_images(raw.json()["images"]))
 
 
+@contextlib.asynccontextmanager
+async def ready_async_client():
+    """An AsyncGenserveClient on an app of its own (its batchers live on the calling loop), once it is ready."""
+    app = create_app(Settings(**SETTINGS))
+    async with app.router.lifespan_context(app):
+        http = httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://genserve")
+        async with http, AsyncGenserveClient(http=http) as ags:
+            for _ in range(600):                                 # bounded: 60 s
+                if (await ags.ready()).ready:
+                    break
+                await asyncio.sleep(0.1)
+            yield ags
+
+
 def test_async_client_gives_the_same_answers(gs, digit_images):
     expected = {name: as_json(getattr(gs, name)(*a, **kw)) for name, (a, kw, *_) in cases(digit_images).items()
                 if name != "ready"}                              # ready differs: another app instance
 
     async def main() -> dict:
-        app = create_app(Settings(**SETTINGS))                  # its own app: batchers live on this loop
-        async with app.router.lifespan_context(app):
-            http = httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://genserve")
-            async with http, AsyncGenserveClient(http=http) as ags:
-                for _ in range(600):                             # bounded: 60 s
-                    if (await ags.ready()).ready:
-                        break
-                    await asyncio.sleep(0.1)
-                got = {name: as_json(await getattr(ags, name)(*a, **kw))
-                       for name, (a, kw, *_) in cases(digit_images).items()}
-                with pytest.raises(GenserveError) as err:
-                    await ags.gan_sample(1000)
-                assert (err.value.status, err.value.field) == (422, "n")
-                return got
+        async with ready_async_client() as ags:
+            got = {name: as_json(await getattr(ags, name)(*a, **kw))
+                   for name, (a, kw, *_) in cases(digit_images).items()}
+            with pytest.raises(GenserveError) as err:
+                await ags.gan_sample(1000)
+            assert (err.value.status, err.value.field) == (422, "n")
+            return got
 
     got = asyncio.run(main())
     assert got.pop("ready")["ready"] is True
@@ -171,18 +179,11 @@ def test_sample_stream_yields_progress_then_the_plain_result(gs):
     assert [p.preview for p in gs.pixelcnn_sample_stream(1, seed=3) if isinstance(p, Progress)][0] is None
 
     async def main():                             # the async twin, on its own app
-        app = create_app(Settings(**SETTINGS))
-        async with app.router.lifespan_context(app):
-            http = httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://genserve")
-            async with http, AsyncGenserveClient(http=http) as ags:
-                for _ in range(600):             # bounded: 60 s
-                    if (await ags.ready()).ready:
-                        break
-                    await asyncio.sleep(0.1)
-                items = [item async for item in ags.pixelcnn_sample_stream(2, seed=3, labels=[5, 1])]
-                with pytest.raises(GenserveError) as err:
-                    _ = [item async for item in ags.pixelcnn_sample_stream(2, temperature=5.0)]
-                return items, err.value
+        async with ready_async_client() as ags:
+            items = [item async for item in ags.pixelcnn_sample_stream(2, seed=3, labels=[5, 1])]
+            with pytest.raises(GenserveError) as err:
+                _ = [item async for item in ags.pixelcnn_sample_stream(2, temperature=5.0)]
+            return items, err.value
 
     items, err = asyncio.run(main())
     assert as_json(items[-1]) == as_json(result) and all(isinstance(p, Progress) for p in items[:-1])

@@ -79,7 +79,7 @@ def test_json_inference_matches_onnxruntime(triton, digits):
         np.testing.assert_allclose(result.as_numpy(name), ref[name], atol=1e-5)
     labels = np.array([10, 4, 4], np.int64)                       # default outputs: binary, as tritonclient asks
     result = triton.infer("pixelcnn.logprob", [_input("image", images, "FP32", False),
-                                               _input("label", labels, "INT64", False)])
+                                               _input("label", labels, "INT64", False)], model_version="1")
     ref = ort_outputs(STORE, "pixelcnn/1/logprob.onnx", {"image": images, "label": labels})["log_probs"]
     np.testing.assert_allclose(result.as_numpy("log_probs"), ref, atol=1e-5)
 

@@ -329,3 +329,12 @@ def test_a_client_that_gives_up_closes_its_connection():
             return status, await asyncio.wait_for(seen, 5)
 
     assert asyncio.run(main()) == ("gave_up", b"GET / HTTP/1.1\r\n\r\n")
+
+
+def test_the_cost_of_guidance_is_reported_per_size():
+    run = _fake_run()
+    run["scenarios"]["guidance"] = {"guidance": {"weight": 0.5, "label": 3, "rows": [
+        {"n": 1, "unguided_s": 0.4, "guided_s": 0.5, "ratio": 1.25},
+        {"n": 64, "unguided_s": 6.0, "guided_s": 12.0, "ratio": 2.0}]}, "floors": []}
+    text = report.terminal(run)
+    assert "at the default weight 0.5: n=1 0.40 s against 0.50 s (1.25x); n=64 6.00 s against 12.00 s (2.00x)." in text
