@@ -288,6 +288,28 @@ def _pixelcnn_sample_stream(n: int = 1, *, seed: int | None = None, temperature:
     return _Call(call.method, call.path, call.parse, json={**(call.json or {}), "preview": preview}, slow=True)
 
 
+def _pixelcnn_complete(image: np.ndarray, n: int = 1, *, known_rows: int | None = None, mask: np.ndarray | None = None,
+                       seed: int | None = None, temperature: float = 1.0, labels: Labels = None,
+                       guidance: float | None = None, model_version: int | None = None) -> _Call[SampleResult]:
+    """POST /v1/pixelcnn/complete: n completions of one (28, 28) image, its top `known_rows` rows (or the pixels
+    where the 0/1 `mask` is 1) kept exactly and the rest drawn; seconds per call (uses `sample_timeout`)."""
+    (png,) = _pngs(image)
+    mask_rows = None if mask is None else np.asarray(mask).astype(int).tolist()
+    return _post("/v1/pixelcnn/complete", SampleResult, slow=True, image=png, n=n, known_rows=known_rows,
+                 mask=mask_rows, seed=seed, temperature=temperature, labels=_labels(labels), guidance=guidance,
+                 model_version=model_version)
+
+
+def _pixelcnn_complete_stream(image: np.ndarray, n: int = 1, *, known_rows: int | None = None,
+                              mask: np.ndarray | None = None, seed: int | None = None, temperature: float = 1.0,
+                              labels: Labels = None, guidance: float | None = None, preview: bool = False,
+                              model_version: int | None = None) -> _Call[SampleResult]:
+    """POST /v1/pixelcnn/complete as server-sent events, like pixelcnn_sample_stream."""
+    call = _pixelcnn_complete(image, n, known_rows=known_rows, mask=mask, seed=seed, temperature=temperature,
+                              labels=labels, guidance=guidance, model_version=model_version)
+    return _Call(call.method, call.path, call.parse, json={**(call.json or {}), "preview": preview}, slow=True)
+
+
 _EVENT_STREAM = {"accept": "text/event-stream"}
 
 
@@ -420,6 +442,8 @@ class GenserveClient(_Client):
     pixelcnn_logprob = _sync(_pixelcnn_logprob)
     pixelcnn_sample = _sync(_pixelcnn_sample)
     pixelcnn_sample_stream = _sync_stream(_pixelcnn_sample_stream)
+    pixelcnn_complete = _sync(_pixelcnn_complete)
+    pixelcnn_complete_stream = _sync_stream(_pixelcnn_complete_stream)
     models = _sync(_models)
     model = _sync(_model)
     health = _sync(_health)
@@ -467,6 +491,8 @@ class AsyncGenserveClient(_Client):
     pixelcnn_logprob = _async(_pixelcnn_logprob)
     pixelcnn_sample = _async(_pixelcnn_sample)
     pixelcnn_sample_stream = _async_stream(_pixelcnn_sample_stream)
+    pixelcnn_complete = _async(_pixelcnn_complete)
+    pixelcnn_complete_stream = _async_stream(_pixelcnn_complete_stream)
     models = _async(_models)
     model = _async(_model)
     health = _async(_health)

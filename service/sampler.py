@@ -19,6 +19,13 @@ logits of each pixel): a sequence with weight w > 0 is drawn from (1 + w) * cond
 the same prefix under the "any digit" label. Its unconditional twin rides in the same vstack and hrow calls as
 every other sequence; w = 0 adds nothing, so its images are bit-identical to unguided sampling.
 
+Completion: a sequence may come with given pixels (an image and a mask of the known ones). It starts at its first
+unknown pixel, with every known pixel already in place (pixels at or after a position never influence its logits,
+so known pixels further on cannot leak backwards), and a known pixel met later is kept instead of drawn. For a
+raster-order prefix (the top rows) that is the exact conditional; after an unknown pixel, a known one is only
+conditioned on by the pixels that follow it. Uniforms stay one per pixel index, so completions are seeded and
+batch-independent like samples.
+
 vstack: image (B, 1, H, W) float32 0..255, label (B,) int64 -> vfeats (B, L, 2C, H, W); row r sees rows < r.
 hrow:   image (B, 1, H, W), vfeats (B, L, 2C, H, W) -> logits (B, 256, H, W); kernel height 1, rows independent.
 
@@ -87,6 +94,21 @@ def _check_guidance(guidance: Any) -> float:
     return guidance
 
 
+def _check_given(given: Any, n: int, side: int) -> tuple[np.ndarray, np.ndarray] | None:
+    """None, or (images (n, side, side) uint8, known (n, side * side) bool) with an unknown pixel in every image."""
+    if given is None:
+        return None
+    images, known = given
+    images, known = np.asarray(images), np.asarray(known)
+    if images.shape != (n, side, side) or images.dtype != np.uint8:
+        raise ValueError(f"given images must be ({n}, {side}, {side}) uint8, got {images.shape} {images.dtype}")
+    if known.shape != (n, side * side) or known.dtype != np.bool_:
+        raise ValueError(f"given mask must be ({n}, {side * side}) bool, got {known.shape} {known.dtype}")
+    if known.all(axis=1).any():
+        raise ValueError("every image must leave at least one pixel unknown")
+    return images, known
+
+
 # --- single-batch samplers --------------------------------------------------------------------------
 
 
@@ -132,20 +154,26 @@ def sample_naive(
 
 def sample_fast(
     vstack: GraphFn, hrow: GraphFn, labels: np.ndarray, u: np.ndarray, temperature: float = 1.0,
-    guidance: float = 0.0, any_label: int | None = None,
+    guidance: float = 0.0, any_label: int | None = None, given: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> np.ndarray:
     """Row-cached: vstack once per row on rows 0..r, hrow on row r alone per pixel. Same images as sample_naive.
 
     With guidance w > 0 the batch is doubled, its second half labelled `any_label` (required then), and each pixel
-    drawn from guided_logits: the reference of the IterationSampler's guided steps."""
+    drawn from guided_logits: the reference of the IterationSampler's guided steps. With `given` (images, known
+    mask), known pixels are in place from the start and kept: the reference of completion."""
     labels, u, temperature, s = _check_inputs(labels, u, temperature)
     guidance, n = _check_guidance(guidance), labels.size
+    given = _check_given(given, n, s)
     if guidance > 0:
         if any_label is None:
             raise ValueError("guidance needs any_label, the unconditional label")
         weights = np.where(labels == any_label, 0.0, guidance)  # as the IterationSampler: "any digit" unguided
         labels = np.concatenate([labels, np.full(n, any_label, np.int64)])
     x = np.zeros((labels.size, 1, s, s), np.float32)
+    known = np.zeros((n, s * s), bool)
+    if given is not None:
+        images, known = given
+        x[:, 0] = np.tile(np.where(known.reshape(n, s, s), images, 0), (labels.size // n, 1, 1))
     for r in range(s):
         # rows > r cannot influence row r of vfeats: feed only rows 0..r
         vfeats = vstack({"image": np.ascontiguousarray(x[:, :, : r + 1]), "label": labels})["vfeats"]
@@ -154,7 +182,8 @@ def sample_fast(
             logits = hrow({"image": np.ascontiguousarray(x[:, :, r : r + 1]), "vfeats": vrow})["logits"][:, :, 0, c]
             if guidance > 0:
                 logits = guided_logits(logits[:n], logits[n:], weights)
-            x[:n, 0, r, c] = sample_pixel(logits[:n], u[:, r * s + c], temperature)
+            drawn = sample_pixel(logits[:n], u[:, r * s + c], temperature)
+            x[:n, 0, r, c] = np.where(known[:, r * s + c], x[:n, 0, r, c], drawn)
             if guidance > 0:
                 x[n:, 0, r, c] = x[:n, 0, r, c]  # the unconditional twins follow the guided prefix
     return x[:n, 0].astype(np.uint8)
@@ -179,10 +208,11 @@ class SamplingTicket(Ticket[np.ndarray]):
 
     def __init__(self, sampler: IterationSampler, future: asyncio.Future[np.ndarray], deadline: float,
                  timeout_s: float, labels: np.ndarray, u: np.ndarray, temperature: float, guidance: float,
-                 enqueued_at: float) -> None:
+                 enqueued_at: float, given: tuple[np.ndarray, np.ndarray] | None = None) -> None:
         super().__init__(sampler, future, deadline, timeout_s)
         self.sampler = sampler  # the scheduler, typed
         self.labels, self.u, self.temperature, self.guidance = labels, u, temperature, guidance
+        self.given = given  # (images (n, side, side) uint8, known (n, side * side) bool), or None
         self.enqueued_at = enqueued_at
         side = sampler.config.image_size
         self.images = np.zeros((labels.size, side, side), np.uint8)
@@ -249,6 +279,8 @@ class IterationSampler(Scheduler):
         self._temp = np.ones(cap, np.float64)
         self._guid = np.zeros(cap, np.float64)  # guidance weight; 0 for unguided and "any digit" sequences
         self._u = np.zeros((cap, self._pixels), np.float64)
+        self._known = np.zeros((cap, self._pixels), bool)  # given pixels, kept instead of drawn
+        self._fresh = np.zeros(cap, bool)  # joined since the last step: needs its vfeats row, whatever its column
         self._vrow: np.ndarray | None = None  # (cap, L, 2C, 1, side), allocated at the first vstack output
         self._vrow_any: np.ndarray | None = None  # the same under the "any digit" label, for guided sequences
         self.steps = 0  # loop steps run (one hrow call each)
@@ -265,19 +297,21 @@ class IterationSampler(Scheduler):
 
     async def sample(
         self, labels: np.ndarray, u: np.ndarray, temperature: float = 1.0, timeout_s: float | None = None,
-        guidance: float = 0.0,
+        guidance: float = 0.0, given: tuple[np.ndarray, np.ndarray] | None = None,
     ) -> np.ndarray:
-        """labels (n,) 0..num_classes, u (n, side * side) in [0, 1) -> images (n, side, side) uint8."""
-        return await self.wait(self.enqueue(labels, u, temperature, timeout_s, guidance))
+        """labels (n,) 0..num_classes, u (n, side * side) in [0, 1) -> images (n, side, side) uint8. With `given`
+        (images, known mask), a completion: the known pixels are kept, the others drawn."""
+        return await self.wait(self.enqueue(labels, u, temperature, timeout_s, guidance, given))
 
     def enqueue(
         self, labels: np.ndarray, u: np.ndarray, temperature: float = 1.0, timeout_s: float | None = None,
-        guidance: float = 0.0,
+        guidance: float = 0.0, given: tuple[np.ndarray, np.ndarray] | None = None,
     ) -> SamplingTicket:
         """Queue the n sequences or refuse them at once: ValueError, BatcherClosed, QueueFull, DeadlineExceeded.
         The ticket's deadline is timeout_s (default the config's) from the request's arrival."""
         labels, u, temperature, _ = _check_inputs(labels, u, temperature, self._pixels)
         guidance = _check_guidance(guidance)
+        given = _check_given(given, labels.size, self._side)
         if labels.min() < 0 or labels.max() > self.config.num_classes:
             raise ValueError(f"labels must lie in 0..{self.config.num_classes}")
         n, cfg = labels.size, self.config
@@ -288,7 +322,8 @@ class IterationSampler(Scheduler):
         loop = asyncio.get_running_loop()
         now = loop.time()
         deadline, timeout = self._deadline(now, timeout_s)
-        ticket = SamplingTicket(self, loop.create_future(), deadline, timeout, labels, u, temperature, guidance, now)
+        ticket = SamplingTicket(self, loop.create_future(), deadline, timeout, labels, u, temperature, guidance, now,
+                                given)
         for i in range(n):
             self._enqueue(self._queue, _Sequence(ticket, 1, i))
         self._notify("on_queue_depth", self._queued)
@@ -326,8 +361,8 @@ class IterationSampler(Scheduler):
         if len(keep) < len(self._slots):
             idx = np.asarray(keep, dtype=np.int64)
             m = idx.size
-            for array in (self._img, self._label, self._pos, self._temp, self._guid, self._u, self._vrow,
-                          self._vrow_any):
+            for array in (self._img, self._label, self._pos, self._temp, self._guid, self._u, self._known,
+                          self._fresh, self._vrow, self._vrow_any):
                 if array is not None:
                     array[:m] = array[idx]  # fancy indexing copies first, so overlapping moves are safe
             self._slots = [self._slots[k] for k in keep]
@@ -339,9 +374,17 @@ class IterationSampler(Scheduler):
                 continue
             k = len(self._slots)
             self._slots.append((ticket, i))
-            self._img[k] = 0.0
             self._label[k] = ticket.labels[i]
-            self._pos[k] = 0
+            self._fresh[k] = True
+            if ticket.given is None:
+                self._img[k] = 0.0
+                self._known[k] = False
+                self._pos[k] = 0
+            else:  # every known pixel in place; start at the first unknown one
+                images, known = ticket.given
+                self._known[k] = known[i]
+                self._img[k, 0] = np.where(known[i].reshape(self._side, self._side), images[i], 0)
+                self._pos[k] = int(np.argmin(known[i]))
             self._temp[k] = ticket.temperature
             any_digit = ticket.labels[i] == self.config.num_classes  # nothing to guide towards
             self._guid[k] = 0.0 if any_digit else ticket.guidance
@@ -399,9 +442,11 @@ class IterationSampler(Scheduler):
         guided = np.flatnonzero(self._guid[:b] > 0.0)  # these add an unconditional twin to both calls
         started = time.perf_counter()
         try:
-            starting = np.flatnonzero(cols == 0)  # sequences entering a new row need its vfeats
+            # sequences entering a new row need its vfeats, and those just joined (a completion may start mid-row)
+            starting = np.flatnonzero((cols == 0) | self._fresh[:b])
             if starting.size:
                 await self._vstack_rows(starting, rows, np.intersect1d(starting, guided, assume_unique=True))
+                self._fresh[starting] = False
             image_row = self._img[ar, :, rows][:, :, None, :]  # (b, 1, 1, side): each sequence's own row
             vrows = self._vrow[:b]
             if guided.size:  # twins after the b sequences: the same rows, the "any digit" vfeats
@@ -415,6 +460,7 @@ class IterationSampler(Scheduler):
                 uncond = logits[b + np.arange(guided.size), :, 0, cols[guided]]
                 step_logits[guided] = guided_logits(step_logits[guided], uncond, self._guid[guided])
             values = sample_pixel(step_logits, self._u[ar, pos], self._temp[:b])
+            values = np.where(self._known[ar, pos], self._img[ar, 0, rows, cols], values)  # given pixels stay
         except Exception as exc:
             logger.exception("sampler %r: step over %d sequences failed", self.name, b)
             for ticket in {ticket for ticket, _ in self._slots}:

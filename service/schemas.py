@@ -17,6 +17,7 @@ from service.imaging import IMAGE_SIZE
 MAX_SEED = 2**63 - 1
 MAX_ITEMS = 256             # images, latents or samples in one request
 MAX_PIXELCNN_SAMPLES = 64   # 784 sequential steps each
+MAX_COMPLETIONS = 16        # completions of one image per request
 PIXELCNN_GUIDANCE = 0.5     # the default weight, chosen from the measurements in README "Guidance"
 MAX_GUIDANCE = 20.0         # far past any useful weight; larger ones turn every pixel into an argmax
 ImageFormat = Literal["png", "array"]
@@ -199,6 +200,22 @@ class PixelCNNSampleRequest(_LabelsForN):
     preview: bool = Field(False, description="streamed (Accept: text/event-stream) only: each progress event also "
                                              "carries the images as drawn so far, as base64 PNG")
     format: ImageFormat = "png"
+
+
+_MASK_ROW = {"type": "array", "minItems": IMAGE_SIZE, "maxItems": IMAGE_SIZE,
+             "items": {"type": "integer", "minimum": 0, "maximum": 1}}
+
+
+class PixelCNNCompleteRequest(PixelCNNSampleRequest):
+    image: Image = Field(description="the image whose known pixels are kept")
+    n: int = Field(1, ge=1, le=MAX_COMPLETIONS, description="completions of the image")
+    labels: _labels(MAX_COMPLETIONS) = Field(None, description="one digit for all, a list of n, or absent: any")
+    known_rows: int | None = Field(None, ge=1, le=IMAGE_SIZE - 1,
+                                   description="the top rows that are known: an exact conditional (give this or mask)")
+    mask: Annotated[list[list[int]] | None, WithJsonSchema({
+        "type": "array", "minItems": IMAGE_SIZE, "maxItems": IMAGE_SIZE, "items": _MASK_ROW,
+        "description": "1 = known, 0 = to draw (give this or known_rows). A pixel is drawn from what precedes it in "
+                       "raster order: known pixels after it are kept but do not inform it"})] = None
 
 
 class SampleProgress(BaseModel):

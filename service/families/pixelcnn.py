@@ -8,7 +8,15 @@ import math
 
 import numpy as np
 
-from service.families.shared import PIXEL_RANGE, TensorRules, image_size, label_array, num_classes, to_model
+from service.families.shared import (
+    PIXEL_RANGE,
+    InvalidField,
+    TensorRules,
+    image_size,
+    label_array,
+    num_classes,
+    to_model,
+)
 from service.runtime import ModelVersion
 
 LOGPROB = "logprob"
@@ -54,6 +62,27 @@ def uniforms(seed: int, n: int, size: tuple[int, int]) -> np.ndarray:
     """(n, H*W) uniforms in [0, 1) from the seed alone: sampling's only randomness, one per pixel in raster order."""
     height, width = size
     return np.random.default_rng(seed).random((n, height * width))
+
+
+def known_pixels(mv: ModelVersion, known_rows: int | None, mask: list[list[int]] | None) -> np.ndarray:
+    """(H*W,) bool: which pixels of a completion's image are given, from `known_rows` (the top rows) or a 0/1 `mask`
+    of the image's size; exactly one of them, leaving at least one pixel to draw."""
+    height, width = input_size(mv)
+    if (known_rows is None) == (mask is None):
+        raise InvalidField("known_rows", "give exactly one of known_rows and mask")
+    if known_rows is not None:
+        if not 1 <= known_rows < height:
+            raise InvalidField("known_rows", f"must lie in 1..{height - 1}")
+        known = np.zeros((height, width), bool)
+        known[:known_rows] = True
+        return known.reshape(-1)
+    array = np.asarray(mask, dtype=object)
+    if array.shape != (height, width) or not all(v in (0, 1) and type(v) is int for v in array.flat):
+        raise InvalidField("mask", f"must be {height}x{width} of 0 (draw) and 1 (known)")
+    known = array.astype(bool).reshape(-1)
+    if known.all():
+        raise InvalidField("mask", "leaves no pixel to draw")
+    return known
 
 
 def tensor_rules(mv: ModelVersion) -> TensorRules:

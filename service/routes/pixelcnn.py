@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import numpy as np
 from fastapi import APIRouter, Request
 
 from service.families import pixelcnn
 from service.families.shared import new_seed
+from service.imaging import decode_image
 from service.routes.common import (
     ANY,
     JSON,
@@ -24,6 +26,7 @@ from service.runtime import ModelVersion
 from service.schemas import (
     LogprobRequest,
     LogprobResponse,
+    PixelCNNCompleteRequest,
     PixelCNNSampleRequest,
     SampleResponse,
 )
@@ -69,10 +72,30 @@ async def sample(body: PixelCNNSampleRequest, request: Request):
     guidance): samples follow their label more closely. A client that disconnects stops its sampling.
     With `Accept: text/event-stream` the answer streams progress events, then the same body as a `result` event."""
     mv = resolve(request, "pixelcnn", body.model_version)
+    return await _sampled(request, mv, body)
+
+
+@router.post("/complete", response_model=SampleResponse, responses=_STREAMED)
+async def complete(body: PixelCNNCompleteRequest, request: Request):
+    """n completions of one image: its known pixels (the top `known_rows` rows, or those a 0/1 `mask` marks) kept
+    exactly, the others drawn pixel by pixel in raster order, each conditioned on everything above and to its left.
+    With `known_rows` that is the exact conditional; with a mask, a pixel is drawn from what precedes it only (known
+    pixels after it do not inform it). Runs on the sampler beside sampling requests, streams like `sample`."""
+    mv = resolve(request, "pixelcnn", body.model_version)
+    known = pixelcnn.known_pixels(mv, body.known_rows, body.mask)
+    image = decode_image(body.image, "image", pixelcnn.input_size(mv))
+    given = (np.repeat(image[None], body.n, axis=0), np.repeat(known[None], body.n, axis=0))
+    return await _sampled(request, mv, body, given)
+
+
+async def _sampled(request: Request, mv: ModelVersion, body: PixelCNNSampleRequest,
+                   given: tuple[np.ndarray, np.ndarray] | None = None):
+    """Queue the request's sequences on the sampler (refusals come here, before any byte), then answer JSON, or
+    events when the client asks for them; a client that leaves stops its sequences."""
     seed = new_seed(body.seed)
     u = pixelcnn.uniforms(seed, body.n, pixelcnn.input_size(mv))
     labels = pixelcnn.labels(mv, body.labels, body.n)
-    ticket = mv.sampler.enqueue(labels, u, body.temperature, guidance=body.guidance)  # refusals: before any byte
+    ticket = mv.sampler.enqueue(labels, u, body.temperature, guidance=body.guidance, given=given)
 
     async def answer() -> JSON:
         images = await mv.sampler.wait(ticket)

@@ -47,12 +47,14 @@ from tests.conftest import REPO
 
 SETTINGS = {"store_path": REPO / "models_store", "warmup": False, "intra_op_threads": 1, "worker_threads": 1}
 RETURNS = {"gan_sample": SampleResponse, "vae_sample": SampleResponse, "pixelcnn_sample": SampleResponse,
+           "pixelcnn_complete": SampleResponse,
            "vae_decode": ImagesResponse, "vae_edit": ImagesResponse, "vae_interpolate": ImagesResponse,
            "vae_encode": VaeEncodeResponse, "vae_attributes": VaeAttributesResponse,
            "pixelcnn_logprob": LogprobResponse, "models": ModelList, "model": ModelDetail, "health": Health,
            "ready": Readiness}
 ENDPOINTS = sorted(RETURNS)
-STREAMS = {"pixelcnn_sample_stream": "pixelcnn_sample"}   # iterators over events -> the plain call they end like
+STREAMS = {"pixelcnn_sample_stream": "pixelcnn_sample",   # iterators over events -> the plain call they end like
+           "pixelcnn_complete_stream": "pixelcnn_complete"}
 
 
 @pytest.fixture(scope="module")
@@ -94,6 +96,9 @@ def cases(images: np.ndarray) -> dict[str, tuple[tuple, dict, str, str, dict | N
                              {"images": raw, "per_pixel": True, "labels": [7, 2, 1, 0]}),
         "pixelcnn_sample": ((1,), {"seed": 3, "labels": np.int64(5)}, "POST", "/v1/pixelcnn/sample",
                             {"n": 1, "seed": 3, "labels": 5}),
+        "pixelcnn_complete": ((images[0], 2), {"known_rows": 20, "seed": 4, "labels": 7}, "POST",
+                              "/v1/pixelcnn/complete", {"image": raw[0], "n": 2, "known_rows": 20, "seed": 4,
+                                                        "labels": 7}),
     }
 
 
