@@ -8,7 +8,7 @@ refused. Generation is deterministic (Hypothesis derandomized, no example databa
 the figures are printed. One worker: with two, Hypothesis's lambda descriptions race in CPython 3.11's `ast`
 ("AST constructor recursion depth mismatch", an error of the run, not of the service).
 
-JSON Schema cannot state five rules, which the document gives in descriptions; for requests that are meant to be
+JSON Schema cannot state six rules, which the document gives in descriptions; for requests that are meant to be
 valid (positive cases) the hooks below make those parts valid, the rest of the request staying as generated:
 
 * an integer is written as one: JSON Schema counts 3.0 as an integer, and Schemathesis sends such spellings;
@@ -17,7 +17,9 @@ valid (positive cases) the hooks below make those parts valid, the rest of the r
   does not check): each becomes one;
 * a list of labels has one per sample (n) or per image: it is cut or repeated to that length;
 * a latent has the model's latent dimension: cut or repeated to it;
-* an edit names an attribute the model knows: the names become those.
+* an edit names an attribute the model knows: the names become those;
+* a completion gives exactly one of known_rows and mask, and leaves a pixel to draw: a mask, when generated, is
+  kept (its last pixel made unknown) and known_rows dropped; otherwise known_rows is set.
 
 The hooks run in the `st` process, which imports this module through SCHEMATHESIS_HOOKS.
 """
@@ -120,9 +122,16 @@ def _register_hooks() -> None:
         if case.meta is None or not case.meta.generation.mode.is_positive or not isinstance(case.body, dict):
             return case
         case.body = body = _whole(case.body)
-        for key in ("start", "end"):
+        for key in ("start", "end", "image"):
             if key in body:
                 body[key] = image(body[key])
+        if case.operation.path == "/v1/pixelcnn/complete":
+            if isinstance(body.get("mask"), list):
+                body.pop("known_rows", None)
+                body["mask"][-1][-1] = 0
+            else:
+                body.pop("mask", None)
+                body["known_rows"] = body.get("known_rows") or 14
         if isinstance(body.get("images"), list):
             body["images"] = [image(v) for v in body["images"]]
         if isinstance(body.get("labels"), list):

@@ -34,7 +34,8 @@ VALID = {"/v1/gan/sample": {}, "/v1/pixelcnn/logprob": {"images": [ZERO]}, "/v1/
          "/v1/vae/encode": {"images": [ZERO]}, "/v1/vae/decode": {"latents": [[0.0] * 16]},
          "/v1/vae/sample": {},
          "/v1/vae/edit": {"images": [ZERO], "edits": {"slant": 1.0}},
-         "/v1/vae/interpolate": {"start": ZERO, "end": ZERO}}
+         "/v1/vae/interpolate": {"start": ZERO, "end": ZERO},
+         "/v1/pixelcnn/complete": {"image": ZERO, "known_rows": 14}}
 
 
 def test_every_v1_post_refuses_every_query_parameter(client):
