@@ -98,8 +98,11 @@ def test_abandoned_samples_leave_the_sampler(server: str) -> None:
     after = poll(base, lambda m: sum(cancelled(m, s) - base_cancelled[s] for s in base_cancelled) >= ABANDONED, 5,
                  "the disconnects were not counted as cancellations")
     noticed_s = time.monotonic() - closed_at
-    assert cancelled(after, "sampling") - base_cancelled["sampling"] == 2   # the two holding slots
-    assert cancelled(after, "queued") - base_cancelled["queued"] == ABANDONED - 2
+    sampling = cancelled(after, "sampling") - base_cancelled["sampling"]
+    queued = cancelled(after, "queued") - base_cancelled["queued"]
+    # The two holding slots, and the queued ones; a queued request may reach the freed slots between two
+    # disconnects being noticed (the server reads them one by one), and is then counted while sampling.
+    assert sampling >= 2 and sampling + queued == ABANDONED, (sampling, queued)
     gone = (scrape(after, "genserve_http_requests_total", route=SAMPLE, status="499")
             - scrape(before, "genserve_http_requests_total", route=SAMPLE, status="499"))
     assert gone == ABANDONED
