@@ -94,7 +94,6 @@ def _inspect(inputs: Arrays) -> tuple[int, Signature]:
 
 class Batcher(Scheduler):
     kind = "batcher"
-    running_stage = "computing"  # a batch holding some of its items runs to the end; the rest never runs
 
     def __init__(
         self,
@@ -126,8 +125,9 @@ class Batcher(Scheduler):
         return self._queued + sum(c.n for c in self._forming if not c.ticket.future.done())
 
     def _stage(self, ticket: BatchTicket) -> str:  # type: ignore[override]
-        # A chunk in the forming batch has left the queue but will be dropped at launch, never computed.
-        return self.running_stage if ticket.computing else "queued"
+        # A batch holding some of it runs to the end, the rest never runs. A chunk in the forming batch has left
+        # the queue but will be dropped at launch, never computed.
+        return "computing" if ticket.computing else "queued"
 
     async def submit(self, inputs: Arrays, timeout_s: float | None = None) -> Arrays:
         """The outputs of predict on inputs, batched with other callers' work; see `enqueue` and `wait`."""

@@ -250,7 +250,6 @@ class IterationSampler(Scheduler):
     """
 
     kind = "sampler"
-    running_stage = "sampling"  # its sequences in slots leave at the next step
 
     def __init__(
         self,
@@ -347,6 +346,10 @@ class IterationSampler(Scheduler):
             if holder is ticket and self._pos[k] < self._pixels:
                 images[i] = self._img[k, 0]
         return images
+
+    def _stage(self, ticket: SamplingTicket) -> str:  # type: ignore[override]
+        # Some of its sequences hold slots (they leave at the next step) once not all of them are queued.
+        return "queued" if ticket.queued == ticket.labels.size else "sampling"
 
     def _queues(self) -> Iterable[deque[_Sequence]]:
         return (self._queue,)

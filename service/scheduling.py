@@ -77,8 +77,8 @@ class SchedulingObserver(Protocol):
 
     def on_cancel(self, stage: str) -> None:
         """A caller went away before its work was done: "queued" (none of it had started, and none of it will
-        be computed), or the scheduler's `running_stage` ("sampling": its sequences leave at the next step;
-        "computing": the batch holding it finishes, the rest of it is dropped)."""
+        be computed), or what it was doing by the scheduler's `_stage` ("sampling": its sequences leave at the
+        next step; "computing": the batch holding it finishes, the rest of it is dropped)."""
 
 
 class Ticket(Generic[R]):
@@ -89,7 +89,6 @@ class Ticket(Generic[R]):
         self.future = future
         self.deadline = deadline  # on the event loop's monotonic clock
         self.timeout_s = timeout_s  # the time the deadline granted, for messages
-        self.units = 0  # units of its work ever queued
         self.queued = 0  # units of its work in the queue, counted in the scheduler's queue depth
         self.dropped = False  # its queued units were discounted; its entries are skipped at the head of the queue
 
@@ -115,7 +114,6 @@ class Scheduler:
     so no locks."""
 
     kind = "scheduler"  # names it in messages and logs: "batcher", "sampler"
-    running_stage = "running"  # what a cancelled ticket was doing once some of its work left the queue
 
     def __init__(self, name: str, timeout_s: float, observer: SchedulingObserver | None) -> None:
         self.name = name
@@ -172,7 +170,6 @@ class Scheduler:
 
     def _enqueue(self, queue: deque[W], entry: W) -> None:
         queue.append(entry)
-        entry.ticket.units += entry.n
         entry.ticket.queued += entry.n
         self._queued += entry.n
 
@@ -235,8 +232,8 @@ class Scheduler:
         self._give_up(ticket)
 
     def _stage(self, ticket: Ticket) -> str:
-        """What the ticket's work is doing, for the cancellation count: "queued" while none of it left the queue."""
-        return "queued" if ticket.queued == ticket.units else self.running_stage
+        """What the ticket's work is doing, for the cancellation count: "queued" while none of it will run."""
+        raise NotImplementedError
 
     def _give_up(self, ticket: Ticket) -> None:
         if not ticket.future.done():
