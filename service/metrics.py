@@ -104,7 +104,7 @@ REQUEST_BUCKETS = (
 )  # fmt: skip
 
 _WARN_INTERVAL_S = 60.0
-_MAX_REASONS = 32  # cap on distinct rejection reasons per model version (label cardinality)
+_MAX_REASONS = 32  # cap on distinct rejection reasons (and cancellation stages) per graph: label cardinality
 SAMPLER_GRAPH = "sampler"  # the graph label of the PixelCNN sampler's series
 
 
@@ -198,30 +198,27 @@ class GraphObserver(SchedulingObserver):
     def on_reject(self, reason: str) -> None:
         """A request was turned away (``reason`` should come from a small fixed set, e.g. ``queue_full``)."""
         try:
-            key = str(reason)
-            child = self._reject_children.get(key)
-            if child is None and len(self._reject_children) >= _MAX_REASONS:
-                key = "other"
-                child = self._reject_children.get(key)
-            if child is None:
-                child = self._rejections.labels(self.model, self.version, self.graph, key)
-                self._reject_children[key] = child
-            child.inc()
+            self._count(self._rejections, self._reject_children, str(reason))
         except Exception as exc:
             _warn("on_reject", exc)
 
     def on_cancel(self, stage: str) -> None:
         """A request's caller went away (client disconnected, or its task was cancelled) at ``stage``."""
         try:
-            key = str(stage)
-            child = self._cancel_children.get(key)
-            if child is None:
-                if len(self._cancel_children) >= _MAX_REASONS:
-                    raise ValueError(f"too many cancellation stages, {key!r} not recorded")
-                child = self._cancel_children[key] = self._cancelled.labels(self.model, self.version, self.graph, key)
-            child.inc()
+            self._count(self._cancelled, self._cancel_children, str(stage))
         except Exception as exc:
             _warn("on_cancel", exc)
+
+    def _count(self, counter: Counter, children: dict[str, Counter], key: str) -> None:
+        """One more of this graph's `counter` under the last label `key`; past _MAX_REASONS distinct keys, under
+        "other" (label cardinality stays bounded whatever a caller passes)."""
+        child = children.get(key)
+        if child is None and len(children) >= _MAX_REASONS:
+            key = "other"
+            child = children.get(key)
+        if child is None:
+            child = children[key] = counter.labels(self.model, self.version, self.graph, key)
+        child.inc()
 
     def on_queue_depth(self, depth: int) -> None:
         """Current number of items waiting in this model version's queue."""
