@@ -308,8 +308,12 @@ def read_manifest(version_dir: Path) -> Manifest:
 
 
 def write_manifest(manifest: Manifest, version_dir: Path) -> Path:
+    """Write the version's manifest.json whole or not at all (a hidden file renamed over it): a server reading
+    the store meanwhile sees the old manifest or the new one."""
     path = version_dir / "manifest.json"
-    path.write_text(json.dumps(manifest.model_dump(mode="json"), indent=2) + "\n")
+    staged = path.with_name(".manifest.json.tmp")
+    staged.write_text(json.dumps(manifest.model_dump(mode="json"), indent=2) + "\n")
+    os.replace(staged, path)
     return path
 
 

@@ -18,8 +18,6 @@ carries the measurements its default weight was chosen from; `python -m training
 
 from __future__ import annotations
 
-import json
-import os
 import time
 from pathlib import Path
 
@@ -28,6 +26,7 @@ import onnxruntime as ort
 import torch
 
 from service.sampler import GraphFn, sample_fast, session_fn
+from service.store import read_manifest, write_manifest
 from training import classifier as clf_lib
 from training.data import Dataset
 from training.evalutils import frechet_distance
@@ -89,10 +88,6 @@ def markdown(rows: list[dict]) -> str:
 
 
 def record(version_dir: Path, report: dict) -> None:
-    """Write `report` into the version's manifest as metrics.guidance, atomically (a new file renamed over it)."""
-    path = version_dir / "manifest.json"
-    manifest = json.loads(path.read_text())
-    manifest["metrics"]["guidance"] = report
-    staged = path.with_name(".manifest.json.tmp")
-    staged.write_text(json.dumps(manifest, indent=2) + "\n")
-    os.replace(staged, path)
+    """Write `report` into the version's manifest as metrics.guidance."""
+    manifest = read_manifest(version_dir)
+    write_manifest(manifest.model_copy(update={"metrics": {**manifest.metrics, "guidance": report}}), version_dir)
