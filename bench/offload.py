@@ -2,9 +2,10 @@
 
 Times, on this machine, one `asyncio.to_thread` round trip (what a request waits for the hop) against the same
 work done inline for n images: decoding request images (base64 PNG and 28x28 int arrays), encoding response
-images (PNG and array, with the orjson render of the list) and a logprob reply's per_pixel maps (lists and
-render). Prints medians and, per kind of work, the smallest n whose inline time exceeds the hop, and the
-smallest whose inline time exceeds the GIL's switch interval. The service's thresholds (service.routes.common)
+images (PNG and array, with the orjson render of the list), a logprob reply's per_pixel maps (lists and
+render) and an anomaly reply's complexity (the images' smallest PNGs). Prints medians and, per kind of work,
+the smallest n whose inline time exceeds the hop, and the smallest whose inline time exceeds the GIL's switch
+interval. The service's thresholds (service.routes.common)
 come from this output; docs/ holds the figures.
 
 A thread does not run Python in parallel with the loop: the GIL passes between them when one waits (Pillow's
@@ -24,7 +25,7 @@ import numpy as np
 import orjson
 
 from service.families.pixelcnn import logprob_results
-from service.imaging import decode_images, encode_images, encode_png_b64
+from service.imaging import decode_images, encode_images, encode_png_b64, png_bits
 from training.data import load_dataset
 
 SIZES = (1, 2, 4, 8, 16, 32, 48, 64, 96, 128, 192, 256)
@@ -64,6 +65,7 @@ def workloads(images: np.ndarray, log_probs: np.ndarray) -> dict:
         "encode png": lambda n: orjson.dumps({"images": encode_images(images[:n], "png")}),
         "encode array": lambda n: orjson.dumps({"images": encode_images(images[:n], "array")}),
         "per_pixel": lambda n: orjson.dumps({"results": logprob_results({"log_probs": log_probs[:n]}, per_pixel=True)}),
+        "complexity": lambda n: png_bits(images[:n]),
     }
 
 

@@ -21,6 +21,9 @@ human-readable message, so the API layer can turn it into a 422 that points at t
 Output: ``encode_png_b64`` writes an 8-bit grayscale PNG with zlib level 1 (28x28 images are tiny, so a
 stronger level buys a few bytes at several times the cost) and returns plain base64 without a ``data:``
 prefix; ``encode_images`` does that for a batch, or returns nested int lists for ``fmt="array"``.
+
+Complexity (``png_bits``): the length of an image's smallest PNG, a general-purpose lossless compressor's
+measure of how much there is to say about it (the input-complexity estimate of Serra et al., 2020).
 """
 
 from __future__ import annotations
@@ -43,6 +46,7 @@ __all__ = [
     "decode_images",
     "encode_images",
     "encode_png_b64",
+    "png_bits",
     "to_uint8",
 ]
 
@@ -251,14 +255,54 @@ def _encode_png_batch(arr: np.ndarray) -> list[str]:
     Written with zlib directly, not through a PNG library: for an image this small, pypng's and Pillow's cost is
     almost all per-image Python set-up, several times what deflate takes (figures in docs/benchmarks.md).
     tests/unit/test_imaging.py decodes the output with Pillow and checks every chunk's CRC."""
+    return [base64.b64encode(png).decode("ascii") for png in _pngs(arr, 0, 1)]
+
+
+_PNG_FILTERS = ("none", "sub", "up", "average", "paeth")  # PNG spec, section 9.2; the index is the type byte
+
+
+def _filtered(arr: np.ndarray, kind: int) -> np.ndarray:
+    """(N, H, W) uint8 -> the same images with PNG filter `kind` applied to every scanline (one byte per pixel:
+    `a` is the pixel to the left, `b` the one above, `c` above-left, 0 outside the image)."""
+    x = arr.astype(np.int16)
+    a, b, c = np.zeros_like(x), np.zeros_like(x), np.zeros_like(x)
+    a[:, :, 1:], b[:, 1:, :], c[:, 1:, 1:] = x[:, :, :-1], x[:, :-1, :], x[:, :-1, :-1]
+    if kind == 0:
+        predicted = np.zeros_like(x)
+    elif kind == 1:
+        predicted = a
+    elif kind == 2:
+        predicted = b
+    elif kind == 3:
+        predicted = (a + b) // 2
+    else:
+        p = a + b - c
+        pa, pb, pc = np.abs(p - a), np.abs(p - b), np.abs(p - c)
+        predicted = np.where((pa <= pb) & (pa <= pc), a, np.where(pb <= pc, b, c))
+    return ((x - predicted) % 256).astype(np.uint8)
+
+
+def _pngs(arr: np.ndarray, kind: int, level: int) -> list[bytes]:
+    """(N, H, W) uint8 -> N PNG files: 8-bit grayscale, no interlace, filter `kind` on every scanline."""
     n, h, w = arr.shape
     if h == 0 or w == 0:
         raise ValueError(f"a PNG needs at least one row and one column, got {h}x{w}")
     header = _PNG_SIGNATURE + _png_chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 0, 0, 0, 0))
-    scanlines = np.zeros((n, h, w + 1), np.uint8)  # each row starts with its filter type, 0 ("None")
-    scanlines[:, :, 1:] = arr
-    return [base64.b64encode(header + _png_chunk(b"IDAT", zlib.compress(image, 1)) + _PNG_IEND).decode("ascii")
-            for image in scanlines]
+    scanlines = np.empty((n, h, w + 1), np.uint8)  # each row starts with its filter type
+    scanlines[:, :, 0] = kind
+    scanlines[:, :, 1:] = _filtered(arr, kind) if kind else arr
+    return [header + _png_chunk(b"IDAT", zlib.compress(image, level)) + _PNG_IEND for image in scanlines]
+
+
+def png_bits(imgs: np.ndarray) -> np.ndarray:
+    """(N, H, W) uint8 -> (N,) int64: the length in bits of each image's smallest PNG among the five filter
+    types, each applied to every scanline, deflated at zlib level 9. A function of the pixels alone (the PNG a
+    client sent is not measured): the service and the export that calibrates it measure the same way."""
+    arr = np.asarray(imgs)
+    if arr.ndim != 3 or arr.dtype != np.uint8:
+        raise ValueError(f"expected an (N, H, W) uint8 batch, got shape {arr.shape} dtype {arr.dtype}")
+    sizes = [[len(png) for png in _pngs(arr, kind, 9)] for kind in range(len(_PNG_FILTERS))]
+    return 8 * np.min(np.array(sizes, dtype=np.int64), axis=0)
 
 
 def encode_png_b64(img: np.ndarray) -> str:
