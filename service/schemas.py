@@ -19,6 +19,7 @@ MAX_ITEMS = 256             # images, latents or samples in one request
 MAX_PIXELCNN_SAMPLES = 64   # 784 sequential steps each
 MAX_COMPLETIONS = 16        # completions of one image per request
 PIXELCNN_GUIDANCE = 0.5     # the default weight, chosen from the measurements in README "Guidance"
+ANOMALY_ALPHA = 0.01        # the default significance level of /v1/pixelcnn/anomaly
 MAX_GUIDANCE = 20.0         # far past any useful weight; larger ones turn every pixel into an argmax
 ImageFormat = Literal["png", "array"]
 _PIXEL_ROW = {"type": "array", "minItems": IMAGE_SIZE, "maxItems": IMAGE_SIZE,
@@ -185,6 +186,30 @@ class LogprobResult(BaseModel):
 
 class LogprobResponse(_Response):
     results: list[LogprobResult]
+
+
+class AnomalyRequest(RequestBody):
+    images: list[Image] = Field(min_length=1, max_length=MAX_ITEMS)
+    alpha: float = Field(ANOMALY_ALPHA, gt=0.0, lt=1.0,
+                         description="an image is anomalous when its p_value < alpha; must exceed the version's "
+                                     "least p-value, 1 / (reference size + 1)")
+
+
+class AnomalyResult(BaseModel):
+    score: float = Field(description="-log2 p(x) - complexity_bits: higher = more anomalous (Serra et al., 2020)")
+    logprob: float = Field(description="log p(x) of the 8-bit image, in nats, not conditioned on a digit")
+    bits_per_dim: float
+    complexity_bits: int = Field(description="the length of the image's smallest PNG (any of the five filter "
+                                             "types on every row, zlib level 9), in bits")
+    p_value: float = Field(gt=0.0, le=1.0, description="the share of the version's held-out reference scores "
+                                                       "at least as high, counting this image: (1 + k) / (1 + N)")
+    anomalous: bool = Field(description="p_value < alpha")
+
+
+class AnomalyResponse(_Response):
+    alpha: float
+    reference_size: int = Field(description="N, the held-out scores the p-values are read against")
+    results: list[AnomalyResult]
 
 
 class PixelCNNSampleRequest(_LabelsForN):

@@ -30,6 +30,7 @@ import errno
 import hashlib
 import json
 import logging
+import math
 import os
 import re
 import stat
@@ -39,7 +40,7 @@ from pathlib import Path
 from typing import Any, BinaryIO, Literal
 
 import orjson
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 log = logging.getLogger(__name__)
 
@@ -143,6 +144,25 @@ class AttributeDirection(BaseModel):
     direction: list[float]
 
 
+class AnomalyReference(BaseModel):
+    """Anomaly scores of images the model never trained on, which calibrate p-values: an image's p-value is the
+    share of these at least as high as its score. Measured at export, so each version brings its own."""
+    model_config = ConfigDict(extra="forbid")
+    complexity: Literal["png-min-filter-zlib9"]  # how the scores' complexity term was measured (imaging.png_bits)
+    source: str                                   # which images, in words
+    # ascending, in bits; at least 100, so that the least p-value, 1/(N+1), is below /v1's default alpha of 0.01
+    scores: list[float] = Field(min_length=100)
+
+    @field_validator("scores")
+    @classmethod
+    def _ascending_finite(cls, v: list[float]) -> list[float]:
+        if not all(math.isfinite(x) for x in v):
+            raise ValueError("scores must be finite")
+        if any(a > b for a, b in zip(v[:-1], v[1:], strict=True)):
+            raise ValueError("scores must be in ascending order")
+        return v
+
+
 class Manifest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     schema_version: Literal[1] = 1
@@ -158,6 +178,7 @@ class Manifest(BaseModel):
     training: dict[str, Any] = {}       # resolved training config and timings
     metrics: dict[str, Any] = {}        # held-out evaluation
     attributes: dict[str, AttributeDirection] = {}
+    anomaly: AnomalyReference | None = None
     batching: BatchingDefaults = BatchingDefaults()
 
 

@@ -1,6 +1,11 @@
 """The PixelCNN: exact log-likelihood in one forward pass, and autoregressive sampling whose only randomness is
 one uniform per pixel drawn from the seed. Labels condition on a digit; the extra label num_classes means
-"any digit" (the model was trained with it in place of a label some of the time)."""
+"any digit" (the model was trained with it in place of a label some of the time).
+
+Anomaly scores follow Serra et al., 2020 ("Input complexity and out-of-distribution detection with likelihood-
+based generative models"): -log2 p(x) alone ranks simple images (all black) as the likeliest of all (Nalisnick et
+al., 2019), so the score subtracts the image's length under a general-purpose compressor, PNG.
+"""
 
 from __future__ import annotations
 
@@ -17,7 +22,9 @@ from service.families.shared import (
     num_classes,
     to_model,
 )
+from service.imaging import png_bits
 from service.runtime import ModelVersion
+from service.store import AnomalyReference
 
 LOGPROB = "logprob"
 LN2 = math.log(2.0)
@@ -83,6 +90,53 @@ def known_pixels(mv: ModelVersion, known_rows: int | None, mask: list[list[int]]
     if known.all():
         raise InvalidField("mask", "leaves no pixel to draw")
     return known
+
+
+def anomaly_reference(mv: ModelVersion) -> AnomalyReference:
+    """The held-out scores the version's export measured, which its p-values are read against."""
+    if mv.manifest.anomaly is None:
+        raise InvalidField("model_version", f"version {mv.manifest.version} has no anomaly reference in its "
+                                            "manifest (`python -m training anomaly` measures one)")
+    return mv.manifest.anomaly
+
+
+def check_alpha(reference: AnomalyReference, alpha: float) -> None:
+    """A p-value is at least 1 / (N + 1) with N reference scores: an alpha at or below it could flag nothing."""
+    least = 1.0 / (len(reference.scores) + 1)
+    if alpha <= least:
+        raise InvalidField("alpha", f"this version's p-values are at least 1/{len(reference.scores) + 1} = "
+                                    f"{least:.4g} ({len(reference.scores)} reference scores), so alpha must exceed it")
+
+
+def anomaly_scores(logprob_nats: np.ndarray, complexity_bits: np.ndarray) -> np.ndarray:
+    """(n,) log p(x) in nats and (n,) complexity in bits -> (n,) scores in bits, higher = more anomalous:
+    -log2 p(x) - L(x), how many more bits the model spends on the image than PNG does."""
+    return -np.asarray(logprob_nats, np.float64) / LN2 - np.asarray(complexity_bits, np.float64)
+
+
+def p_values(scores: np.ndarray, reference: list[float]) -> np.ndarray:
+    """(n,) scores -> (n,) p-values: the share of reference scores at least as high, counting the image itself
+    among them, (1 + #{r >= s}) / (1 + N). Never 0, and for an image drawn like the reference ones
+    P(p <= alpha) <= alpha (a conformal p-value)."""
+    ref = np.asarray(reference, np.float64)  # ascending (the store checked)
+    at_least = ref.size - np.searchsorted(ref, scores, side="left")
+    return (1.0 + at_least) / (1.0 + ref.size)
+
+
+def complexity_bits(images: np.ndarray) -> np.ndarray:
+    """(n, H, W) uint8 -> (n,) the images' PNG lengths in bits, the complexity term of their scores."""
+    return png_bits(images)
+
+
+def anomaly_results(out: dict[str, np.ndarray], complexity: np.ndarray, reference: AnomalyReference,
+                    alpha: float) -> list[dict]:
+    """The logprob graph's outputs for unlabelled images and their complexity -> one result per image."""
+    likelihood = logprob_results(out, per_pixel=False)
+    logprob = np.array([r["logprob"] for r in likelihood])
+    scores = anomaly_scores(logprob, complexity)
+    p = p_values(scores, reference.scores)
+    return [{"score": float(scores[i]), **likelihood[i], "complexity_bits": int(complexity[i]),
+             "p_value": float(p[i]), "anomalous": bool(p[i] < alpha)} for i in range(len(scores))]
 
 
 def tensor_rules(mv: ModelVersion) -> TensorRules:

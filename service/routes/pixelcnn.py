@@ -1,4 +1,5 @@
-"""POST /v1/pixelcnn/logprob (exact log-likelihood, one forward pass) and /v1/pixelcnn/sample."""
+"""POST /v1/pixelcnn/logprob (exact log-likelihood, one forward pass), /anomaly (complexity-corrected scores with
+calibrated p-values), /sample and /complete (pixel by pixel, on the iteration-level sampler)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from service.imaging import decode_image
 from service.routes.common import (
     ANY,
     JSON,
+    OFFLOAD_COMPLEXITY,
     OFFLOAD_PER_PIXEL_MAPS,
     V1_BODY,
     V1_MODEL,
@@ -24,6 +26,8 @@ from service.routes.common import (
 from service.routes.events import EVENT_STREAM, Pacing, event_stream, wants_event_stream
 from service.runtime import ModelVersion
 from service.schemas import (
+    AnomalyRequest,
+    AnomalyResponse,
     LogprobRequest,
     LogprobResponse,
     PixelCNNCompleteRequest,
@@ -47,6 +51,27 @@ async def logprob(body: LogprobRequest, request: Request):
     out = await mv.run(pixelcnn.LOGPROB, pixelcnn.logprob_inputs(images, labels))
     big = body.per_pixel and len(images) >= OFFLOAD_PER_PIXEL_MAPS
     return await off_loop_if(big, _logprob_reply, mv, out, body.per_pixel)
+
+
+def _anomaly_reply(mv: ModelVersion, out: dict, images, reference, alpha: float):
+    results = pixelcnn.anomaly_results(out, pixelcnn.complexity_bits(images), reference, alpha)
+    return reply(mv, alpha=alpha, reference_size=len(reference.scores), results=results)
+
+
+@router.post("/anomaly", response_model=AnomalyResponse)
+async def anomaly(body: AnomalyRequest, request: Request):
+    """Is each image like the training data? `score` = -log2 p(x) minus the image's PNG length in bits (Serra et
+    al., 2020: raw likelihood ranks simple images, all black, as the likeliest of all); `p_value` = the share of
+    the version's held-out reference scores (measured at export, stored in its manifest) at least as high;
+    `anomalous` = p_value < alpha. Not conditioned on a digit."""
+    mv = resolve(request, "pixelcnn", body.model_version)
+    reference = pixelcnn.anomaly_reference(mv)
+    pixelcnn.check_alpha(reference, body.alpha)
+    images = await read_images(body.images, pixelcnn.input_size(mv))
+    labels = pixelcnn.labels(mv, None, len(images))
+    out = await mv.run(pixelcnn.LOGPROB, pixelcnn.logprob_inputs(images, labels))
+    return await off_loop_if(len(images) >= OFFLOAD_COMPLEXITY, _anomaly_reply, mv, out, images, reference,
+                             body.alpha)
 
 
 # The one sample route answers JSON, or events when the client asks for them: documented as two media types.
