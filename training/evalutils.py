@@ -4,6 +4,8 @@
 * :func:`codec_bits_per_dim` - lossless-codec baselines (PNG, WebP lossless) in bits per pixel.
 * :func:`image_grid` / :func:`save_png` - tile digits into one uint8 image and write it.
 * :func:`spearman` - NaN-safe Spearman rank correlation.
+* :func:`auroc` - area under the ROC curve of a score that should rank outliers above inliers.
+* :func:`exported_graph` - one graph of an exported version, on ONNX Runtime's CPU provider.
 """
 
 from __future__ import annotations
@@ -13,10 +15,14 @@ import os
 from pathlib import Path
 
 import numpy as np
+import onnxruntime as ort
 from PIL import Image
 from scipy import linalg, stats
 
-__all__ = ["frechet_distance", "codec_bits_per_dim", "image_grid", "save_png", "spearman"]
+from service.sampler import GraphFn, session_fn
+
+__all__ = ["auroc", "codec_bits_per_dim", "exported_graph", "frechet_distance", "image_grid", "save_png",
+           "spearman"]
 
 
 def _features(x: np.ndarray, name: str) -> np.ndarray:
@@ -145,3 +151,22 @@ def spearman(x, y) -> float:
         return 0.0
     rho = float(stats.spearmanr(a, b).statistic)
     return rho if np.isfinite(rho) else 0.0
+
+
+def auroc(inliers, outliers) -> float:
+    """P(score of an outlier > score of an inlier), ties counting half: the area under the ROC curve of the
+    score as a detector of outliers (the Mann-Whitney U statistic over the product of the sizes)."""
+    a = np.asarray(inliers, dtype=np.float64).ravel()
+    b = np.asarray(outliers, dtype=np.float64).ravel()
+    if a.size == 0 or b.size == 0 or not (np.all(np.isfinite(a)) and np.all(np.isfinite(b))):
+        raise ValueError("auroc needs finite scores on both sides")
+    ranks = stats.rankdata(np.concatenate([a, b]))  # ties get their mean rank
+    return float((ranks[a.size:].sum() - b.size * (b.size + 1) / 2) / (a.size * b.size))
+
+
+def exported_graph(version_dir: str | os.PathLike, name: str) -> GraphFn:
+    """`<version_dir>/<name>.onnx` as feeds -> {output: array}, on the CPU provider, quietly."""
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    return session_fn(ort.InferenceSession(str(Path(version_dir) / f"{name}.onnx"), opts,
+                                           providers=["CPUExecutionProvider"]))

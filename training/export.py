@@ -17,6 +17,7 @@ import os
 import shutil
 import tempfile
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -147,15 +148,20 @@ def parity(spec: GraphExport, sess: ort.InferenceSession, batch: int = 5) -> flo
 
 
 def write_version(store: Path, name: str, family: str, version: int, graphs: dict[str, GraphExport],
+                  calibrate: Callable[[Path], Any] | None = None,
                   **manifest_fields: Any) -> tuple[Path, dict[str, float]]:
     """Export every graph, check parity, write manifest.json and validate, all in a hidden folder beside the
     target (`<store>/<name>/.<version>-*`, which the store's scan skips), then publish it (see publish()). A crash
-    leaves at most that hidden folder behind."""
+    leaves at most that hidden folder behind. `calibrate(version_dir)`, when given, measures what needs the
+    exported graphs and adds it to the manifest there, before the version is published."""
     final = store / name / str(version)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{version}-", dir=final.parent))
     try:
         diffs = _stage_version(tmp, name, family, version, graphs, manifest_fields)
+        if calibrate is not None:
+            calibrate(tmp / name / str(version))
+            validate_version(tmp / name / str(version))
         publish(tmp / name / str(version), final)
     finally:  # a failed export (parity, validation) leaves nothing behind; a replaced version goes with it
         shutil.rmtree(tmp, ignore_errors=True)

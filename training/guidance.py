@@ -22,29 +22,20 @@ import time
 from pathlib import Path
 
 import numpy as np
-import onnxruntime as ort
 import torch
 
-from service.sampler import GraphFn, sample_fast, session_fn
+from service.sampler import sample_fast
 from service.store import read_manifest, write_manifest
 from training import classifier as clf_lib
 from training.data import Dataset
-from training.evalutils import frechet_distance
+from training.evalutils import exported_graph, frechet_distance
 
 WEIGHTS = (0.0, 0.5, 1.0, 2.0, 3.0, 5.0)
 CHUNK = 100  # sequences sampled together (twice that many rows when guided)
 
 
-def _graphs(version_dir: Path) -> tuple[GraphFn, GraphFn]:
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    make = lambda name: session_fn(ort.InferenceSession(str(version_dir / f"{name}.onnx"), opts,  # noqa: E731
-                                                        providers=["CPUExecutionProvider"]))
-    return make("vstack"), make("hrow")
-
-
 @torch.no_grad()
-def _judge(clf: clf_lib.DigitClassifier, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def judge(clf: clf_lib.DigitClassifier, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(N, 28, 28) uint8 -> softmax probabilities (N, 10), features (N, F)."""
     x = torch.from_numpy(images.astype(np.float32)).unsqueeze(1)
     feats = clf.features(x)
@@ -54,17 +45,17 @@ def _judge(clf: clf_lib.DigitClassifier, images: np.ndarray) -> tuple[np.ndarray
 def evaluate_guidance(version_dir: Path, clf: clf_lib.DigitClassifier, heldout: Dataset, per_label: int = 50,
                       weights=WEIGHTS, temperature: float = 1.0, seed: int = 0, log=print) -> list[dict]:
     """One row per weight: {guidance, samples, recognised, confidence, classwise_frechet, seconds}."""
-    vstack, hrow = _graphs(version_dir)
+    vstack, hrow = exported_graph(version_dir, "vstack"), exported_graph(version_dir, "hrow")
     labels = np.repeat(np.arange(10), per_label)  # (N,) 0,0,...,1,1,...
     u = np.random.default_rng(seed).random((labels.size, 28 * 28))
-    _, real_feats = _judge(clf, heldout.images)
+    _, real_feats = judge(clf, heldout.images)
     rows = []
     for w in weights:
         t0 = time.time()
         images = np.concatenate([
             sample_fast(vstack, hrow, labels[i:i + CHUNK], u[i:i + CHUNK], temperature, w, any_label=10)
             for i in range(0, labels.size, CHUNK)])
-        probs, feats = _judge(clf, images)
+        probs, feats = judge(clf, images)
         frechet = [frechet_distance(feats[labels == d], real_feats[heldout.labels == d]) for d in range(10)]
         rows.append({"guidance": float(w), "samples": int(labels.size),
                      "recognised": float((probs.argmax(1) == labels).mean()),

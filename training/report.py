@@ -61,6 +61,9 @@ def render(store: Path) -> str:
     judged = [v for v in pixelcnns if "guidance" in v.metrics]
     if judged:
         lines += guidance_table(judged) + [""]
+    judged = [v for v in pixelcnns if "anomaly" in v.metrics]
+    if judged:
+        lines += anomaly_table(judged) + [""] + completion_table(judged) + [""]
     lines += ["| model | version | training time (s) | files |", "|---|---|---|---|"]
     for m in manifests:
         size = sum(f.bytes for f in m.files.values())
@@ -87,6 +90,43 @@ def guidance_table(versions) -> list[str]:
             cells += ["" if r is None else f"{r['recognised']:.1%}", "" if r is None else f"{r['confidence']:.3f}",
                       "" if r is None else f"{r['classwise_frechet']:.0f}"]
         lines.append(f"| {w:g} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def anomaly_table(versions) -> list[str]:
+    """Per outlier set, for each PixelCNN version: the AUROC of the anomaly score and of raw -log p(x) against the
+    evaluation half of the held-out digits, and the share flagged at the default alpha (training.anomaly)."""
+    reports = {v.version: v.metrics["anomaly"] for v in versions}
+    first = next(iter(reports.values()))
+    alpha = first["alpha"]
+    head = "| against held-out digits | images | " + " | ".join(
+        f"v{v}: AUROC, score | v{v}: AUROC, -log p(x) | v{v}: flagged at alpha = {alpha:g}" for v in reports) + " |"
+    lines = [f"PixelCNN anomaly scores (the evaluation half of the held-out split, {first['evaluation_size']} digits, "
+             f"against each set; `python -m training anomaly`):", "", head, "|---|---|" + "---|---|---|" * len(reports)]
+    for i, row in enumerate(first["sets"]):
+        cells = []
+        for r in reports.values():
+            s = r["sets"][i]
+            cells += [f"{s['auroc_score']:.3f}", f"{s['auroc_neg_logprob']:.3f}", f"{s['flagged']:.1%}"]
+        lines.append(f"| {row['set']} | {row['images']} | " + " | ".join(cells) + " |")
+    cells = []
+    for r in reports.values():
+        cells += ["", "", f"{r['heldout_flagged']:.1%}"]
+    lines.append(f"| the held-out digits themselves | {first['evaluation_size']} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def completion_table(versions) -> list[str]:
+    """Per condition, for each PixelCNN version: the share of held-out digits, their top rows given and the rest
+    drawn, that the judge labels as the original digit (training.anomaly)."""
+    reports = {v.version: v.metrics["completion"] for v in versions}
+    first = next(iter(reports.values()))
+    lines = [f"Completions of the {first['digits']} held-out digits from their top {first['known_rows']} rows, one "
+             "each, recognised by the judge as the original digit:", "",
+             "| condition | " + " | ".join(f"v{v}" for v in reports) + " |", "|---|" + "---|" * len(reports)]
+    for i, row in enumerate(first["rows"]):
+        lines.append(f"| {row['condition']} | " + " | ".join(f"{r['rows'][i]['recognised']:.1%}"
+                                                              for r in reports.values()) + " |")
     return lines
 
 
