@@ -29,6 +29,8 @@ from genserve_client.responses import (
     VersionDetail,
 )
 from service.schemas import (
+    AnomalyResponse,
+    AnomalyResult,
     Attribute,
     Latent,
     LogprobResponse,
@@ -42,8 +44,8 @@ __all__ = [
     "AsyncGenserveClient", "GenserveClient", "GenserveError",
     # answers: with images (decoded in `.array`), the service's own bodies, and the rest
     "ImagesResult", "SampleResult", "Progress",
-    "LogprobResponse", "LogprobResult", "Readiness", "VaeAttributesResponse", "VaeEncodeResponse", "Attribute",
-    "Latent",
+    "AnomalyResponse", "AnomalyResult", "LogprobResponse", "LogprobResult", "Readiness",
+    "VaeAttributesResponse", "VaeEncodeResponse", "Attribute", "Latent",
     "AttributeInfo", "BatchingInfo", "GraphInfo", "Health", "ModelDetail", "ModelList", "ModelSummary",
     "RefusedVersion", "TensorInfo", "VersionDetail",
 ]

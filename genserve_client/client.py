@@ -30,6 +30,7 @@ from pydantic import BaseModel, PrivateAttr
 from genserve_client.responses import Health, ModelDetail, ModelList
 from service.imaging import decode_images, encode_images
 from service.schemas import (
+    AnomalyResponse,
     ImagesResponse,
     LogprobResponse,
     Readiness,
@@ -269,6 +270,14 @@ def _pixelcnn_logprob(images: Images, *, per_pixel: bool = False, labels: Labels
                  labels=_labels(labels), model_version=model_version)
 
 
+def _pixelcnn_anomaly(images: Images, *, alpha: float | None = None,
+                      model_version: int | None = None) -> _Call[AnomalyResponse]:
+    """POST /v1/pixelcnn/anomaly: per image a complexity-corrected anomaly score, its p-value against the version's
+    held-out reference, and whether p < `alpha` (None: the service's default, 0.01)."""
+    return _post("/v1/pixelcnn/anomaly", AnomalyResponse, images=_pngs(images), alpha=alpha,
+                 model_version=model_version)
+
+
 def _pixelcnn_sample(n: int = 1, *, seed: int | None = None, temperature: float = 1.0, labels: Labels = None,
                      guidance: float | None = None, model_version: int | None = None) -> _Call[SampleResult]:
     """POST /v1/pixelcnn/sample: autoregressive samples, seconds per call (uses `sample_timeout`); `guidance`:
@@ -440,6 +449,7 @@ class GenserveClient(_Client):
     vae_edit = _sync(_vae_edit)
     vae_interpolate = _sync(_vae_interpolate)
     pixelcnn_logprob = _sync(_pixelcnn_logprob)
+    pixelcnn_anomaly = _sync(_pixelcnn_anomaly)
     pixelcnn_sample = _sync(_pixelcnn_sample)
     pixelcnn_sample_stream = _sync_stream(_pixelcnn_sample_stream)
     pixelcnn_complete = _sync(_pixelcnn_complete)
@@ -489,6 +499,7 @@ class AsyncGenserveClient(_Client):
     vae_edit = _async(_vae_edit)
     vae_interpolate = _async(_vae_interpolate)
     pixelcnn_logprob = _async(_pixelcnn_logprob)
+    pixelcnn_anomaly = _async(_pixelcnn_anomaly)
     pixelcnn_sample = _async(_pixelcnn_sample)
     pixelcnn_sample_stream = _async_stream(_pixelcnn_sample_stream)
     pixelcnn_complete = _async(_pixelcnn_complete)

@@ -34,6 +34,7 @@ from genserve_client import (
 from service.app import create_app
 from service.imaging import decode_images
 from service.schemas import (
+    AnomalyResponse,
     ImagesResponse,
     LogprobResponse,
     Readiness,
@@ -50,7 +51,8 @@ RETURNS = {"gan_sample": SampleResponse, "vae_sample": SampleResponse, "pixelcnn
            "pixelcnn_complete": SampleResponse,
            "vae_decode": ImagesResponse, "vae_edit": ImagesResponse, "vae_interpolate": ImagesResponse,
            "vae_encode": VaeEncodeResponse, "vae_attributes": VaeAttributesResponse,
-           "pixelcnn_logprob": LogprobResponse, "models": ModelList, "model": ModelDetail, "health": Health,
+           "pixelcnn_logprob": LogprobResponse, "pixelcnn_anomaly": AnomalyResponse,
+           "models": ModelList, "model": ModelDetail, "health": Health,
            "ready": Readiness}
 ENDPOINTS = sorted(RETURNS)
 STREAMS = {"pixelcnn_sample_stream": "pixelcnn_sample",   # iterators over events -> the plain call they end like
@@ -94,6 +96,8 @@ def cases(images: np.ndarray) -> dict[str, tuple[tuple, dict, str, str, dict | N
                             {"start": raw[0], "end": raw[1], "steps": 5, "method": "lerp"}),
         "pixelcnn_logprob": ((images,), {"per_pixel": True, "labels": [7, 2, 1, 0]}, "POST", "/v1/pixelcnn/logprob",
                              {"images": raw, "per_pixel": True, "labels": [7, 2, 1, 0]}),
+        "pixelcnn_anomaly": ((images,), {"alpha": 0.05}, "POST", "/v1/pixelcnn/anomaly",
+                             {"images": raw, "alpha": 0.05}),
         "pixelcnn_sample": ((1,), {"seed": 3, "labels": np.int64(5)}, "POST", "/v1/pixelcnn/sample",
                             {"n": 1, "seed": 3, "labels": 5}),
         "pixelcnn_complete": ((images[0], 2), {"known_rows": 20, "seed": 4, "labels": 7}, "POST",

@@ -35,7 +35,8 @@ VALID = {"/v1/gan/sample": {}, "/v1/pixelcnn/logprob": {"images": [ZERO]}, "/v1/
          "/v1/vae/sample": {},
          "/v1/vae/edit": {"images": [ZERO], "edits": {"slant": 1.0}},
          "/v1/vae/interpolate": {"start": ZERO, "end": ZERO},
-         "/v1/pixelcnn/complete": {"image": ZERO, "known_rows": 14}}
+         "/v1/pixelcnn/complete": {"image": ZERO, "known_rows": 14},
+         "/v1/pixelcnn/anomaly": {"images": [ZERO]}}
 
 
 def test_every_v1_post_refuses_every_query_parameter(client):

@@ -74,3 +74,22 @@ def test_the_readme_shows_the_judged_guidance_table():
 
     versions = [read_manifest(STORE / "pixelcnn" / str(v)) for v in PIXELCNN_VERSIONS]
     assert "\n".join(guidance_table(versions)) in (REPO / "README.md").read_text()
+
+
+def test_the_anomaly_score_clears_its_floors_and_the_readme_shows_it():
+    """Every shipped PixelCNN carries its reference and evaluation; the score separates noise, inverted and
+    constant images from held-out digits (AUROC >= 0.95) and flags few of those digits; README's tables are
+    training.report's rendering of the manifests."""
+    from training.report import anomaly_table, completion_table
+
+    versions = [read_manifest(STORE / "pixelcnn" / str(v)) for v in PIXELCNN_VERSIONS]
+    for m in versions:
+        assert m.anomaly is not None and len(m.anomaly.scores) == m.dataset["heldout"] // 2
+        sets = {row["set"]: row for row in m.metrics["anomaly"]["sets"]}
+        for name in ("uniform noise", "inverted digits", "constant images, every gray level"):
+            assert sets[name]["auroc_score"] >= 0.95, (m.version, name)
+        assert m.metrics["anomaly"]["heldout_flagged"] <= 0.05
+        assert m.metrics["anomaly"]["all_black"]["p_value"] < 0.05
+    readme = (REPO / "README.md").read_text()
+    assert "\n".join(anomaly_table(versions)) in readme
+    assert "\n".join(completion_table(versions)) in readme
