@@ -20,7 +20,7 @@ from fastapi_offline import FastAPIOffline
 from service import __version__, errors, openapi
 from service.metrics import Metrics
 from service.middleware import Admission, RequestGate
-from service.routes import gan, health, models, pixelcnn, v2, vae
+from service.routes import gan, health, models, pixelcnn, playground, v2, vae
 from service.runtime import Registry
 from service.settings import Settings, get_settings
 
@@ -57,7 +57,9 @@ def create_app(settings: Settings | None = None, metrics: Metrics | None = None)
     app.state.settings, app.state.metrics = settings, metrics
     errors.install(app)
     openapi.install(app)
-    for r in (health.router, gan.router, pixelcnn.router, vae.router, models.router, v2.router, health.head_router):
+    pages = [playground.router] if settings.playground else []
+    for r in (health.router, gan.router, pixelcnn.router, vae.router, models.router, v2.router, *pages,
+              health.head_router):
         app.include_router(r)
     app.state.admission = admission = Admission(metrics, settings.max_inflight, settings.max_loop_lag_s)
     app.add_middleware(RequestGate, limit=settings.max_body_bytes, metrics=metrics, admission=admission,

@@ -95,6 +95,8 @@ class Settings(BaseSettings):
     backlog: int = Field(4096, ge=1, description="the listening socket's accept queue (the kernel caps it at "
                          "net.core.somaxconn)")
     warmup: bool = True
+    playground: bool = Field(True, description="serve the browser playground at /playground (its page and assets "
+                                               "come from the package; nothing is fetched from other hosts)")
     log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
 
     def ort_threads(self) -> int:
