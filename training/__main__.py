@@ -5,6 +5,7 @@
     python -m training export                  # evaluate the checkpoints in --runs and write the store
     python -m training export pixelcnn         # ... of some families only
     python -m training guidance                # judge PixelCNN samples per guidance weight (training.guidance)
+    python -m training heldout-digits          # write the held-out split for the playground's "random digit"
     python -m training anomaly                 # calibrate and judge the PixelCNN's anomaly score, judge its
                                                # completions (training.anomaly)
 
@@ -22,6 +23,7 @@ import shutil
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from training import anomaly as anomaly_lib
@@ -39,6 +41,7 @@ from training.data import Dataset, heldout_mask, load_dataset, split
 log = logging.getLogger("training")
 FAMILIES = ("classifier", "vae", "gan", "pixelcnn")
 DOC_IMAGES = Path("docs/images")
+PLAYGROUND_DIGITS = Path("service/playground/heldout_digits.npz")
 
 
 def _load(run_dir: Path, name: str, build):
@@ -181,7 +184,7 @@ def judge_anomaly(args, cfg: TrainAll, train: Dataset, heldout: Dataset) -> None
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m training", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("command", choices=["all", "train", "export", "guidance", "anomaly"])
+    p.add_argument("command", choices=["all", "train", "export", "guidance", "anomaly", "heldout-digits"])
     p.add_argument("families", nargs="*", default=list(FAMILIES), help=f"for `train`: some of {FAMILIES}")
     p.add_argument("--preset", default="full", choices=["full", "full-v1", "tiny"])
     p.add_argument("--data", default="mnist-embedded", help="mnist-embedded | IDX file | .npz | image folder")
@@ -215,6 +218,10 @@ def main(argv: list[str] | None = None) -> None:
     args.runs.mkdir(parents=True, exist_ok=True)
     (args.runs / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
     t0 = time.time()
+    if args.command == "heldout-digits":
+        np.savez_compressed(PLAYGROUND_DIGITS, images=heldout.images, labels=heldout.labels)
+        log.info("wrote %s: %d held-out digits", PLAYGROUND_DIGITS, len(heldout.images))
+        return
     if args.command in ("guidance", "anomaly"):
         (judge_guidance if args.command == "guidance" else judge_anomaly)(args, cfg, train, heldout)
         return
