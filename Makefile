@@ -29,13 +29,14 @@ $(SERVE_STAMP): pyproject.toml
 	$(SERVE_PY) -m pip install --quiet -e '.[serve]'
 	touch $(SERVE_STAMP)
 
-# Debian packages that the deploy tests drive as real programs. Installed with apt-get when one is missing.
-# dockerd, not docker: a docker client alone does not make an engine.
-SYSTEM_TOOLS := prometheus promtool nginx docker-compose dockerd debootstrap
-SYSTEM_PACKAGES := prometheus nginx docker-compose docker.io debootstrap
+# Debian packages that the tests drive as real programs. Installed with apt-get when one is missing.
+# dockerd, not docker: a docker client alone does not make an engine. chromium: the playground's browser test
+# (Playwright drives Debian's build; Playwright's own browser download is not used).
+SYSTEM_TOOLS := prometheus promtool nginx docker-compose dockerd debootstrap chromium
+SYSTEM_PACKAGES := prometheus nginx docker-compose docker.io debootstrap chromium
 export PATH := $(PATH):/usr/sbin:/sbin
 
-system-deps:  ## prometheus (promtool), nginx, docker-compose v1, docker.io, debootstrap: apt-get (root or sudo)
+system-deps:  ## prometheus (promtool), nginx, docker-compose v1, docker.io, debootstrap, chromium: apt-get (root or sudo)
 	@missing=; for t in $(SYSTEM_TOOLS); do command -v $$t >/dev/null 2>&1 || missing="$$missing $$t"; done; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing Debian packages for:$$missing"; \
