@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import Any, BinaryIO, Literal
 
 import orjson
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 log = logging.getLogger(__name__)
 
@@ -144,28 +144,40 @@ class AttributeDirection(BaseModel):
     direction: list[float]
 
 
+# Two tests share the anomaly verdict, each at alpha / 2, so the least p-value 1/(N+1) must be below 0.005 for /v1's
+# default alpha of 0.01 to flag anything: N >= 200.
+MIN_ANOMALY_REFERENCE = 200
+
+
 class AnomalyReference(BaseModel):
-    """Anomaly scores of images the model never trained on, which calibrate p-values: an image's p-value is the
-    share of these at least as high as its score. Measured at export, so each version brings its own."""
+    """What held-out digits the model never trained on scored, which calibrates p-values: an image's p-value is
+    the share of these at least as extreme. Measured at export, so each version brings its own."""
     model_config = ConfigDict(extra="forbid")
     complexity: Literal["png-min-filter-zlib9"]  # how the scores' complexity term was measured (imaging.png_bits)
     source: str                                   # which images, in words
-    # ascending, in bits; at least 100, so that the least p-value, 1/(N+1), is below /v1's default alpha of 0.01
-    scores: list[float] = Field(min_length=100)
+    scores: list[float] = Field(min_length=MIN_ANOMALY_REFERENCE)    # anomaly scores, bits, ascending
+    nll_bits: list[float] = Field(min_length=MIN_ANOMALY_REFERENCE)  # -log2 p(x) of the same digits, ascending
 
-    @field_validator("scores")
+    @field_validator("scores", "nll_bits")
     @classmethod
     def _ascending_finite(cls, v: list[float]) -> list[float]:
         if not all(math.isfinite(x) for x in v):
-            raise ValueError("scores must be finite")
+            raise ValueError("must be finite")
         if any(a > b for a, b in zip(v[:-1], v[1:], strict=True)):
-            raise ValueError("scores must be in ascending order")
+            raise ValueError("must be in ascending order")
         return v
+
+    @model_validator(mode="after")
+    def _same_digits(self) -> AnomalyReference:
+        if len(self.scores) != len(self.nll_bits):
+            raise ValueError(f"scores ({len(self.scores)}) and nll_bits ({len(self.nll_bits)}) must describe the "
+                             "same digits")
+        return self
 
 
 class Manifest(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    schema_version: Literal[1] = 1
+    schema_version: Literal[1, 2] = 1  # 2 added `anomaly`, which readers of 1 refuse as an unknown field
     name: str = Field(pattern=f"^{MODEL_NAME}$")
     family: Family
     version: int = Field(ge=1, le=MAX_VERSION)
@@ -180,6 +192,12 @@ class Manifest(BaseModel):
     attributes: dict[str, AttributeDirection] = {}
     anomaly: AnomalyReference | None = None
     batching: BatchingDefaults = BatchingDefaults()
+
+    @model_validator(mode="after")
+    def _schema_knows_its_fields(self) -> Manifest:
+        if self.anomaly is not None and self.schema_version < 2:
+            raise ValueError("anomaly needs schema_version 2")
+        return self
 
 
 def printable(text: str) -> str:

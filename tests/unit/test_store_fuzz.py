@@ -102,7 +102,7 @@ def huge_manifest(lay: Layout, vdir: Path) -> Expect:
 
 
 _WRONG_VALUES: dict[str, list] = {
-    "schema_version": [2, 0, None],
+    "schema_version": [3, 0, None],
     "version": [None, 2.5, -1, 0, [], {}, "two", 10 ** 10],
     "name": [None, 7, "Gan", "", "g an", "ĝan", "gan\n"],
     "family": ["cnn", None, 1, "GAN"],
