@@ -191,24 +191,31 @@ class LogprobResponse(_Response):
 class AnomalyRequest(RequestBody):
     images: list[Image] = Field(min_length=1, max_length=MAX_ITEMS)
     alpha: float = Field(ANOMALY_ALPHA, gt=0.0, lt=1.0,
-                         description="an image is anomalous when its p_value < alpha; must exceed the version's "
-                                     "least p-value, 1 / (reference size + 1)")
+                         description="the verdict's level: an image is anomalous when p_value or "
+                                     "likelihood_p_value is below alpha / 2; must exceed 2 / (reference size + 1)")
 
 
 class AnomalyResult(BaseModel):
-    score: float = Field(description="-log2 p(x) - complexity_bits: higher = more anomalous (Serra et al., 2020)")
+    score: float = Field(description="-log2 p(x) - complexity_bits: how many more bits the model spends on the image "
+                                     "than PNG does; higher = more anomalous (Serra et al., 2020)")
     logprob: float = Field(description="log p(x) of the 8-bit image, in nats, not conditioned on a digit")
     bits_per_dim: float
-    complexity_bits: int = Field(description="the length of the image's smallest PNG (any of the five filter "
-                                             "types on every row, zlib level 9), in bits")
-    p_value: float = Field(gt=0.0, le=1.0, description="the share of the version's held-out reference scores "
-                                                       "at least as high, counting this image: (1 + k) / (1 + N)")
-    anomalous: bool = Field(description="p_value < alpha")
+    complexity_bits: int = Field(description="the length of the image's smallest PNG file (any of the five filter "
+                                             "types on every row, zlib level 9), in bits, its 63 bytes of "
+                                             "signature, headers and framing included")
+    p_value: float = Field(gt=0.0, le=1.0, description="the share of the version's held-out reference digits whose "
+                                                       "score is at least as high, counting this image: (1 + k) / "
+                                                       "(1 + N)")
+    likelihood_p_value: float = Field(gt=0.0, le=1.0, description="the share of the reference digits at least as "
+                                                                  "likely as this image, counting it: small for "
+                                                                  "images likelier than digits ever are (blank ones)")
+    anomalous: bool = Field(description="min(p_value, likelihood_p_value) < alpha / 2 (Bonferroni): at most alpha "
+                                        "of the images drawn like the reference digits are flagged")
 
 
 class AnomalyResponse(_Response):
     alpha: float
-    reference_size: int = Field(description="N, the held-out scores the p-values are read against")
+    reference_size: int = Field(description="N, the held-out digits the p-values are read against")
     results: list[AnomalyResult]
 
 

@@ -4,7 +4,8 @@ one uniform per pixel drawn from the seed. Labels condition on a digit; the extr
 
 Anomaly scores follow Serra et al., 2020 ("Input complexity and out-of-distribution detection with likelihood-
 based generative models"): -log2 p(x) alone ranks simple images (all black) as the likeliest of all (Nalisnick et
-al., 2019), so the score subtracts the image's length under a general-purpose compressor, PNG.
+al., 2019), so the score subtracts the image's length under a general-purpose compressor, PNG. The verdict also
+asks whether an image is likelier than digits ever are (anomaly_results).
 """
 
 from __future__ import annotations
@@ -101,11 +102,13 @@ def anomaly_reference(mv: ModelVersion) -> AnomalyReference:
 
 
 def check_alpha(reference: AnomalyReference, alpha: float) -> None:
-    """A p-value is at least 1 / (N + 1) with N reference scores: an alpha at or below it could flag nothing."""
-    least = 1.0 / (len(reference.scores) + 1)
+    """Each of the verdict's two tests runs at alpha / 2, and a p-value is at least 1 / (N + 1) with N reference
+    digits: an alpha at or below 2 / (N + 1) could flag nothing."""
+    least = 2.0 / (len(reference.scores) + 1)
     if alpha <= least:
-        raise InvalidField("alpha", f"this version's p-values are at least 1/{len(reference.scores) + 1} = "
-                                    f"{least:.4g} ({len(reference.scores)} reference scores), so alpha must exceed it")
+        raise InvalidField("alpha", f"this version's verdict tests p-values of at least 1/{len(reference.scores) + 1} "
+                                    f"against alpha / 2, so alpha must exceed 2/{len(reference.scores) + 1} = "
+                                    f"{least:.4g} ({len(reference.scores)} reference digits)")
 
 
 def anomaly_scores(logprob_nats: np.ndarray, complexity_bits: np.ndarray) -> np.ndarray:
@@ -128,15 +131,30 @@ def complexity_bits(images: np.ndarray) -> np.ndarray:
     return png_bits(images)
 
 
+def anomaly_tests(logprob_nats: np.ndarray, complexity: np.ndarray, reference: AnomalyReference,
+                  alpha: float) -> dict[str, np.ndarray]:
+    """(n,) log p(x) in nats and complexity in bits -> (n,) arrays: score, p_value, likelihood_p_value, anomalous.
+
+    Two tests, each at alpha / 2 (Bonferroni), so that at most alpha of the digits like the reference ones are
+    flagged: the score's upper tail (`p_value`: the model explains the image worse than it explains digits of its
+    complexity) and the likelihood's upper tail (`likelihood_p_value`: the image is likelier than digits ever are,
+    as an all-black one is; Nalisnick et al., 2019, on typicality)."""
+    scores = anomaly_scores(logprob_nats, complexity)
+    p = p_values(scores, reference.scores)
+    log2_p = np.asarray(logprob_nats, np.float64) / LN2
+    p_likely = p_values(log2_p, [-b for b in reversed(reference.nll_bits)])  # the reference's log2 p(x), ascending
+    return {"score": scores, "p_value": p, "likelihood_p_value": p_likely,
+            "anomalous": np.minimum(p, p_likely) < alpha / 2}
+
+
 def anomaly_results(out: dict[str, np.ndarray], complexity: np.ndarray, reference: AnomalyReference,
                     alpha: float) -> list[dict]:
     """The logprob graph's outputs for unlabelled images and their complexity -> one result per image."""
     likelihood = logprob_results(out, per_pixel=False)
-    logprob = np.array([r["logprob"] for r in likelihood])
-    scores = anomaly_scores(logprob, complexity)
-    p = p_values(scores, reference.scores)
-    return [{"score": float(scores[i]), **likelihood[i], "complexity_bits": int(complexity[i]),
-             "p_value": float(p[i]), "anomalous": bool(p[i] < alpha)} for i in range(len(scores))]
+    tests = anomaly_tests(np.array([r["logprob"] for r in likelihood]), complexity, reference, alpha)
+    return [{"score": float(tests["score"][i]), **r, "complexity_bits": int(complexity[i]),
+             "p_value": float(tests["p_value"][i]), "likelihood_p_value": float(tests["likelihood_p_value"][i]),
+             "anomalous": bool(tests["anomalous"][i])} for i, r in enumerate(likelihood)]
 
 
 def tensor_rules(mv: ModelVersion) -> TensorRules:

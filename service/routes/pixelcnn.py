@@ -3,6 +3,8 @@ calibrated p-values), /sample and /complete (pixel by pixel, on the iteration-le
 
 from __future__ import annotations
 
+import asyncio
+
 import numpy as np
 from fastapi import APIRouter, Request
 
@@ -53,25 +55,27 @@ async def logprob(body: LogprobRequest, request: Request):
     return await off_loop_if(big, _logprob_reply, mv, out, body.per_pixel)
 
 
-def _anomaly_reply(mv: ModelVersion, out: dict, images, reference, alpha: float):
-    results = pixelcnn.anomaly_results(out, pixelcnn.complexity_bits(images), reference, alpha)
-    return reply(mv, alpha=alpha, reference_size=len(reference.scores), results=results)
-
-
 @router.post("/anomaly", response_model=AnomalyResponse)
 async def anomaly(body: AnomalyRequest, request: Request):
     """Is each image like the training data? `score` = -log2 p(x) minus the image's PNG length in bits (Serra et
-    al., 2020: raw likelihood ranks simple images, all black, as the likeliest of all); `p_value` = the share of
-    the version's held-out reference scores (measured at export, stored in its manifest) at least as high;
-    `anomalous` = p_value < alpha. Not conditioned on a digit."""
+    al., 2020: raw likelihood ranks simple images, all black, as the likeliest of all); `p_value` = the share of the
+    version's held-out reference digits (scored at export, stored in its manifest) whose score is at least as high;
+    `likelihood_p_value` = the share at least as likely; `anomalous` = either is below alpha / 2. Not conditioned on
+    a digit."""
     mv = resolve(request, "pixelcnn", body.model_version)
     reference = pixelcnn.anomaly_reference(mv)
     pixelcnn.check_alpha(reference, body.alpha)
     images = await read_images(body.images, pixelcnn.input_size(mv))
     labels = pixelcnn.labels(mv, None, len(images))
-    out = await mv.run(pixelcnn.LOGPROB, pixelcnn.logprob_inputs(images, labels))
-    return await off_loop_if(len(images) >= OFFLOAD_COMPLEXITY, _anomaly_reply, mv, out, images, reference,
-                             body.alpha)
+    # deflate lets go of the GIL: a large batch's complexity is measured in a thread while the model runs
+    complexity = asyncio.ensure_future(off_loop_if(len(images) >= OFFLOAD_COMPLEXITY, pixelcnn.complexity_bits,
+                                                   images))
+    try:
+        out = await mv.run(pixelcnn.LOGPROB, pixelcnn.logprob_inputs(images, labels))
+    finally:
+        bits = await complexity
+    results = pixelcnn.anomaly_results(out, bits, reference, body.alpha)
+    return reply(mv, alpha=body.alpha, reference_size=len(reference.scores), results=results)
 
 
 # The one sample route answers JSON, or events when the client asks for them: documented as two media types.
