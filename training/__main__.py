@@ -173,6 +173,8 @@ def judge_anomaly(args, cfg: TrainAll, train: Dataset, heldout: Dataset) -> None
     version_dir = args.store / "pixelcnn" / str(version)
     log.info("calibrating and judging pixelcnn version %d", version)
     reference = anomaly_lib.calibrate(version_dir, heldout)
+    if reference is None:
+        raise SystemExit(f"the held-out split ({len(heldout.images)} images) is too small for an anomaly reference")
     anomaly = anomaly_lib.evaluate_anomaly(version_dir, heldout, reference, log=log.info)
     completion = anomaly_lib.evaluate_completion(version_dir, clf, heldout, log=log.info)
     out = args.runs / f"anomaly_v{version}.json"
