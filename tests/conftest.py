@@ -28,7 +28,7 @@ def subset(ds: Dataset, n: int) -> Dataset:
 def digits() -> tuple[Dataset, Dataset, Dataset]:
     ds = load_dataset()
     train, heldout = split(ds)
-    return ds, subset(train, 300), subset(heldout, 200)  # 200: an anomaly reference of 100
+    return ds, subset(train, 300), subset(heldout, 400)  # 400: an anomaly reference of 200
 
 
 @pytest.fixture(scope="session")

@@ -29,12 +29,12 @@ def test_manifests_carry_config_metrics_and_checksums(tiny_store):
                                  "frechet_distance_samples"]}.items():
         m = read_manifest(tiny_store / name / "1")
         assert all(k in m.metrics for k in needed), (name, sorted(m.metrics))
-        assert m.training["config"]["seed"] == 0 and m.model and m.dataset["heldout"] == 200
+        assert m.training["config"]["seed"] == 0 and m.model and m.dataset["heldout"] == 400
         assert all(v <= PARITY_TOLERANCE for v in m.metrics["onnx_parity_max_abs_diff"].values())
         for g in m.graphs.values():
             assert g.inputs[0].shape[0] is None                      # dynamic batch axis
-    pixelcnn = read_manifest(tiny_store / "pixelcnn/1")   # scored at export: the even half of the 200 held out
-    assert pixelcnn.anomaly is not None and len(pixelcnn.anomaly.scores) == 100
+    pixelcnn = read_manifest(tiny_store / "pixelcnn/1")   # scored at export: the even half of the 400 held out
+    assert pixelcnn.anomaly is not None and len(pixelcnn.anomaly.scores) == 200 and pixelcnn.schema_version == 2
     assert read_manifest(tiny_store / "vae/1").anomaly is None
     vae = read_manifest(tiny_store / "vae/1")
     assert set(vae.attributes) == {"thickness", "slant"}

@@ -15,13 +15,16 @@ from sklearn.metrics import roc_auc_score
 from service.families import pixelcnn
 from service.families.shared import InvalidField
 from service.imaging import _PNG_FILTERS, _pngs, png_bits
-from service.store import AnomalyReference
+from service.store import AnomalyReference, Manifest, read_manifest
+from tests.conftest import REPO
 from training.anomaly import BAND, SHIFT, outlier_sets
+from training.data import load_dataset, split
 from training.evalutils import auroc
 
 
-def reference(scores) -> AnomalyReference:
-    return AnomalyReference(complexity="png-min-filter-zlib9", source="test", scores=sorted(scores))
+def reference(scores, nll_bits=None) -> AnomalyReference:
+    nll = sorted(nll_bits if nll_bits is not None else np.linspace(300.0, 1500.0, len(scores)))
+    return AnomalyReference(complexity="png-min-filter-zlib9", source="test", scores=sorted(scores), nll_bits=nll)
 
 
 @pytest.fixture(scope="module")
@@ -40,13 +43,21 @@ def test_every_filter_writes_a_png_that_decodes_to_the_image(images, kind):
 
 
 def test_complexity_is_the_smallest_png_in_bits(images):
-    sizes = np.array([[len(p) for p in _pngs(images, k, 9)] for k in range(len(_PNG_FILTERS))])
     bits = png_bits(images)
-    assert bits.dtype == np.int64 and np.array_equal(bits, 8 * sizes.min(axis=0))
+    assert bits.dtype == np.int64
     digits, noise, black = bits[:6], bits[6:8], bits[8]
     assert black < digits.min() and digits.max() < noise.min()
     ramp = np.tile(np.arange(0, 252, 9, dtype=np.uint8), (28, 1))[None]   # each row 0, 9, 18, ...: "sub" is constant
     assert png_bits(ramp)[0] == 8 * len(_pngs(ramp, 1, 9)[0]) < 8 * len(_pngs(ramp, 0, 9)[0])
+
+
+def test_complexity_is_what_the_shipped_references_were_measured_with(digits):
+    """Golden lengths: a zlib that deflates differently (zlib-ng, another level-9 strategy) would shift every score
+    away from the manifests' references, measured with zlib 1.2.13."""
+    pattern = (np.arange(784) % 256).astype(np.uint8).reshape(1, 28, 28)
+    assert png_bits(np.zeros((1, 28, 28), np.uint8)).tolist() == [584]
+    assert png_bits(pattern).tolist() == [672]
+    assert png_bits(split(load_dataset())[1].images[:3]).tolist() == [2120, 2016, 2584]
 
 
 def test_complexity_refuses_what_is_not_a_uint8_batch():
@@ -77,36 +88,53 @@ def test_p_values_of_draws_like_the_reference_are_uniform():
     assert np.abs(counts / trials - 1 / (n + 1)).max() < 0.01          # each level ~0.05, std ~0.0015
 
 
-def test_results_flag_p_values_below_alpha():
-    ref = reference(np.arange(100.0).tolist())
-    out = {"log_probs": np.stack([np.full((28, 28), -1e-3), np.full((28, 28), -0.1)]).astype(np.float32)}
-    results = pixelcnn.anomaly_results(out, np.array([0, 0]), ref, alpha=0.1)
-    assert [r["anomalous"] for r in results] == [False, True]         # ~1 bit, then ~113 bits: above all 100
-    assert results[1]["p_value"] == pytest.approx(1 / 101)
-    assert set(results[0]) == {"score", "logprob", "bits_per_dim", "complexity_bits", "p_value", "anomalous"}
+def test_either_tail_at_half_alpha_flags_an_image():
+    ref = reference(np.arange(200.0).tolist(), np.linspace(300.0, 1500.0, 200).tolist())
+    nats = np.log(2)
+    out = {"log_probs": np.stack([np.full((28, 28), -800 / 784 * nats),      # 800 bits: a typical digit
+                                  np.full((28, 28), -800 / 784 * nats),      # the same, with little complexity
+                                  np.full((28, 28), -20 / 784 * nats)])      # 20 bits: likelier than any digit
+           .astype(np.float32)}
+    results = pixelcnn.anomaly_results(out, np.array([800 - 100, 800 - 300, 120]), ref, alpha=0.02)
+    assert [r["anomalous"] for r in results] == [False, True, True]
+    assert results[1]["p_value"] == pytest.approx(1 / 201) and results[1]["likelihood_p_value"] > 0.1
+    assert results[2]["likelihood_p_value"] == pytest.approx(1 / 201) and results[2]["p_value"] > 0.5
+    assert set(results[0]) == {"score", "logprob", "bits_per_dim", "complexity_bits", "p_value",
+                               "likelihood_p_value", "anomalous"}
+    assert not any(r["anomalous"] for r in pixelcnn.anomaly_results(out, np.array([700, 500, 120]), ref, 0.009))
 
 
 def test_an_alpha_no_p_value_can_pass_under_is_refused():
-    ref = reference(np.arange(100.0).tolist())
+    ref = reference(np.arange(200.0).tolist())
     with pytest.raises(InvalidField) as e:
-        pixelcnn.check_alpha(ref, 1 / 101)
-    assert e.value.field == "alpha" and "1/101" in e.value.message
-    pixelcnn.check_alpha(ref, 1 / 101 + 1e-9)
+        pixelcnn.check_alpha(ref, 2 / 201)
+    assert e.value.field == "alpha" and "2/201" in e.value.message
+    pixelcnn.check_alpha(ref, 2 / 201 + 1e-9)
 
 
-@pytest.mark.parametrize("scores, match", [
-    ([float(i) for i in range(99)], "at least 100"),
-    ([float(i) for i in range(100)][::-1], "ascending"),
-    ([float(i) for i in range(99)] + [math.nan], "finite"),
+@pytest.mark.parametrize("scores, nll, match", [
+    ([float(i) for i in range(199)], [float(i) for i in range(199)], "at least 200"),
+    ([float(i) for i in range(200)][::-1], [float(i) for i in range(200)], "ascending"),
+    ([float(i) for i in range(200)], [float(i) for i in range(199)] + [math.nan], "finite"),
+    ([float(i) for i in range(200)], [float(i) for i in range(201)], "same digits"),
 ])
-def test_a_bad_reference_is_refused(scores, match):
+def test_a_bad_reference_is_refused(scores, nll, match):
     with pytest.raises(ValidationError, match=match):
-        AnomalyReference(complexity="png-min-filter-zlib9", source="test", scores=scores)
+        AnomalyReference(complexity="png-min-filter-zlib9", source="test", scores=scores, nll_bits=nll)
 
 
 def test_a_reference_measured_another_way_is_refused():
     with pytest.raises(ValidationError, match="complexity"):
-        AnomalyReference(complexity="webp", source="test", scores=[float(i) for i in range(100)])
+        AnomalyReference(complexity="webp", source="test", scores=[float(i) for i in range(200)],
+                         nll_bits=[float(i) for i in range(200)])
+
+
+def test_a_manifest_with_a_reference_declares_schema_2():
+    manifest = read_manifest(REPO / "models_store" / "pixelcnn" / "2")
+    assert manifest.schema_version == 2 and manifest.anomaly is not None
+    with pytest.raises(ValidationError, match="schema_version 2"):
+        Manifest.model_validate({**manifest.model_dump(), "schema_version": 1})
+    assert Manifest.model_validate({**manifest.model_dump(), "anomaly": None}).schema_version == 2
 
 
 def test_auroc_matches_sklearn_with_ties():
