@@ -52,6 +52,7 @@ class _ModelHead(_Answer):
     family: str
     default_version: int
     versions: list[int]
+    traffic: dict[str, float] = {}   # version -> weight of requests naming none; empty: the default version
 
 
 class ModelSummary(_ModelHead):

@@ -20,6 +20,7 @@ from fastapi_offline import FastAPIOffline
 from service import __version__, errors, openapi
 from service.metrics import Metrics
 from service.middleware import Admission, RequestGate
+from service.repository import Repository
 from service.routes import gan, health, models, pixelcnn, playground, v2, vae
 from service.runtime import Registry
 from service.settings import Settings, get_settings
@@ -35,6 +36,8 @@ def create_app(settings: Settings | None = None, metrics: Metrics | None = None)
     async def lifespan(app: FastAPI):
         registry = Registry(settings, metrics)
         app.state.registry = registry
+        app.state.repository = repository = Repository(registry, settings)
+        polling: asyncio.Task | None = None
 
         async def load():
             try:
@@ -46,10 +49,17 @@ def create_app(settings: Settings | None = None, metrics: Metrics | None = None)
                 log.info("ready: %s", {n: sorted(v) for n, v in registry.models.items()})
             except Exception:
                 log.exception("model loading failed; the service stays unready")
+                return
+            if settings.model_control == "poll":
+                nonlocal polling
+                polling = asyncio.create_task(repository.poll_forever())
 
         task = asyncio.create_task(load())
         yield
         await task
+        if polling is not None:
+            polling.cancel()
+            await asyncio.gather(polling, return_exceptions=True)
         await registry.stop()
 
     app = FastAPIOffline(title="genserve", version=__version__, lifespan=lifespan,

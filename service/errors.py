@@ -32,6 +32,7 @@ from service import schemas
 from service.batcher import BatcherClosed, DeadlineExceeded, QueueFull
 from service.families.shared import InvalidField
 from service.imaging import ImageDecodeError
+from service.repository import InvalidTraffic, LoadRefused, ModelControlRefused
 from service.runtime import ModelNotFound, ResourceExhausted
 from service.v2_codec import TensorError
 
@@ -208,6 +209,10 @@ ERRORS: dict[type[Exception], Rule | Computed] = {
     BatcherClosed: Rule(503, "shutting_down", "server is shutting down", RETRY_SOON),
     DeadlineExceeded: Rule(504, "timeout", "request waited past its deadline and was dropped"),
     ResourceExhausted: Rule(503, "resource_exhausted", "the model ran out of device memory, retry later", RETRY_SOON),
+    ModelControlRefused: Rule(409, "model_control"),
+    LoadRefused: Rule(400, "load_refused", fields=lambda e: [{"field": path, "message": "; ".join(problems)}
+                                                           for path, problems in sorted(e.refused.items())]),
+    InvalidTraffic: Rule(422, "invalid_request", fields=lambda e: [{"field": e.field, "message": e.message}]),
     StarletteHTTPException: Computed(_http_error, ((400, "malformed_json"), *_HTTP_CODES.items())),
 }
 UNEXPECTED = Rule(500, "internal", "internal error")  # anything else: a bug, logged with its traceback
@@ -233,9 +238,11 @@ def reply(exc: Exception) -> Reply:
 
 # What each status means, as the OpenAPI document states it; the codes listed with it come from ERRORS.
 STATUS_DOCS: dict[int, str] = {
-    400: "The body is not valid JSON; under /v2 also a request that does not fit the model",
+    400: "The body is not valid JSON; under /v2 also a request that does not fit the model, or a load that "
+         "refused versions (`fields` names each path and its problems; what served keeps serving)",
     404: "Unknown model or model version",
     408: "The body did not arrive in time; the connection is closed",
+    409: "This service takes no model changes through the API (GENSERVE_MODEL_CONTROL=none, or several workers)",
     413: "The body is larger than the server accepts",
     422: "A request field is invalid; `fields` names each one",
     500: "An unexpected failure, logged by the server and never detailed here",

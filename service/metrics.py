@@ -433,6 +433,16 @@ class Metrics:
         except Exception as exc:
             _warn("set_model_info", exc)
 
+    def drop_model_info(self, model: str, version: int) -> None:
+        """A version no longer serves (unloaded, or left its version policy): its info series goes."""
+        try:
+            mv = (str(model), str(version))
+            with self._info_lock:
+                if (old := self._info_labels.pop(mv, None)) is not None:
+                    self._drop_info(mv, old)
+        except Exception as exc:
+            _warn("drop_model_info", exc)
+
     def _drop_info(self, mv: tuple[str, str], pf: tuple[str, str]) -> None:
         if self.multiprocess:  # label removal is not implemented for multiprocess files
             self.model_info.labels(*mv, *pf).set(0)

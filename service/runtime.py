@@ -5,8 +5,10 @@ Nothing here knows HTTP; routes ask the registry for a model version and submit 
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
+import random
 import time
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -20,8 +22,8 @@ import numpy as np
 from service.batcher import Batcher, BatchingConfig
 from service.metrics import Metrics
 from service.sampler import IterationSampler, SamplerConfig, session_fn
-from service.settings import Settings
-from service.store import LoadedVersion, is_dir, load_versions, printable, refuse, scan_store
+from service.settings import LatestVersions, Settings, SpecificVersions, VersionPolicy
+from service.store import LoadedVersion, Scan, is_dir, load_versions, printable, refuse, scan_store
 
 log = logging.getLogger(__name__)
 
@@ -253,6 +255,40 @@ class ModelVersion:
         }
 
 
+def admitted(version_dirs: list[Path], policies: Mapping[str, VersionPolicy]) -> list[Path]:
+    """The version folders (`<store>/<model>/<version>`) that their model's version policy lets serve, Triton's
+    shapes: "all", {"latest": n} (the n highest version numbers found), {"specific": [...]}."""
+    by_model: dict[str, list[Path]] = {}
+    for d in version_dirs:
+        by_model.setdefault(d.parent.name, []).append(d)
+    out = []
+    for model, dirs in by_model.items():
+        policy = policies.get(model, "all")
+        dirs = sorted(dirs, key=lambda d: int(d.name))
+        if isinstance(policy, LatestVersions):
+            dirs = dirs[-policy.latest:]
+        elif isinstance(policy, SpecificVersions):
+            dirs = [d for d in dirs if int(d.name) in policy.specific]
+        out += dirs
+    return out
+
+
+Split = tuple[tuple[int, float], ...]  # (version, weight) pairs, by version
+
+
+def checked_split(name: str, weights: Mapping[int, float], versions: Mapping[int, Any]) -> Split:
+    """A traffic split as the registry keeps it, or ValueError naming what is wrong: every version loaded,
+    weights finite and >= 0, not all 0. Empty: no split (the highest version)."""
+    for v, w in weights.items():
+        if v not in versions:
+            raise ValueError(f"version {v} of {name} is not loaded (loaded: {sorted(versions)})")
+        if not (w >= 0 and w != float("inf")):
+            raise ValueError(f"the weight of version {v} must be a finite number >= 0, got {w}")
+    if weights and not any(weights.values()):
+        raise ValueError("the weights are all 0")
+    return tuple(sorted((int(v), float(w)) for v, w in weights.items()))
+
+
 def _frozen(mapping: Mapping | None = None) -> MappingProxyType:
     return MappingProxyType(dict(mapping or {}))
 
@@ -266,6 +302,8 @@ class Snapshot:
     required: tuple[str, ...] = ()           # models that must serve for the service to be ready
     missing: Mapping[str, tuple[str, ...]] = field(default_factory=_frozen)  # required model -> why none serves
     ready: bool = False                      # loading is over: requests are accepted
+    traffic: Mapping[str, Split] = field(default_factory=_frozen)  # model -> its traffic split
+    unloaded: frozenset[str] = frozenset()   # models unloaded through the repository API: not "missing"
 
 
 @dataclass
@@ -293,6 +331,7 @@ class Registry:
         self.snapshot = Snapshot()
         self.stopping = False  # set by stop(): not ready any more, and not because models are loading
         self._built: _Build | None = None
+        self._draining: set[asyncio.Task] = set()  # retired versions waiting out their drain grace
         threads = settings.worker_threads
         self.executor = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="ort")
         log.info("ONNX Runtime: %d calling threads, %d intra-op threads per session%s", threads,
@@ -324,26 +363,33 @@ class Registry:
         self.snapshot = replace(self.snapshot, ready=value)
 
     def load(self) -> None:
-        """Build every valid version, each on its own: one that fails to set up or to warm up is refused with a
-        log line and the others still load. Run it off the event loop; nothing is served before start()."""
-        make_session = session_factory(self.settings)
+        """Build every valid version the version policy admits, each on its own: one that fails to set up or to
+        warm up is refused with a log line and the others still load. Run it off the event loop; nothing is
+        served before start()."""
         scan = scan_store(self.settings.store_path)
-        loaded = load_versions(scan, make_session)
         required = self.settings.required_models
         # the folders as found, before loading: a model folder whose versions are all refused is still one
         build = _Build([], scan.refused, list(required) if required is not None else scan.folders)
-        for _, versions in sorted(loaded.items()):
-            for _, lv in sorted(versions.items()):
-                try:
-                    build.versions.append(ModelVersion(lv, self.settings, self.executor, self.metrics, make_session))
-                except Exception as e:
-                    log.debug("setting up %s failed", lv.path, exc_info=True)
-                    refuse(build.refused, lv.path, [f"cannot be set up for serving: {type(e).__name__}: {e}"])
-        if self.settings.warmup:
-            build.versions = [mv for mv in build.versions if self._warmed_up(mv, build.refused)]
+        build.versions = self.build(admitted(scan.versions, self.settings.version_policy), build.refused)
         if not build.versions:
             log.warning("no valid model in %s", self.settings.store_path)
         self._built = build
+
+    def build(self, version_dirs: list[Path], refused: dict[str, list[str]]) -> list[ModelVersion]:
+        """Validate, set up and warm up these version folders (off the event loop: the slow part); what fails
+        joins `refused`."""
+        make_session = session_factory(self.settings)
+        built = []
+        for _, versions in sorted(load_versions(Scan(versions=version_dirs, refused=refused), make_session).items()):
+            for _, lv in sorted(versions.items()):
+                try:
+                    built.append(ModelVersion(lv, self.settings, self.executor, self.metrics, make_session))
+                except Exception as e:
+                    log.debug("setting up %s failed", lv.path, exc_info=True)
+                    refuse(refused, lv.path, [f"cannot be set up for serving: {type(e).__name__}: {e}"])
+        if self.settings.warmup:
+            built = [mv for mv in built if self._warmed_up(mv, refused)]
+        return built
 
     @staticmethod
     def _warmed_up(mv: ModelVersion, refused: dict[str, list[str]]) -> bool:
@@ -368,22 +414,70 @@ class Registry:
             except Exception as e:
                 log.debug("starting %s failed", mv.loaded.path, exc_info=True)
                 refuse(build.refused, mv.loaded.path, [f"failed to start: {type(e).__name__}: {e}"])
-                await self._stop_quietly(mv)
+                await self.stop_quietly(mv)
                 continue
             models.setdefault(mv.name, {})[mv.version] = mv
             self.metrics.set_model_info(mv.name, mv.version, mv.provider, mv.family)  # only what serves
         missing = self._find_missing(build.required, models, build.refused)
         if missing:
             log.error("not ready: required models with no version serving: %s", missing)
+        traffic = {}
+        for name, weights in self.settings.traffic.items():
+            try:
+                traffic[name] = checked_split(name, weights, models.get(name, {}))
+            except ValueError as e:
+                log.error("GENSERVE_TRAFFIC: ignoring the split of %s: %s", name, e)
         self.snapshot = Snapshot(
             models=_frozen({name: _frozen(versions) for name, versions in models.items()}),
             refused=_frozen({path: tuple(problems) for path, problems in build.refused.items()}),
             required=tuple(build.required),
             missing=_frozen({name: tuple(why) for name, why in missing.items()}),
-            ready=True)
+            ready=True, traffic=_frozen(traffic))
+
+    async def publish_model(self, name: str, versions: Mapping[int, ModelVersion] | None,
+                            refused: dict[str, list[str]] | None = None) -> None:
+        """Serve `versions` as model `name` from now on (None: unloaded), in one new Snapshot: requests that
+        chose a version before keep it. `refused` replaces what was refused under the model's folder."""
+        snap = self.snapshot
+        models = {n: v for n, v in snap.models.items() if n != name}
+        if versions:
+            models[name] = _frozen(versions)
+        prefix = printable(str(self.settings.store_path / name))
+        kept = {p: why for p, why in snap.refused.items() if not (p == prefix or p.startswith(prefix + os.sep))}
+        kept.update({p: tuple(why) for p, why in (refused or {}).items()})
+        unloaded = snap.unloaded - {name} if versions is not None else snap.unloaded | {name}
+        missing = self._find_missing([r for r in snap.required if r not in unloaded], models,
+                                     {p: list(w) for p, w in kept.items()})
+        for v, mv in (versions or {}).items():
+            self.metrics.set_model_info(name, v, mv.provider, mv.family)
+        traffic = {n: t for n, t in snap.traffic.items() if n != name}
+        if split := tuple((v, w) for v, w in snap.traffic.get(name, ()) if v in (versions or {})):
+            traffic[name] = split  # a version that left takes its share with it
+        self.snapshot = replace(snap, models=_frozen(models), refused=_frozen(kept), unloaded=frozenset(unloaded),
+                                missing=_frozen({n: tuple(why) for n, why in missing.items()}),
+                                traffic=_frozen(traffic))
+
+    def set_traffic(self, name: str, split: Split) -> None:
+        traffic = {n: t for n, t in self.snapshot.traffic.items() if n != name}
+        if split:
+            traffic[name] = split
+        self.snapshot = replace(self.snapshot, traffic=_frozen(traffic))
+
+    def default_version(self, name: str, versions: Mapping[int, Any]) -> int:
+        """The version a request naming none gets: drawn by the model's traffic split among those of its versions
+        that are in `versions`, else the highest."""
+        split = [(v, w) for v, w in self.snapshot.traffic.get(name, ()) if v in versions and w > 0]
+        if not split:
+            return max(versions)
+        x = random.random() * sum(w for _, w in split)
+        for v, w in split:
+            x -= w
+            if x < 0:
+                return v
+        return split[-1][0]
 
     @staticmethod
-    async def _stop_quietly(mv: ModelVersion) -> None:
+    async def stop_quietly(mv: ModelVersion) -> None:
         try:
             await mv.stop()
         except Exception:
@@ -410,11 +504,28 @@ class Registry:
         snapshot = self.snapshot
         return snapshot.ready and not snapshot.missing
 
+    def retire(self, versions: list[ModelVersion]) -> None:
+        """Versions no longer published: after the drain grace (for requests that chose them just before), what
+        they accepted finishes and they are released."""
+        for mv in versions:
+            self.metrics.drop_model_info(mv.name, mv.version)
+            task = asyncio.get_running_loop().create_task(self._drain(mv))
+            self._draining.add(task)
+            task.add_done_callback(self._draining.discard)
+
+    async def _drain(self, mv: ModelVersion) -> None:
+        await asyncio.sleep(self.settings.drain_grace_s)
+        await self.stop_quietly(mv)
+        log.info("%s v%d drained and released", mv.name, mv.version)
+
     async def stop(self) -> None:
         """Stop accepting work, finish everything accepted, then stop."""
         self.ready, self.stopping = False, True
         for mv in self.all():
             await mv.stop()
+        for task in list(self._draining):  # versions on their way out: no grace at shutdown
+            task.cancel()
+        await asyncio.gather(*self._draining, return_exceptions=True)
         self.executor.shutdown(wait=True)
 
     def all(self) -> list[ModelVersion]:
@@ -423,9 +534,12 @@ class Registry:
     def get(self, name: str, version: int | None = None, family: str | None = None) -> ModelVersion:
         versions = self.models.get(name)
         if not versions:
+            if name in self.snapshot.unloaded:
+                raise ModelNotFound(f"model '{name}' was unloaded through the repository API; "
+                                    f"POST /v2/repository/models/{name}/load serves it again")
             raise ModelNotFound(f"model '{name}' is not loaded (loaded: {sorted(self.models)})")
         if version is None:
-            version = max(versions)
+            version = self.default_version(name, versions)
         mv = versions.get(version)
         if mv is None:
             raise ModelNotFound(f"model '{name}' has no version {version} (versions: {sorted(versions)})")

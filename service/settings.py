@@ -8,7 +8,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from service.store import MODEL_NAME
@@ -31,6 +31,19 @@ def available_cores(cpu_max: Path = Path("/sys/fs/cgroup/cpu.max")) -> int:
 class BatchingOverride(BaseModel):
     max_batch_size: int | None = Field(None, ge=1, le=4096)
     max_delay_ms: float | None = Field(None, ge=0, le=1000)
+
+
+class LatestVersions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    latest: int = Field(ge=1, description="the highest N version folders")
+
+
+class SpecificVersions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    specific: list[int] = Field(min_length=1, description="these version numbers")
+
+
+VersionPolicy = Literal["all"] | LatestVersions | SpecificVersions
 
 
 class Settings(BaseSettings):
@@ -95,6 +108,21 @@ class Settings(BaseSettings):
     backlog: int = Field(4096, ge=1, description="the listening socket's accept queue (the kernel caps it at "
                          "net.core.somaxconn)")
     warmup: bool = True
+    model_control: Literal["none", "explicit", "poll"] = Field(
+        "explicit", description="none: the store is read once at start-up; explicit: also loaded and unloaded "
+                                "through POST /v2/repository/models/{model}/load and /unload; poll: also "
+                                "rescanned every poll_interval_s, changes applied as if requested")
+    poll_interval_s: float = Field(15.0, gt=0, le=3600, description="how often poll mode rescans the store")
+    version_policy: dict[str, VersionPolicy] = Field(
+        default_factory=dict, description='per model, which versions serve, JSON in Triton\'s shapes: '
+                                          '{"gan": {"latest": 2}, "vae": {"specific": [1, 3]}, "pixelcnn": "all"}; '
+                                          'default "all"')
+    traffic: dict[str, dict[int, float]] = Field(
+        default_factory=dict, description='per model, how requests that name no version are split between '
+                                          'versions, JSON weights: {"gan": {"1": 90, "2": 10}}; default: the highest')
+    drain_grace_s: float = Field(2.0, ge=0, le=600, description="a version leaving service (unloaded, replaced, "
+                                 "removed) still takes work this long, for requests that chose it just before; "
+                                 "then what it accepted finishes and it is released")
     playground: bool = Field(True, description="serve the browser playground at /playground (its page and assets "
                                                "come from the package; nothing is fetched from other hosts)")
     log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"

@@ -554,6 +554,20 @@ def scan_store(root: Path) -> Scan:
     return scan
 
 
+def scan_model(root: Path, name: str) -> Scan | None:
+    """One model folder of the store, as scan_store() would find it; None when there is no such folder."""
+    scan = Scan()
+    model_dir = root / name
+    if not _MODEL_NAME.fullmatch(name) or not is_dir(model_dir):
+        return None
+    scan.folders.append(name)
+    if (why := outside(model_dir, root.resolve())) is not None:
+        scan.refuse(model_dir, [f"the model folder {why}"])
+    else:
+        _scan_model(model_dir, root.resolve(), scan)
+    return scan
+
+
 def discover(root: Path) -> list[Path]:
     """Every `<root>/<model>/<version>/` folder whose name is a version number, sorted by model and version."""
     return scan_store(root).versions

@@ -1,9 +1,13 @@
-"""GET /v1/models and /v1/models/{name}: what is loaded, where it runs, how it batches, how good it is."""
+"""GET /v1/models and /v1/models/{name}: what is loaded, where it runs, how it batches, how good it is; PUT
+/v1/models/{name}/traffic: how requests that name no version are split between its versions."""
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Request
+from typing import Annotated
 
+from fastapi import APIRouter, Body, Request
+
+from service.errors import responses
 from service.routes.common import ANY, JSON, LOOKUP, get_registry, not_ready
 
 router = APIRouter(prefix="/v1/models", tags=["models"], responses=ANY)
@@ -25,11 +29,26 @@ async def get_model(name: str, request: Request):
     return JSON(_summary(reg, name, detail=True))
 
 
+Weights = Annotated[dict[str, Annotated[float, Body(ge=0)]], Body(
+    examples=[{"1": 90, "2": 10}],
+    description="version -> weight (any scale, >= 0) over loaded versions; {} removes the split")]
+
+
+@router.put("/{name}/traffic", responses={**LOOKUP, **responses(409, 422)})
+async def set_traffic(name: str, weights: Weights, request: Request):
+    """Split the requests to this model that name no version between its loaded versions, by weight: `{"1": 90,
+    "2": 10}` sends a tenth to version 2, `{"2": 100}` promotes it. A request that names a version gets it."""
+    repository = request.app.state.repository
+    repository.check_control()
+    split = repository.set_traffic(name, weights)
+    return JSON({"model": name, "traffic": split, "default_version": max(get_registry(request).models[name])})
+
+
 def _summary(reg, name: str, detail: bool = False) -> dict:
     versions = reg.models[name]
     default = max(versions)
     out = {"name": name, "family": versions[default].family, "default_version": default,
-           "versions": sorted(versions)}
+           "versions": sorted(versions), "traffic": {str(v): w for v, w in reg.snapshot.traffic.get(name, ())}}
     if detail:
         out["details"] = {str(v): mv.describe() for v, mv in sorted(versions.items())}
     else:

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 
+import orjson
 from fastapi import APIRouter, Request
 from starlette.responses import Response
 
@@ -69,7 +70,7 @@ def _resolve(request: Request, name: str, version: str | None) -> tuple[ModelVer
     model, _, graph = name.partition(".")
     versions = {v: m for v, m in reg.models.get(model, {}).items() if graph in m.manifest.graphs}
     if version is None:
-        mv = versions[max(versions)] if versions else None
+        mv = versions[reg.default_version(model, versions)] if versions else None
     else:
         mv = versions.get(v) if (v := decimal(version, 9)) is not None else None
     if mv is not None:
@@ -121,6 +122,50 @@ async def repository_index(request: Request):
     state = "READY" if reg.ready else "LOADING"
     return JSON([{"name": name, "version": str(v), "state": state}
                  for name, versions in v2_models(reg).items() for v in sorted(versions)])
+
+
+# Triton's repository API, so that tritonclient's load_model and unload_model work unchanged. `model` is a store
+# model (`gan`) or one of its graphs (`gan.generator`): either acts on the whole model.
+_CONTROL = responses(400, 404, 409, 503, v2=True)
+
+
+async def _no_parameters(request: Request) -> None:
+    """Triton's load takes `parameters` (a config override, files): none are supported, and saying so beats
+    ignoring them. Unload's `unload_dependents` is accepted: no model here depends on another."""
+    body = await request.body()
+    if body.strip():
+        try:
+            data = orjson.loads(body)
+        except orjson.JSONDecodeError:
+            raise TensorError("the body is not valid JSON") from None
+        parameters = data.get("parameters", {}) if isinstance(data, dict) else None
+        if not isinstance(parameters, dict) or set(data) - {"parameters"} or (
+                set(parameters) - {"unload_dependents"}):
+            raise TensorError("load and unload take no parameters (but unload_dependents): a model's config "
+                              "comes from its manifest")
+
+
+@router.post("/repository/models/{model}/load", responses=_CONTROL)
+async def repository_load(model: str, request: Request):
+    """Rescan the model's folder and apply its version policy: new valid versions built and warmed up, then served
+    in one step; versions gone from disk or from the policy drained. A refused version is a 400 naming it, and
+    what served keeps serving."""
+    repository = request.app.state.repository
+    repository.check_control()
+    await _no_parameters(request)
+    name = model.partition(".")[0]
+    result = await repository.load(name)
+    return JSON({"model": name, "serving": result.serving, "added": result.added, "removed": result.removed})
+
+
+@router.post("/repository/models/{model}/unload", responses=_CONTROL)
+async def repository_unload(model: str, request: Request):
+    """Stop serving every version of the model (each drained, then released) until it is loaded again."""
+    repository = request.app.state.repository
+    repository.check_control()
+    await _no_parameters(request)
+    name = model.partition(".")[0]
+    return JSON({"model": name, "unloaded": await repository.unload(name)})
 
 
 def _metadata(request: Request, name: str, version: str | None) -> JSON:

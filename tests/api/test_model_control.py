@@ -1,0 +1,154 @@
+"""Model control on real server processes, under load: 8 clients send GAN requests without pause while versions
+are loaded through tritonclient, traffic is split and promoted, a broken version is refused, the VAE is unloaded
+and loaded again, and (poll mode) versions appear and vanish on disk. No GAN request may fail."""
+
+from __future__ import annotations
+
+import collections
+import shutil
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import tritonclient.http as triton
+from tritonclient.utils import InferenceServerException
+
+from service.store import read_manifest, write_manifest
+from tests.api.conftest import server_process
+from tests.conftest import REPO
+
+pytestmark = pytest.mark.slow
+CLIENTS = 8
+
+
+def copy_version(store: Path, model: str, src: int, dst: int, truncate: str | None = None) -> None:
+    """<model>/<src> copied as version <dst>, its manifest saying so; `truncate` cuts that file to 1000 bytes."""
+    staged = store / model / f".{dst}-staging"   # hidden while it is written: a poll must not see half a version
+    shutil.copytree(store / model / str(src), staged)
+    write_manifest(read_manifest(staged).model_copy(update={"version": dst}), staged)
+    if truncate:
+        (staged / truncate).write_bytes((staged / truncate).read_bytes()[:1000])
+    staged.rename(store / model / str(dst))
+
+
+class Load:
+    """CLIENTS threads posting /v1/gan/sample until stopped; each answer's (time, status, version) is kept."""
+
+    def __init__(self, base: str):
+        self.base, self.stop, self.answers = base, threading.Event(), []
+        self.lock = threading.Lock()
+        self.threads = [threading.Thread(target=self._client, daemon=True) for _ in range(CLIENTS)]
+
+    def _client(self) -> None:
+        with httpx.Client(base_url=self.base, timeout=30) as http:
+            while not self.stop.is_set():
+                try:
+                    r = http.post("/v1/gan/sample", json={"n": 1, "format": "array"})
+                    answer = (time.monotonic(), r.status_code, r.json().get("model_version"))
+                except (httpx.HTTPError, ValueError) as e:
+                    answer = (time.monotonic(), repr(e), None)
+                with self.lock:
+                    self.answers.append(answer)
+
+    def since(self, t0: float) -> list[tuple]:
+        with self.lock:
+            return [a for a in self.answers if a[0] >= t0]
+
+    def __enter__(self) -> Load:
+        for t in self.threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop.set()
+        for t in self.threads:
+            t.join(timeout=30)
+
+
+def wait_for(what: str, check, timeout_s: float = 30.0):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if value := check():
+            return value
+        time.sleep(0.05)
+    pytest.fail(f"timed out waiting for {what}")
+
+
+@pytest.fixture
+def store(tmp_path) -> Path:
+    for model in ("gan", "vae"):
+        shutil.copytree(REPO / "models_store" / model, tmp_path / "store" / model)
+    return tmp_path / "store"
+
+
+def test_versions_change_under_load_and_no_request_fails(store, tmp_path, record_property):
+    with server_process(store, tmp_path / "server.log", providers="cpu", drain_grace_s="1") as (base, _):
+        triton_client = triton.InferenceServerClient(url=base.removeprefix("http://"))
+        http = httpx.Client(base_url=base, timeout=60)
+        with Load(base) as load:
+            wait_for("the clients to start", lambda: len(load.since(0)) > 50)
+
+            copy_version(store, "gan", 1, 2)
+            t0 = time.monotonic()
+            triton_client.load_model("gan.generator")        # as Triton's own client does it
+            loaded_s = time.monotonic() - t0
+            first_v2 = wait_for("version 2 answering", lambda: next((a[0] for a in load.since(t0) if a[2] == 2), None))
+            assert http.get("/v1/models/gan").json()["versions"] == [1, 2]
+            record_property("load_to_serving_s", round(first_v2 - t0, 3))
+            record_property("load_call_s", round(loaded_s, 3))
+
+            r = http.put("/v1/models/gan/traffic", json={"1": 50, "2": 50})
+            assert r.status_code == 200, r.text
+            t_split = time.monotonic()
+            wait_for("400 answers under the split", lambda: len(load.since(t_split)) >= 400, 60)
+            versions = collections.Counter(a[2] for a in load.since(t_split))
+            share = versions[2] / (versions[1] + versions[2])
+            assert abs(share - 0.5) < 0.08, versions                     # 400+ draws: 3 sd is about 0.075
+
+            assert http.put("/v1/models/gan/traffic", json={"2": 100}).status_code == 200
+            t_promoted = time.monotonic()
+            wait_for("answers after the promotion", lambda: len(load.since(t_promoted + 0.2)) >= 100)
+            assert {a[2] for a in load.since(t_promoted + 0.2)} == {2}   # the next requests' choice is 2
+
+            copy_version(store, "gan", 1, 3, truncate="generator.onnx")
+            with pytest.raises(InferenceServerException, match="generator.onnx"):
+                triton_client.load_model("gan")
+            assert http.get("/v1/models/gan").json()["versions"] == [1, 2]
+
+            triton_client.unload_model("vae")
+            r = http.post("/v1/vae/sample", json={"n": 1})
+            assert r.status_code == 404 and "unloaded" in r.json()["error"]["message"]
+            assert http.get("/readyz").status_code == 200                # an unloaded model is not a missing one
+            triton_client.load_model("vae")
+            assert http.post("/v1/vae/sample", json={"n": 1}).status_code == 200
+            time.sleep(1.5)                                               # past the drain grace of what left
+        answers = load.since(0)
+        failed = [a for a in answers if a[1] != 200]
+        record_property("gan_requests", len(answers))
+        record_property("gan_failed", len(failed))
+        assert not failed, failed[:5]
+        assert len(answers) > 800
+
+
+def test_poll_mode_picks_up_and_drains_versions_by_itself(store, tmp_path):
+    with server_process(store, tmp_path / "server.log", providers="cpu", model_control="poll",
+                        poll_interval_s="0.3", drain_grace_s="0.5") as (base, _):
+        http = httpx.Client(base_url=base, timeout=60)
+        with Load(base) as load:
+            wait_for("the clients to start", lambda: len(load.since(0)) > 50)
+            copy_version(store, "gan", 1, 2)
+            wait_for("version 2 picked up", lambda: http.get("/v1/models/gan").json()["versions"] == [1, 2])
+            t0 = time.monotonic()
+            wait_for("version 2 answering", lambda: any(a[2] == 2 for a in load.since(t0)))
+            shutil.rmtree(store / "gan" / "2")                            # removed from disk while it serves
+            wait_for("version 2 dropped", lambda: http.get("/v1/models/gan").json()["versions"] == [1])
+            t1 = time.monotonic()
+            wait_for("answers after", lambda: len(load.since(t1 + 0.2)) >= 50)
+            assert {a[2] for a in load.since(t1 + 0.2)} == {1}
+            time.sleep(1.0)                                               # past its drain grace: released
+        failed = [a for a in load.since(0) if a[1] != 200]
+        assert not failed, failed[:5]
+        r = http.post("/v2/repository/index")
+        assert {(m["name"], m["version"]) for m in r.json()} >= {("gan.generator", "1")}
