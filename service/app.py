@@ -18,6 +18,7 @@ from fastapi import FastAPI
 from fastapi_offline import FastAPIOffline
 
 from service import __version__, errors, openapi
+from service.auth import Auth
 from service.metrics import Metrics
 from service.middleware import Admission, RequestGate
 from service.repository import Repository
@@ -65,6 +66,7 @@ def create_app(settings: Settings | None = None, metrics: Metrics | None = None)
     app = FastAPIOffline(title="genserve", version=__version__, lifespan=lifespan,
                          description="Generative image models (PixelCNN, VAE, GAN) over REST, on ONNX Runtime.")
     app.state.settings, app.state.metrics = settings, metrics
+    app.state.auth = auth = Auth(settings, metrics)  # read by the request gate and by auth.require_admin
     errors.install(app)
     openapi.install(app)
     pages = [playground.router] if settings.playground else []
@@ -73,5 +75,5 @@ def create_app(settings: Settings | None = None, metrics: Metrics | None = None)
         app.include_router(r)
     app.state.admission = admission = Admission(metrics, settings.max_inflight, settings.max_loop_lag_s)
     app.add_middleware(RequestGate, limit=settings.max_body_bytes, metrics=metrics, admission=admission,
-                       body_timeout_s=settings.body_timeout_s)
+                       body_timeout_s=settings.body_timeout_s, auth=auth)
     return app

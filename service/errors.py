@@ -29,6 +29,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import JSONResponse
 
 from service import schemas
+from service.auth import ADMIN_REALM, API_REALM, AdminDisabled, AdminUnauthorized, Unauthorized
 from service.batcher import BatcherClosed, DeadlineExceeded, QueueFull
 from service.families.shared import InvalidField
 from service.imaging import ImageDecodeError
@@ -214,6 +215,9 @@ ERRORS: dict[type[Exception], Rule | Computed] = {
                                                            for path, problems in sorted(e.refused.items())]),
     InvalidTraffic: Rule(422, "invalid_request", fields=lambda e: [{"field": e.field, "message": e.message}]),
     StarletteHTTPException: Computed(_http_error, ((400, "malformed_json"), *_HTTP_CODES.items())),
+    Unauthorized: Rule(401, "unauthorized", headers={"WWW-Authenticate": API_REALM}),
+    AdminUnauthorized: Rule(401, "unauthorized", headers={"WWW-Authenticate": ADMIN_REALM}),
+    AdminDisabled: Rule(403, "admin_disabled"),
 }
 UNEXPECTED = Rule(500, "internal", "internal error")  # anything else: a bug, logged with its traceback
 
@@ -240,6 +244,9 @@ def reply(exc: Exception) -> Reply:
 STATUS_DOCS: dict[int, str] = {
     400: "The body is not valid JSON; under /v2 also a request that does not fit the model, or a load that "
          "refused versions (`fields` names each path and its problems; what served keeps serving)",
+    401: "No valid credential: an API key (while GENSERVE_API_KEYS is set), or the admin token on an admin route; "
+         "WWW-Authenticate names the realm",
+    403: "The admin routes are off: the server has no GENSERVE_ADMIN_TOKEN",
     404: "Unknown model or model version",
     408: "The body did not arrive in time; the connection is closed",
     409: "This service takes no model changes through the API (GENSERVE_MODEL_CONTROL=none, or several workers)",
@@ -267,6 +274,9 @@ def responses(*statuses: int, v2: bool = False, always_retry_after: bool = True)
         what = STATUS_DOCS[status]
         doc = {"model": V2ErrorResponse if v2 else ErrorResponse,
                "description": what if v2 else f"{what} (code: {', '.join(codes(status))})"}
+        if status == 401:
+            doc["headers"] = {"WWW-Authenticate": {"description": f"{API_REALM}, or {ADMIN_REALM} on an admin route",
+                                                   "required": True, "schema": {"type": "string"}}}
         if status == 503:
             doc["headers"] = {"Retry-After": {"description": "seconds to wait before retrying",
                                               "required": always_retry_after,

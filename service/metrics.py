@@ -39,6 +39,11 @@ e.g. ``/v1/models/{name}``):
   ``genserve_http_requests_total`` under ``route="refused"``.
 - ``genserve_client_timeouts_total`` (counter; phase): connections cut off because the client sent its request
   headers (``headers``) or body (``body``) too slowly.
+- ``genserve_api_key_requests_total`` (counter; key_id): data-plane requests let through by their API key, while
+  API keys are on; ``key_id`` is ``service.auth.key_id`` of the key (never the key), or ``admin``.
+- ``genserve_auth_failures_total`` (counter; credential, reason): requests refused for their credential:
+  ``credential`` is ``api_key`` (401 on the data plane) or ``admin_token`` (the admin routes), ``reason``
+  ``missing``, ``wrong``, or ``disabled`` (an admin route while no admin token is set: 403).
 
 ``genserve_model_info`` is a Gauge fixed at 1 rather than a prometheus ``Info`` metric because Info is not
 supported in multiprocess mode; using the Gauge form always keeps both modes' output identical. When a
@@ -357,6 +362,18 @@ class Metrics:
             ("phase",),
             registry=r,
         )
+        self.api_key_requests_total = Counter(
+            PREFIX + "api_key_requests_total",
+            "Data-plane requests let through by their API key, by key id (a digest's prefix, never the key).",
+            ("key_id",),
+            registry=r,
+        )
+        self.auth_failures_total = Counter(
+            PREFIX + "auth_failures_total",
+            "Requests refused for their credential (api_key or admin_token), by reason: missing, wrong, disabled.",
+            ("credential", "reason"),
+            registry=r,
+        )
         self._info_lock = threading.Lock()
         self._info_labels: dict[tuple[str, str], tuple[str, str]] = {}
         self._observers: dict[tuple[str, str, str], GraphObserver] = {}
@@ -418,6 +435,21 @@ class Metrics:
             self.client_timeouts_total.labels(str(phase)).inc()
         except Exception as exc:
             _warn("on_client_timeout", exc)
+
+    def on_api_key(self, key_id: str) -> None:
+        """A data-plane request was let through by the key with this id. Never raises."""
+        try:
+            self.api_key_requests_total.labels(str(key_id)).inc()
+        except Exception as exc:
+            _warn("on_api_key", exc)
+
+    def on_auth_failure(self, credential: str, reason: str) -> None:
+        """A request was refused for its ``credential`` (``api_key``, ``admin_token``): ``reason`` is ``missing``,
+        ``wrong`` or ``disabled``. Never raises."""
+        try:
+            self.auth_failures_total.labels(str(credential), str(reason)).inc()
+        except Exception as exc:
+            _warn("on_auth_failure", exc)
 
     def set_model_info(self, model: str, version: int, provider: str, family: str) -> None:
         """Publish ``genserve_model_info{model,version,provider,family} 1`` for a loaded model version."""

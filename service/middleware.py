@@ -1,5 +1,9 @@
-"""The ASGI layer in front of the routes: admission control, the body limit, request deadlines, the last-resort
-500, and the request metrics. Pure ASGI (no BaseHTTPMiddleware): it runs on every request, so it stays cheap.
+"""The ASGI layer in front of the routes: API keys, admission control, the body limit, request deadlines, the
+last-resort 500, and the request metrics. Pure ASGI (no BaseHTTPMiddleware): it runs on every request, so it
+stays cheap.
+
+API keys (service.auth) are checked first, before admission and before the body is read: a request without a
+valid key takes no in-flight slot and costs no body read or parsing.
 
 Admission: a request that carries work (POST) is admitted only while fewer than `max_inflight` requests to the
 same path are in flight in this process, and while the event loop keeps up (LoopLag); past that it is answered
@@ -28,6 +32,7 @@ from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service import errors
+from service.auth import Auth
 from service.batcher import QueueFull, arrived_at
 from service.metrics import Metrics
 
@@ -155,9 +160,11 @@ def _refusal_bytes(v2: bool) -> tuple[list[tuple[bytes, bytes]], bytes]:
 
 
 class RequestGate:
-    def __init__(self, app: ASGIApp, limit: int, metrics: Metrics, admission: Admission, body_timeout_s: float):
+    def __init__(self, app: ASGIApp, limit: int, metrics: Metrics, admission: Admission, body_timeout_s: float,
+                 auth: Auth | None = None):
         self.app, self.limit, self.metrics, self.admission = app, limit, metrics, admission
         self.body_timeout_s = body_timeout_s
+        self.auth = auth if auth is not None and auth.keys_on else None  # without keys, not even a call
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -202,6 +209,8 @@ class RequestGate:
 
         admitted: str | None = None  # the path counted in self.inflight
         try:
+            if self.auth is not None:
+                self.auth.check(scope)
             if scope["method"] == "POST":
                 if (why := self.admission.refusal("POST", scope["path"])) is not None:
                     raise QueueFull(why)

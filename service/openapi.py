@@ -14,6 +14,12 @@ FastAPI's document needs two corrections, made by `document` (which `install` se
 * FastAPI documents a 422 with its own body ({"detail": [...]}) on every route with parameters that documents
   no 422 itself. This service never answers that body (service/errors.py answers validation errors with its own,
   and the routes document those), and a route whose only parameters are path strings cannot fail validation.
+
+And it adds what FastAPI cannot see, the credentials (service.auth): the request gate checks API keys by path,
+outside any route, so every operation on a path that `auth.protects` gets the 401 and the API keys' security
+(optional: the server may have none), and every route depending on `auth.require_admin` the 401, the 403 and
+the admin token's. Made from the same rule and dependency that the checks use, the document cannot drift from
+them.
 """
 
 from __future__ import annotations
@@ -26,7 +32,10 @@ from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI
+from fastapi.dependencies.models import Dependant
+from fastapi.routing import APIRoute
 
+from service import auth, errors
 from service.settings import Settings
 
 OPENAPI_FILE = Path(__file__).resolve().parents[1] / "docs" / "openapi.json"
@@ -74,11 +83,40 @@ def _drop_fastapi_422(spec: dict) -> None:
             schemas.pop(name, None)
 
 
+def _error_response(status: int, v2: bool) -> dict:
+    """errors.responses' documentation of `status` in the document's own form."""
+    doc = errors.responses(status, v2=v2)[status]
+    out = {"description": doc["description"], **({"headers": doc["headers"]} if "headers" in doc else {})}
+    return {**out, "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/"
+                                                                       f"{doc['model'].__name__}"}}}}
+
+
+def _needs_admin(dependant: Dependant) -> bool:
+    return any(d.call is auth.require_admin or _needs_admin(d) for d in dependant.dependencies)
+
+
+def _document_auth(app: FastAPI, spec: dict) -> None:
+    """In place: the credentials each operation needs, and the statuses they answer (see the module's doc)."""
+    admin = {(r.path_format, m.lower()) for r in app.routes if isinstance(r, APIRoute) and _needs_admin(r.dependant)
+             for m in r.methods}
+    for path, operations in spec.get("paths", {}).items():
+        v2 = errors.is_v2_path(path)
+        for method, operation in operations.items():
+            if (path, method) in admin:
+                operation["security"] = auth.ADMIN_SECURITY
+                operation["responses"].update({"401": _error_response(401, v2), "403": _error_response(403, v2)})
+            elif auth.protects(path):
+                operation["security"] = auth.API_KEY_SECURITY
+                operation["responses"]["401"] = _error_response(401, v2)
+    spec.setdefault("components", {})["securitySchemes"] = auth.SECURITY_SCHEMES
+
+
 def document(app: FastAPI) -> dict:
     """The app's OpenAPI document: FastAPI's (cached in app.openapi_schema), corrected in place. Idempotent."""
     spec = type(app).openapi(app)  # the class's builder: app.openapi itself may be this function
     _integer_bounds(spec)
     _drop_fastapi_422(spec)
+    _document_auth(app, spec)
     return spec
 
 

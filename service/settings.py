@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import json
 import math
 import os
+import re
 from functools import lru_cache
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from service.store import MODEL_NAME
 
@@ -46,8 +48,56 @@ class SpecificVersions(BaseModel):
 VersionPolicy = Literal["all"] | LatestVersions | SpecificVersions
 
 
+# A secret (the admin token, an API key) travels in an HTTP header and is shown nowhere, not even in the key ids
+# of the metrics (service.auth), which a short one would let anyone reverse by trying every value.
+SECRET_MIN_CHARS = 16
+_SECRET_CHARS = re.compile(r"[\x21-\x7e]+")  # printable ASCII, no space: what a header value keeps as is
+
+
+def _check_secret(secret: str, what: str) -> str:
+    """`secret` if it can be a token; otherwise a ValueError saying why, never showing it."""
+    if not secret:
+        raise ValueError(f"{what} is empty")
+    if not _SECRET_CHARS.fullmatch(secret):
+        newline = " (a trailing newline, as `kubectl create secret --from-file` keeps?)" if secret[-1].isspace() else ""
+        raise ValueError(f"{what} must be printable ASCII without spaces, as it travels in an HTTP header{newline}")
+    if len(secret) < SECRET_MIN_CHARS:
+        raise ValueError(f"{what} has {len(secret)} characters, fewer than {SECRET_MIN_CHARS} (make one with "
+                         "`openssl rand -hex 32`)")
+    return secret
+
+
+def read_api_keys(value: str) -> list[str]:
+    """GENSERVE_API_KEYS as written: a JSON list of keys, or the path of a file holding one key per line, where
+    blank lines and lines starting with `#` are left out (a Kubernetes or Docker secret mounted as a file).
+    Errors name the line or the position, never a key."""
+    if not value.strip():
+        raise ValueError("GENSERVE_API_KEYS is empty: unset it to serve without API keys")
+    if value.lstrip().startswith("["):
+        try:
+            keys = json.loads(value)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"GENSERVE_API_KEYS is not a JSON list: {exc.msg} at character {exc.pos}") from None
+        if not all(isinstance(k, str) for k in keys):
+            raise ValueError("GENSERVE_API_KEYS must be a JSON list of strings")
+        return keys
+    path = Path(value)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else "not UTF-8"
+        raise ValueError(f"GENSERVE_API_KEYS is neither a JSON list nor a readable file: {path}: {reason}") from None
+    keys = []
+    for number, line in enumerate(text.splitlines(), 1):
+        if (key := line.strip()) and not key.startswith("#"):
+            keys.append(_check_secret(key, f"the key on line {number} of {path}"))
+    return keys
+
+
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="GENSERVE_", env_nested_delimiter="__", extra="ignore")
+    # A validation error names the setting and the rule, never the value given: two of the settings are secrets.
+    model_config = SettingsConfigDict(env_prefix="GENSERVE_", env_nested_delimiter="__", extra="ignore",
+                                      hide_input_in_errors=True)
 
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
@@ -126,6 +176,43 @@ class Settings(BaseSettings):
     playground: bool = Field(True, description="serve the browser playground at /playground (its page and assets "
                                                "come from the package; nothing is fetched from other hosts)")
     log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
+    admin_token: SecretStr | None = Field(
+        None, description="the bearer token of the admin routes (repository load and unload, traffic split); "
+                          "unset: they answer 403")
+    api_keys: Annotated[tuple[SecretStr, ...] | None, NoDecode] = Field(
+        None, description="data-plane API keys, each sent as `Authorization: Bearer <key>` or `X-API-Key`: a JSON "
+                          "list, or the path of a file with one key per line (blank lines and `#` comments left "
+                          "out); unset: /v1 and /v2 need no key")
+
+    @field_validator("admin_token")
+    @classmethod
+    def _admin_token_is_a_token(cls, token: SecretStr | None) -> SecretStr | None:
+        if token is not None:
+            _check_secret(token.get_secret_value(), "GENSERVE_ADMIN_TOKEN")
+        return token
+
+    @field_validator("api_keys", mode="before")
+    @classmethod
+    def _api_keys_from_list_or_file(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            value = read_api_keys(value)
+        if isinstance(value, list | tuple):
+            plain = [k.get_secret_value() if isinstance(k, SecretStr) else k for k in value]
+            for i, key in enumerate(plain):
+                if isinstance(key, str):
+                    _check_secret(key, f"GENSERVE_API_KEYS key {i}")
+            if not plain:  # unset means off: a list with no key is a mistake (an emptied secret?), not a way to open up
+                raise ValueError("GENSERVE_API_KEYS holds no key: unset it to serve without API keys")
+            return tuple(dict.fromkeys(plain))
+        return value
+
+    @model_validator(mode="after")
+    def _admin_token_is_no_api_key(self) -> Settings:
+        if self.admin_token is not None and self.api_keys is not None and \
+                self.admin_token.get_secret_value() in {k.get_secret_value() for k in self.api_keys}:
+            raise ValueError("GENSERVE_ADMIN_TOKEN is also one of GENSERVE_API_KEYS: every client holding that key "
+                             "could change the models")
+        return self
 
     def ort_threads(self) -> int:
         """Intra-op threads per session: as set, or the cores this process may use divided between the workers,

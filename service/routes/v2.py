@@ -26,10 +26,11 @@ from __future__ import annotations
 import asyncio
 
 import orjson
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Depends, Request
 from starlette.responses import Response
 
 from service import families
+from service.auth import require_admin
 from service.errors import APIError, responses
 from service.routes.common import JSON, V2_ANY, V2_LOOKUP, get_registry, not_ready
 from service.runtime import ModelNotFound, ModelVersion, Registry, from_onnxruntime
@@ -145,7 +146,7 @@ async def _no_parameters(request: Request) -> None:
                               "comes from its manifest")
 
 
-@router.post("/repository/models/{model}/load", responses=_CONTROL)
+@router.post("/repository/models/{model}/load", responses=_CONTROL, dependencies=[Depends(require_admin)])
 async def repository_load(model: str, request: Request):
     """Rescan the model's folder and apply its version policy: new valid versions built and warmed up, then served
     in one step; versions gone from disk or from the policy drained. A refused version is a 400 naming it, and
@@ -158,7 +159,7 @@ async def repository_load(model: str, request: Request):
     return JSON({"model": name, "serving": result.serving, "added": result.added, "removed": result.removed})
 
 
-@router.post("/repository/models/{model}/unload", responses=_CONTROL)
+@router.post("/repository/models/{model}/unload", responses=_CONTROL, dependencies=[Depends(require_admin)])
 async def repository_unload(model: str, request: Request):
     """Stop serving every version of the model (each drained, then released) until it is loaded again."""
     repository = request.app.state.repository

@@ -21,6 +21,8 @@ from tests.conftest import REPO
 
 pytestmark = pytest.mark.slow
 CLIENTS = 8
+TOKEN = "admin-token-0123456789abcdef"
+ADMIN = {"Authorization": f"Bearer {TOKEN}"}
 
 
 def copy_version(store: Path, model: str, src: int, dst: int, truncate: str | None = None) -> None:
@@ -84,22 +86,28 @@ def store(tmp_path) -> Path:
 
 
 def test_versions_change_under_load_and_no_request_fails(store, tmp_path, record_property):
-    with server_process(store, tmp_path / "server.log", providers="cpu", drain_grace_s="1") as (base, _):
+    with server_process(store, tmp_path / "server.log", providers="cpu", drain_grace_s="1",
+                        admin_token=TOKEN) as (base, _):
         triton_client = triton.InferenceServerClient(url=base.removeprefix("http://"))
         http = httpx.Client(base_url=base, timeout=60)
+        for headers, status in (({}, 401), ({"Authorization": "Bearer not-the-admin-token-at-all"}, 401)):
+            r = http.post("/v2/repository/models/gan/load", headers=headers)
+            assert r.status_code == status and "Bearer" in r.headers["www-authenticate"], r.text
+        r = http.put("/v1/models/gan/traffic", json={"1": 100}, headers={"Authorization": "Bearer wrong"})
+        assert r.status_code == 401
         with Load(base) as load:
             wait_for("the clients to start", lambda: len(load.since(0)) > 50)
 
             copy_version(store, "gan", 1, 2)
             t0 = time.monotonic()
-            triton_client.load_model("gan.generator")        # as Triton's own client does it
+            triton_client.load_model("gan.generator", headers=ADMIN)        # as Triton's own client does it
             loaded_s = time.monotonic() - t0
             first_v2 = wait_for("version 2 answering", lambda: next((a[0] for a in load.since(t0) if a[2] == 2), None))
             assert http.get("/v1/models/gan").json()["versions"] == [1, 2]
             record_property("load_to_serving_s", round(first_v2 - t0, 3))
             record_property("load_call_s", round(loaded_s, 3))
 
-            r = http.put("/v1/models/gan/traffic", json={"1": 50, "2": 50})
+            r = http.put("/v1/models/gan/traffic", json={"1": 50, "2": 50}, headers=ADMIN)
             assert r.status_code == 200, r.text
             t_split = time.monotonic()
             wait_for("400 answers under the split", lambda: len(load.since(t_split)) >= 400, 60)
@@ -107,21 +115,21 @@ def test_versions_change_under_load_and_no_request_fails(store, tmp_path, record
             share = versions[2] / (versions[1] + versions[2])
             assert abs(share - 0.5) < 0.08, versions                     # 400+ draws: 3 sd is about 0.075
 
-            assert http.put("/v1/models/gan/traffic", json={"2": 100}).status_code == 200
+            assert http.put("/v1/models/gan/traffic", json={"2": 100}, headers=ADMIN).status_code == 200
             t_promoted = time.monotonic()
             wait_for("answers after the promotion", lambda: len(load.since(t_promoted + 0.2)) >= 100)
             assert {a[2] for a in load.since(t_promoted + 0.2)} == {2}   # the next requests' choice is 2
 
             copy_version(store, "gan", 1, 3, truncate="generator.onnx")
             with pytest.raises(InferenceServerException, match="generator.onnx"):
-                triton_client.load_model("gan")
+                triton_client.load_model("gan", headers=ADMIN)
             assert http.get("/v1/models/gan").json()["versions"] == [1, 2]
 
-            triton_client.unload_model("vae")
+            triton_client.unload_model("vae", headers=ADMIN)
             r = http.post("/v1/vae/sample", json={"n": 1})
             assert r.status_code == 404 and "unloaded" in r.json()["error"]["message"]
             assert http.get("/readyz").status_code == 200                # an unloaded model is not a missing one
-            triton_client.load_model("vae")
+            triton_client.load_model("vae", headers=ADMIN)
             assert http.post("/v1/vae/sample", json={"n": 1}).status_code == 200
             time.sleep(1.5)                                               # past the drain grace of what left
         answers = load.since(0)
@@ -130,6 +138,16 @@ def test_versions_change_under_load_and_no_request_fails(store, tmp_path, record
         record_property("gan_failed", len(failed))
         assert not failed, failed[:5]
         assert len(answers) > 800
+
+
+def test_without_an_admin_token_the_admin_routes_are_off(store, tmp_path):
+    with server_process(store, tmp_path / "server.log", providers="cpu") as (base, _):
+        for method, path, body in (("POST", "/v2/repository/models/gan/load", None),
+                                   ("POST", "/v2/repository/models/gan/unload", None),
+                                   ("PUT", "/v1/models/gan/traffic", {"1": 100})):
+            r = httpx.request(method, base + path, json=body, headers=ADMIN)
+            assert r.status_code == 403 and "GENSERVE_ADMIN_TOKEN" in r.text, r.text
+        assert httpx.post(base + "/v1/gan/sample", json={}).status_code == 200
 
 
 def test_poll_mode_picks_up_and_drains_versions_by_itself(store, tmp_path):

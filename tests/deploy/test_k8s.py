@@ -4,8 +4,10 @@ with each other and with the service (labels, targets, ports, probe paths, setti
 from __future__ import annotations
 
 import copy
+import json
 import os
 import re
+import secrets
 from pathlib import Path
 
 import kubernetes_validate
@@ -84,7 +86,15 @@ def container(docs: list[dict]) -> dict:
 
 
 def env_of(docs: list[dict]) -> dict[str, str]:
-    return {e["name"]: e["value"] for e in container(docs)["env"]}
+    """The container's plain variables; those from a Secret are secret_refs_of's."""
+    return {e["name"]: e["value"] for e in container(docs)["env"] if "valueFrom" not in e}
+
+
+def secret_refs_of(docs: list[dict]) -> dict[str, dict]:
+    """name -> secretKeyRef of each variable the container takes from a Secret."""
+    env = container(docs)["env"]
+    assert all("value" in e or set(e["valueFrom"]) == {"secretKeyRef"} for e in env), "a value or a secret key"
+    return {e["name"]: e["valueFrom"]["secretKeyRef"] for e in env if "valueFrom" in e}
 
 
 def settings_from(env: dict[str, str], monkeypatch) -> Settings:
@@ -188,7 +198,7 @@ def test_probes_and_scrape_annotations_point_at_real_routes():
 def test_environment_is_valid_settings_matching_the_pod(docs, monkeypatch):
     env = env_of(docs)
     fields = {f"GENSERVE_{name.upper()}" for name in Settings.model_fields}
-    unknown = {n for n in env if n.split("__")[0] not in fields}
+    unknown = {n for n in [*env, *secret_refs_of(docs)] if n.split("__")[0] not in fields}
     assert not unknown, f"not settings (pydantic-settings would ignore them silently): {sorted(unknown)}"
     s = settings_from(env, monkeypatch)
     assert s.host == "0.0.0.0", "listening on loopback only, the pod would be unreachable"
@@ -196,6 +206,26 @@ def test_environment_is_valid_settings_matching_the_pod(docs, monkeypatch):
     assert s.workers == 1
     cpu_limit = float(container(docs)["resources"]["limits"]["cpu"])
     assert 1 <= s.intra_op_threads <= cpu_limit, "0 (one thread per node core) oversubscribes the CPU limit"
+
+
+@pytest.mark.parametrize("docs", [BASE, GPU], ids=["base", "gpu"])
+def test_credentials_come_from_an_optional_secret_kept_out_of_git(docs, monkeypatch):
+    refs = secret_refs_of(docs)
+    assert set(refs) == {"GENSERVE_ADMIN_TOKEN", "GENSERVE_API_KEYS"}
+    assert {r["name"] for r in refs.values()} == {"genserve-auth"}
+    assert all(r["optional"] is True for r in refs.values()), "without the Secret the pod must still start"
+    assert not [d for d in docs if d["kind"] == "Secret"], "a Secret's values do not belong in git"
+    without = settings_from(env_of(docs), monkeypatch)              # no Secret: both off
+    assert without.admin_token is None and without.api_keys is None
+    # what the manifest's `kubectl create secret` command puts in the Secret makes valid settings
+    token, key = secrets.token_hex(32), secrets.token_hex(16)
+    with_secret = settings_from({**env_of(docs), "GENSERVE_ADMIN_TOKEN": token, "GENSERVE_API_KEYS": json.dumps([key])},
+                                monkeypatch)
+    assert with_secret.admin_token.get_secret_value() == token
+    assert [k.get_secret_value() for k in with_secret.api_keys] == [key]
+    comment = (K8S / "base" / "deployment.yaml").read_text()
+    assert "kubectl create secret generic genserve-auth" in comment
+    assert all(f"--from-literal={r['key']}=" in comment for r in refs.values())
 
 
 def test_grace_period_covers_the_drain(monkeypatch):

@@ -24,7 +24,7 @@ HTTP = {"fastapi", "starlette", "uvicorn", "fastapi_offline"}
 HTTP_FREE = ["batcher.py", "sampler.py", "scheduling.py", "runtime.py", "store.py", "imaging.py", "metrics.py",
              "families/*.py", "settings.py", "schemas.py", "v2_codec.py"]
 SERVICE_EDGE = {"service.app", "service.routes", "service.errors", "service.middleware", "service.protocol",
-                "service.openapi", "service.__main__"}
+                "service.openapi", "service.auth", "service.__main__"}
 
 
 def imports_of(path: Path, package: str | None = None) -> set[str]:

@@ -53,12 +53,13 @@ def test_document_covers_the_v1_api():
 
 
 @pytest.mark.parametrize("path,method,statuses", [
-    ("/v1/gan/sample", "post", {200, 400, 404, 408, 413, 422, 500, 503, 504}),
-    ("/v1/vae/attributes", "get", {200, 404, 422, 500, 503}),
-    ("/v1/models/{name}", "get", {200, 404, 500, 503}),
+    ("/v1/gan/sample", "post", {200, 400, 401, 404, 408, 413, 422, 500, 503, 504}),
+    ("/v1/vae/attributes", "get", {200, 401, 404, 422, 500, 503}),
+    ("/v1/models/{name}", "get", {200, 401, 404, 500, 503}),
     ("/readyz", "get", {200, 500, 503}),
-    ("/v2/models/{name}/infer", "post", {200, 400, 404, 408, 413, 500, 503, 504}),
-    ("/v2/models/{name}", "get", {200, 404, 500, 503}),
+    ("/v2/models/{name}/infer", "post", {200, 400, 401, 404, 408, 413, 500, 503, 504}),
+    ("/v2/models/{name}", "get", {200, 401, 404, 500, 503}),
+    ("/v2/health/ready", "get", {200, 500, 503}),
 ])
 def test_routes_document_the_statuses_they_answer(path, method, statuses):
     assert set(map(int, document()["paths"][path][method]["responses"])) == statuses
@@ -76,6 +77,51 @@ def test_errors_are_documented_with_the_bodies_the_service_answers():
                 assert "Retry-After" in response["headers"], (path, method)
     # FastAPI's own 422 body ({"detail": [...]}) is never answered here
     assert "HTTPValidationError" not in json.dumps(document())
+
+
+def test_api_keys_are_documented_where_the_gate_asks_for_them():
+    """The paths service.auth.protects: a 401 with WWW-Authenticate and the API keys' security, optional (the server
+    may have no keys); the others (health, metrics, the protocol's server metadata) neither."""
+    schemes = document()["components"]["securitySchemes"]
+    assert schemes["apiKey"] == {**schemes["apiKey"], "type": "apiKey", "in": "header", "name": "X-API-Key"}
+    assert schemes["apiKeyBearer"]["scheme"] == schemes["adminToken"]["scheme"] == "bearer"
+    guarded = 0
+    for path, method, operation in operations():
+        if path.startswith(("/v1/", "/v2/")) and not path.startswith("/v2/health/"):
+            guarded += 1
+            assert operation["security"] == [{"apiKey": []}, {"apiKeyBearer": []}, {}], (path, method)
+            assert operation["responses"]["401"]["headers"]["WWW-Authenticate"]["required"] is True
+            assert "(code: unauthorized)" in operation["responses"]["401"]["description"] or path.startswith("/v2")
+        else:
+            assert "security" not in operation and "401" not in operation["responses"], (path, method)
+    assert guarded >= 20
+
+
+def test_admin_routes_are_documented_from_their_dependency():
+    """A route depending on require_admin answers 401 and 403 and needs the admin token, under /v1 and /v2 alike
+    (the admin routes themselves are mounted by the model control; a route of this test stands for them)."""
+    from fastapi import Depends
+
+    from service.auth import require_admin
+    from service.openapi import document as build
+
+    async def admin():
+        return {}
+
+    app = create_app(Settings())
+    for path in ("/v1/models/{name}/traffic", "/v2/repository/models/{name}/load"):
+        app.add_api_route(path, admin, methods=["PUT" if "traffic" in path else "POST"],
+                          dependencies=[Depends(require_admin)])
+    paths = build(app)["paths"]
+    for path, method in (("/v1/models/{name}/traffic", "put"), ("/v2/repository/models/{name}/load", "post")):
+        operation = paths[path][method]
+        assert operation["security"] == [{"adminToken": []}]
+        body = "V2ErrorResponse" if path.startswith("/v2") else "ErrorResponse"
+        for status in ("401", "403"):
+            assert operation["responses"][status]["content"]["application/json"]["schema"] == {
+                "$ref": f"#/components/schemas/{body}"}
+        assert "GENSERVE_ADMIN_TOKEN" in operation["responses"]["403"]["description"]
+    assert paths["/v1/models/{name}"]["get"]["security"][0] == {"apiKey": []}   # the other routes as before
 
 
 def test_metrics_is_documented_as_prometheus_text():

@@ -1,4 +1,5 @@
-"""Settings that the runtime derives: ONNX Runtime threads fitted to the cores, and the session options."""
+"""Settings that the runtime derives: ONNX Runtime threads fitted to the cores, and the session options; the
+README's table of them."""
 
 from __future__ import annotations
 
@@ -60,3 +61,15 @@ def test_server_knobs_are_checked() -> None:
         Settings(loop="trio")
     with pytest.raises(ValidationError, match="http"):
         Settings(http="h2")
+
+
+def test_the_readme_settings_table_lists_every_setting() -> None:
+    """README's "## Settings" table has one row per field of Settings, and no row for a setting that is gone."""
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    table = readme.split("\n## Settings\n", 1)[1].split("\n## ", 1)[0]
+    rows = re.findall(r"^\| `(GENSERVE_\w+)` \|", table, re.M)
+    assert len(rows) == len(set(rows)), "a variable with two rows"
+    assert sorted(rows) == sorted(f"GENSERVE_{name.upper()}" for name in Settings.model_fields)
