@@ -31,6 +31,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import fastapi.routing
 from fastapi import FastAPI
 from fastapi.dependencies.models import Dependant
 from fastapi.routing import APIRoute
@@ -95,10 +96,19 @@ def _needs_admin(dependant: Dependant) -> bool:
     return any(d.call is auth.require_admin or _needs_admin(d) for d in dependant.dependencies)
 
 
+def _api_routes(app: FastAPI) -> list[tuple[str, APIRoute]]:
+    """(path as served, route) of every API route, those of included routers too: recent FastAPI keeps an
+    included router whole in app.routes and walks it through iter_route_contexts."""
+    walk = getattr(fastapi.routing, "iter_route_contexts", None)
+    if walk is None:
+        return [(r.path_format, r) for r in app.routes if isinstance(r, APIRoute)]
+    return [(c.path_format, c.original_route) for c in walk(app.routes) if isinstance(c.original_route, APIRoute)]
+
+
 def _document_auth(app: FastAPI, spec: dict) -> None:
     """In place: the credentials each operation needs, and the statuses they answer (see the module's doc)."""
-    admin = {(r.path_format, m.lower()) for r in app.routes if isinstance(r, APIRoute) and _needs_admin(r.dependant)
-             for m in r.methods}
+    admin = {(path, m.lower()) for path, route in _api_routes(app) if _needs_admin(route.dependant)
+             for m in route.methods}
     for path, operations in spec.get("paths", {}).items():
         v2 = errors.is_v2_path(path)
         for method, operation in operations.items():

@@ -35,7 +35,7 @@ Weights = Annotated[dict[str, Annotated[float, Body(ge=0)]], Body(
     description="version -> weight (any scale, >= 0) over loaded versions; {} removes the split")]
 
 
-@router.put("/{name}/traffic", responses={**LOOKUP, **responses(409, 422)}, dependencies=[Depends(require_admin)])
+@router.put("/{name}/traffic", responses={**LOOKUP, **responses(400, 409, 422)}, dependencies=[Depends(require_admin)])
 async def set_traffic(name: str, weights: Weights, request: Request):
     """Split the requests to this model that name no version between its loaded versions, by weight: `{"1": 90,
     "2": 10}` sends a tenth to version 2, `{"2": 100}` promotes it. A request that names a version gets it."""

@@ -57,10 +57,15 @@ def requests_by_status(base: str) -> dict[int, int]:
     return counts
 
 
+ADMIN_TOKEN = "schemathesis-admin-token-0123456789"
+
+
 @pytest.mark.slow
 def test_schemathesis_all_checks_pass_on_a_live_server(tiny_store, tmp_path):
     report = tmp_path / "report.json"
-    with server_process(tiny_store, tmp_path / "server.log") as (base, _):
+    # an admin token, sent with every request, so that the model control routes are exercised too (a request that
+    # leaves it out must be a 401: schemathesis's ignored_auth check)
+    with server_process(tiny_store, tmp_path / "server.log", admin_token=ADMIN_TOKEN) as (base, _):
         vae = httpx.get(base + "/v1/models/vae", timeout=10).json()["details"]
         latest = vae[max(vae, key=int)]
         model = {"latent_dim": latest["graphs"]["decoder"]["inputs"][0]["shape"][1],
@@ -70,7 +75,8 @@ def test_schemathesis_all_checks_pass_on_a_live_server(tiny_store, tmp_path):
         run = subprocess.run(
             [sys.executable, "-m", "schemathesis.cli", "run", f"{base}/openapi.json", "--checks", "all",
              "--max-examples", str(MAX_EXAMPLES), "--generation-deterministic", "--workers", "1",
-             "--request-timeout", "60", "--no-color", "--report", "json", "--report-json-path", str(report)],
+             "--request-timeout", "60", "--no-color", "--report", "json", "--report-json-path", str(report),
+             "--header", f"Authorization: Bearer {ADMIN_TOKEN}"],
             # in tmp_path: Schemathesis and Hypothesis leave their caches in the working directory
             env={**os.environ, "SCHEMATHESIS_HOOKS": __name__, _HOOKS_ENV: json.dumps(model),
                  "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))},
