@@ -514,7 +514,10 @@ class Registry:
             task.add_done_callback(self._draining.discard)
 
     async def _drain(self, mv: ModelVersion) -> None:
-        await asyncio.sleep(self.settings.drain_grace_s)
+        try:
+            await asyncio.sleep(self.settings.drain_grace_s)
+        except asyncio.CancelledError:  # shutting down: no grace, but what it accepted still finishes
+            pass
         await self.stop_quietly(mv)
         log.info("%s v%d drained and released", mv.name, mv.version)
 
@@ -523,7 +526,7 @@ class Registry:
         self.ready, self.stopping = False, True
         for mv in self.all():
             await mv.stop()
-        for task in list(self._draining):  # versions on their way out: no grace at shutdown
+        for task in list(self._draining):  # versions on their way out: stopped now, without their grace
             task.cancel()
         await asyncio.gather(*self._draining, return_exceptions=True)
         self.executor.shutdown(wait=True)

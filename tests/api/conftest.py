@@ -60,6 +60,16 @@ def digit_images(digits) -> np.ndarray:
     return digits[2].images[:4]
 
 
+def wait_for(what: str, check, timeout_s: float = 60.0, every_s: float = 0.05):
+    """check() until it returns something truthy (then returned), for at most timeout_s; else the test fails."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if value := check():
+            return value
+        time.sleep(every_s)
+    pytest.fail(f"timed out waiting for {what}")
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

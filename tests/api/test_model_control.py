@@ -16,7 +16,7 @@ import tritonclient.http as triton
 from tritonclient.utils import InferenceServerException
 
 from service.store import read_manifest, write_manifest
-from tests.api.conftest import server_process
+from tests.api.conftest import server_process, wait_for
 from tests.conftest import REPO
 
 pytestmark = pytest.mark.slow
@@ -67,15 +67,6 @@ class Load:
         self.stop.set()
         for t in self.threads:
             t.join(timeout=30)
-
-
-def wait_for(what: str, check, timeout_s: float = 30.0):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if value := check():
-            return value
-        time.sleep(0.05)
-    pytest.fail(f"timed out waiting for {what}")
 
 
 @pytest.fixture
@@ -170,3 +161,23 @@ def test_poll_mode_picks_up_and_drains_versions_by_itself(store, tmp_path):
         assert not failed, failed[:5]
         r = http.post("/v2/repository/index")
         assert {(m["name"], m["version"]) for m in r.json()} >= {("gan.generator", "1")}
+
+
+def test_poll_mode_reaches_every_worker(store, tmp_path):
+    """Each worker process has its own registry: changes through the API would reach one, so with two workers they
+    are refused (409), and poll mode is how a version reaches both."""
+    with server_process(store, tmp_path / "server.log", timeout_s=240, providers="cpu", workers="2",
+                        intra_op_threads="1", model_control="poll", poll_interval_s="0.3",
+                        admin_token=TOKEN) as (base, _):
+        r = httpx.post(base + "/v2/repository/models/gan/load", headers=ADMIN)
+        assert r.status_code == 409 and "poll" in r.text, r.text
+        copy_version(store, "gan", 1, 2)
+        seen: dict[int, list[int]] = {}
+
+        def both_serve_2() -> bool:
+            ready = httpx.get(base + "/readyz", timeout=10).json()   # a new connection: either worker may answer
+            seen[ready["pid"]] = ready["models"]["gan"]
+            return len(seen) >= 2 and all(versions == [1, 2] for versions in seen.values())
+        t0 = time.monotonic()
+        wait_for("both workers serving version 2", both_serve_2, timeout_s=30, every_s=0.02)
+        assert time.monotonic() - t0 < 10, seen

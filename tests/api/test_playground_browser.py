@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import os
 import shutil
-import time
 from pathlib import Path
 from urllib.parse import urlsplit
 
 import pytest
 
-from tests.api.conftest import server_process
+from tests.api.conftest import server_process, wait_for
 from tests.conftest import REPO
 
 pytestmark = pytest.mark.slow
@@ -52,16 +51,6 @@ def browser_page(server):
             browser.close()
 
 
-def poll(what: str, check, timeout_s: float = 60.0):
-    """check() until it returns something truthy (then returned), for at most timeout_s."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if value := check():
-            return value
-        time.sleep(0.1)
-    pytest.fail(f"timed out waiting for {what}")
-
-
 def pixels(page, selector: str) -> list[int]:
     """The RGBA bytes of a canvas on the page."""
     return page.evaluate("""(selector) => {
@@ -90,12 +79,12 @@ def after(page, name: str, action) -> None:
     draws show the answers for the state `action` left."""
     before = runs(page, name)
     action()
-    poll(f"the page's {name}", lambda: runs(page, name) > before
+    wait_for(f"the page's {name}", lambda: runs(page, name) > before
          and page.evaluate(f"document.body.dataset.{name}") == "idle")
 
 
 def finished(page, button: str) -> None:
-    poll(f"{button} to finish", lambda: page.evaluate(f"document.getElementById('{button}').disabled") is False)
+    wait_for(f"{button} to finish", lambda: page.evaluate(f"document.getElementById('{button}').disabled") is False)
 
 
 def test_the_playground_in_chromium(browser_page, server, tmp_path):

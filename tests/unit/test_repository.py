@@ -76,3 +76,23 @@ def test_changes_through_the_api_are_refused_where_they_cannot_reach_every_worke
     with pytest.raises(ModelControlRefused, match=match):
         Repository(registry({}), Settings(**overrides)).check_control()
     Repository(registry({}), Settings(model_control="poll")).check_control()
+
+
+def test_a_retired_version_still_finishes_what_it_accepted_at_shutdown():
+    """Shutting down during a drain grace skips the grace, not the stop: the version's work is finished."""
+    import asyncio
+
+    stopped = []
+
+    class Version(SimpleNamespace):
+        async def stop(self):
+            stopped.append(self.version)
+
+    async def scenario():
+        reg = Registry(Settings(drain_grace_s=600, worker_threads=1), Metrics())
+        reg.retire([Version(name="gan", version=1)])
+        await asyncio.sleep(0)
+        await reg.stop()
+
+    asyncio.run(scenario())
+    assert stopped == [1]
