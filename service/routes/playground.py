@@ -29,13 +29,11 @@ router = APIRouter(tags=["playground"], include_in_schema=False)
 
 
 @functools.cache
-def _asset(name: str) -> tuple[bytes, str] | None:
-    """The bytes and media type of a file shipped in service/playground/, or None (no paths: a bare name only)."""
-    path = ASSETS / name
-    media = _MEDIA_TYPES.get(path.suffix)
-    if media is None or "/" in name or name.startswith(".") or not path.is_file():
-        return None
-    return path.read_bytes(), media
+def _assets() -> dict[str, tuple[bytes, str]]:
+    """Name -> (bytes, media type) of every page file shipped in service/playground/, read once. A request names
+    one of these or nothing: no path is ever built from it."""
+    return {p.name: (p.read_bytes(), _MEDIA_TYPES[p.suffix]) for p in ASSETS.iterdir()
+            if p.suffix in _MEDIA_TYPES and not p.name.startswith(".") and p.is_file()}
 
 
 @functools.cache
@@ -67,7 +65,7 @@ async def asset(name: str):
 
 
 def _served(name: str) -> Response:
-    found = _asset(name)
+    found = _assets().get(name)
     if found is None:
         raise not_found(f"no playground file {name!r}")
     body, media = found
