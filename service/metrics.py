@@ -30,8 +30,9 @@ e.g. ``/v1/models/{name}``):
   ``other``.
 - ``genserve_sampler_active_sequences`` (histogram; model, version, graph): PixelCNN sampling, number of
   sequences sharing each autoregressive sampling step, buckets 1, 2, 4, .., 256; only ``graph="sampler"``.
-- ``genserve_model_info`` (gauge; model, version, provider, family): 1 for each loaded model version, with
-  its ONNX Runtime execution provider and model family (pixelcnn / vae / gan).
+- ``genserve_model_info`` (gauge; model, version, provider, family): for each loaded model version, with its
+  ONNX Runtime execution provider and model family (pixelcnn / vae / gan), the number of worker processes
+  serving it: 1 with one worker; with several, it tells when a version has reached them all.
 - ``genserve_inflight_requests`` (gauge): data-plane requests (``/v1``, ``/v2``) admitted and not yet answered.
 - ``genserve_shed_requests_total`` (counter; reason): data-plane requests answered 503 by admission control
   before their body was read (``inflight``: the bound on requests in flight on that path was reached;
@@ -45,8 +46,8 @@ e.g. ``/v1/models/{name}``):
   ``credential`` is ``api_key`` (401 on the data plane) or ``admin_token`` (the admin routes), ``reason``
   ``missing``, ``wrong``, or ``disabled`` (an admin route while no admin token is set: 403).
 
-``genserve_model_info`` is a Gauge fixed at 1 rather than a prometheus ``Info`` metric because Info is not
-supported in multiprocess mode; using the Gauge form always keeps both modes' output identical. When a
+``genserve_model_info`` is a Gauge (each process sets 1) rather than a prometheus ``Info`` metric because Info
+is not supported in multiprocess mode; using the Gauge form always keeps both modes' output identical. When a
 model version's provider/family changes, the old series is removed (set to 0 in multiprocess mode).
 
 Multiprocess mode (several server worker processes behind one port): set ``PROMETHEUS_MULTIPROC_DIR`` to an
@@ -56,7 +57,7 @@ mmap-file-backed value class once, at import). Metrics are then created as usual
 directory; ``Metrics.render()`` builds a fresh ``CollectorRegistry`` with a
 ``prometheus_client.multiprocess.MultiProcessCollector`` on each scrape, which sums counters and histograms
 over all processes (live or dead). Gauges: ``genserve_queue_depth`` uses ``livesum`` (sum over live
-processes) and ``genserve_model_info`` ``livemax``; for ``live*`` modes the process manager must call
+processes) and so does ``genserve_model_info``, counting the workers that serve a version; for ``live*`` modes the process manager must call
 ``prometheus_client.multiprocess.mark_process_dead(pid)`` when a worker exits (e.g. gunicorn's
 ``child_exit`` hook), and the directory must be wiped between server runs. ``_created`` samples are not
 exported in multiprocess mode. Several ``Metrics`` objects in one process (as in tests) each get an
@@ -339,9 +340,10 @@ class Metrics:
         )
         self.model_info = Gauge(
             PREFIX + "model_info",
-            "Loaded model versions (value 1) with their execution provider and model family.",
+            "Loaded model versions with their execution provider and model family: the number of worker "
+            "processes serving each (1 with one worker).",
             ("model", "version", "provider", "family"),
-            multiprocess_mode="livemax",
+            multiprocess_mode="livesum",
             registry=r,
         )
         self.inflight_requests = Gauge(

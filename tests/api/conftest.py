@@ -60,14 +60,15 @@ def digit_images(digits) -> np.ndarray:
     return digits[2].images[:4]
 
 
-def wait_for(what: str, check, timeout_s: float = 60.0, every_s: float = 0.05):
-    """check() until it returns something truthy (then returned), for at most timeout_s; else the test fails."""
+def wait_for(what, check, timeout_s: float = 60.0, every_s: float = 0.05):
+    """check() until it returns something truthy (then returned), for at most timeout_s; else the test fails,
+    naming ``what`` (a string, or a function giving one, called then so it can tell what was seen)."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if value := check():
             return value
         time.sleep(every_s)
-    pytest.fail(f"timed out waiting for {what}")
+    pytest.fail(f"timed out waiting for {what() if callable(what) else what}")
 
 
 def free_port() -> int:

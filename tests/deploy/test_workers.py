@@ -43,13 +43,21 @@ def per_process_counts(mp_dir: Path, scratch: Path) -> dict[int, float]:
 
 
 def send(base: str, n: int, seed0: int) -> None:
-    def one(i: int) -> int:
-        with httpx.Client(base_url=base, timeout=60) as c:          # a new connection: any worker may accept it
-            return c.post(ROUTE, json={"n": 1, "seed": seed0 + i}).status_code
+    """n requests, 8 at a time, each answered 200. A 503 with Retry-After is admission control shedding load
+    before the request ran (a worker's event loop fell behind on this shared 2-core machine): it is not counted
+    on ROUTE, and a well-behaved client retries it, as this one does, a bounded number of times."""
+    def one(i: int) -> tuple[int, str]:
+        for _ in range(5):
+            with httpx.Client(base_url=base, timeout=60) as c:      # a new connection: any worker may accept it
+                r = c.post(ROUTE, json={"n": 1, "seed": seed0 + i})
+            if r.status_code != 503 or "retry-after" not in r.headers:
+                break
+            time.sleep(min(float(r.headers["retry-after"]), 1.0))
+        return r.status_code, r.text[:200]
 
     with cf.ThreadPoolExecutor(8) as pool:
-        statuses = list(pool.map(one, range(n)))
-    assert statuses == [200] * n, statuses
+        answers = list(pool.map(one, range(n)))
+    assert [status for status, _ in answers] == [200] * n, [a for a in answers if a[0] != 200]
 
 
 def metrics_total(base: str) -> float:
@@ -98,8 +106,8 @@ def test_two_workers_share_one_metrics_view(tmp_path, monkeypatch):
         assert sum(serving.values()) == sent
         assert metrics_total(base) == sent, "/metrics does not add up the workers' counts"
         text = httpx.get(base + "/metrics", timeout=10).text
-        # model info is a `livemax` gauge: 1 per model version however many workers loaded it
-        assert scrape(text, "genserve_model_info", model="gan") == 1
+        # model info is a `livesum` gauge: the number of workers serving each model version
+        assert scrape(text, "genserve_model_info", model="gan") == 2
         assert scrape(text, "genserve_batch_size_sum", model="gan", graph="generator") == sent
 
         # A worker that crashes: uvicorn starts another, which withdraws the dead one's live gauges (queue
@@ -107,15 +115,14 @@ def test_two_workers_share_one_metrics_view(tmp_path, monkeypatch):
         victim = min(serving)
         assert (mp_dir / f"gauge_livesum_{victim}.db").exists()
         os.kill(victim, signal.SIGKILL)                              # one of the workers this test started
-        wait_until(lambda: not (mp_dir / f"gauge_livesum_{victim}.db").exists()
-                   and not (mp_dir / f"gauge_livemax_{victim}.db").exists(), 120,
+        wait_until(lambda: not (mp_dir / f"gauge_livesum_{victim}.db").exists(), 120,
                    f"the replacement worker forgets the live gauges of {victim}")
         wait_ready_everywhere(base)
         assert metrics_total(base) == sent
         send(base, 8, seed0=10_000)
         wait_until(lambda: metrics_total(base) == sent + 8, 10, f"/metrics counts all {sent + 8} requests")
-        assert scrape(httpx.get(base + "/metrics", timeout=10).text, "genserve_model_info", model="gan") == 1
-        workers = {int(f.stem.rsplit("_", 1)[1]) for f in mp_dir.glob("gauge_livemax_*.db")}
+        assert scrape(httpx.get(base + "/metrics", timeout=10).text, "genserve_model_info", model="gan") == 2
+        workers = {int(f.stem.rsplit("_", 1)[1]) for f in mp_dir.glob("gauge_livesum_*.db")}
         assert len(workers) == 2 and victim not in workers, workers
 
         # SIGHUP to the supervisor is logged and ignored: uvicorn's own would restart every worker.

@@ -345,7 +345,7 @@ def test_multiprocess_mode_aggregates_across_processes(tmp_path):
     assert get("genserve_rejections_total", reason="queue_full") == 2
     assert get("genserve_queue_depth") == 7  # livesum over the (not marked dead) processes
     info = {**INFO, "provider": "CPUExecutionProvider", "family": "pixelcnn"}
-    assert samples.get(("genserve_model_info", tuple(sorted(info.items())))) == 1  # livemax
+    assert samples.get(("genserve_model_info", tuple(sorted(info.items())))) == 2  # livesum: both processes serve it
     route = {"route": "/v1/models/{name}/generate", "method": "POST"}
     assert samples[("genserve_http_requests_total", tuple(sorted({**route, "status": "200"}.items())))] == 2
     assert samples[("genserve_http_request_duration_seconds_count", tuple(sorted(route.items())))] == 2
