@@ -57,11 +57,12 @@ mmap-file-backed value class once, at import). Metrics are then created as usual
 directory; ``Metrics.render()`` builds a fresh ``CollectorRegistry`` with a
 ``prometheus_client.multiprocess.MultiProcessCollector`` on each scrape, which sums counters and histograms
 over all processes (live or dead). Gauges: ``genserve_queue_depth`` uses ``livesum`` (sum over live
-processes) and so does ``genserve_model_info``, counting the workers that serve a version; for ``live*`` modes the process manager must call
-``prometheus_client.multiprocess.mark_process_dead(pid)`` when a worker exits (e.g. gunicorn's
-``child_exit`` hook), and the directory must be wiped between server runs. ``_created`` samples are not
-exported in multiprocess mode. Several ``Metrics`` objects in one process (as in tests) each get an
-independent registry in normal mode; in multiprocess mode they share the same per-process files.
+processes) and so does ``genserve_model_info``, counting the workers that serve a version; for ``live*``
+modes the process manager must call ``prometheus_client.multiprocess.mark_process_dead(pid)`` when a worker
+exits (e.g. gunicorn's ``child_exit`` hook), and the directory must be wiped between server runs.
+``_created`` samples are not exported in multiprocess mode. Several ``Metrics`` objects in one process (as in
+tests) each get an independent registry in normal mode; in multiprocess mode they share the same per-process
+files.
 """
 
 from __future__ import annotations
