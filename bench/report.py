@@ -157,14 +157,14 @@ def limit_lines(run: dict) -> list[str]:
                    f"{_f(f['ceiling'], 2)}x.")
     if "sampling" in s:
         p = s["sampling"]["sampling"]
-        out.append(f"PixelCNN sampling, 16 samples in-process: fast {p['fast_s']:.2f} s (full run); naive "
-                   f"{p['naive_per_pixel_ms']:.1f} ms per pixel measured over the first {p['naive_prefix_pixels']} "
-                   f"pixels and extrapolated linearly to 784 pixels = {p['naive_extrapolated_s']:.1f} s "
-                   f"(naive runs the full image per pixel, so its cost per pixel is constant); speed-up "
-                   f"{p['speedup']:.1f}x; images identical over the prefix "
-                   f"({p['samples']} x {p['naive_prefix_pixels']} pixels, "
-                   f"{p['compared_nonzero_pixels']} of them non-zero; their uniforms drawn from [0.99, 1) so the "
-                   f"prefix is not all background): {p['identical_prefix']}.")
+        out.append(f"PixelCNN sampling in-process, version {p['version']} (bench/sampling.py): naive extrapolated "
+                   f"linearly from a prefix of pixels (its cost per pixel is constant), fast and cached in full; "
+                   f"per-step times over the 784 steps of a batch. Fast and cached images identical over all 784 "
+                   f"pixels, naive's over its prefix (the first rows' uniforms drawn from [0.99, 1) so it is not "
+                   f"all background). Table: PixelCNN sampling. The service's IterationSampler, 64 one-image "
+                   f"requests at once: {_f(p['iteration']['fast']['images_per_s'], 2)} images/s on vstack/hrow, "
+                   f"{_f(p['iteration']['cached']['images_per_s'], 2)} on vstep/hstep "
+                   f"({_f(p['iteration']['cached_over_fast'], 1)}x), the same images.")
     if "iteration" in s:
         it = s["iteration"]["iteration"]
         out.append(f"Iteration-level batching: one sample alone takes {it['single_latency_ms']:.0f} ms, so one at a "
@@ -252,12 +252,33 @@ def all_results(run: dict) -> list[dict]:
     return rows
 
 
+SAMPLING_HEADER = ["n", "naive img/s", "fast img/s", "cached img/s", "fast / naive", "cached / naive",
+                   "cached / fast", "fast ms/step ORT + Py", "cached ms/step ORT + Py", "identical"]
+
+
+def sampling_rows(run: dict) -> list[list[str]]:
+    """One row per number of images of the sampling scenario (naive, fast, cached), or none."""
+    if "sampling" not in run["scenarios"]:
+        return []
+    rows = []
+    for n, r in sorted(run["scenarios"]["sampling"]["sampling"]["sizes"].items(), key=lambda kv: int(kv[0])):
+        split = "{ort_ms_per_step:.2f} + {python_ms_per_step:.2f}"
+        rows.append([str(n), _f(r["naive_images_per_s"], 3), _f(r["fast_images_per_s"], 2),
+                     _f(r["cached_images_per_s"], 2), f"{_f(r['fast_speedup_over_naive'], 1)}x",
+                     f"{_f(r['cached_speedup_over_naive'], 1)}x", f"{_f(r['cached_over_fast'], 1)}x",
+                     split.format(**r["fast"]), split.format(**r["cached"]),
+                     "yes" if r["identical_fast_cached"] and r["identical_naive_prefix"] else "NO"])
+    return rows
+
+
 def all_floors(run: dict) -> list[dict]:
     return [f for s in run["scenarios"].values() for f in s.get("floors", [])]
 
 
 def terminal(run: dict) -> str:
     parts = [text_table(HEADER, result_rows(all_results(run))), "", *limit_lines(run)]
+    if rows := sampling_rows(run):
+        parts += ["", "PixelCNN sampling", text_table(SAMPLING_HEADER, rows)]
     if rows := peer_rows(run):
         parts += ["", text_table(PEER_HEADER, rows), *peer_lines(run)]
     if rows := overload_rows(run):
@@ -365,6 +386,8 @@ def markdown(run: dict, plot_rel: str | None) -> str:
         "",
         *[f"- {x}" for x in limit_lines(run) + soak_lines(run)],
     ]
+    if rows := sampling_rows(run):
+        lines += ["", "### PixelCNN sampling", "", md_table(SAMPLING_HEADER, rows)]
     if rows := peer_rows(run):
         lines += ["", "### genserve and LitServe", "", *peer_lines(run), "", md_table(PEER_HEADER, rows)]
     if rows := overload_rows(run):

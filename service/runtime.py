@@ -21,9 +21,18 @@ import numpy as np
 
 from service.batcher import Batcher, BatchingConfig
 from service.metrics import Metrics
-from service.sampler import IterationSampler, SamplerConfig, session_fn
+from service.sampler import CachedSteps, CacheGeometry, IterationSampler, RowSteps, SamplerConfig, session_fn
 from service.settings import LatestVersions, Settings, SpecificVersions, VersionPolicy
-from service.store import LoadedVersion, Scan, is_dir, load_versions, printable, refuse, scan_store
+from service.store import (
+    LoadedVersion,
+    Scan,
+    declared_tensor,
+    is_dir,
+    load_versions,
+    printable,
+    refuse,
+    scan_store,
+)
 
 log = logging.getLogger(__name__)
 
@@ -147,6 +156,16 @@ class PaddedPredict:
         return {k: v[:n] for k, v in self.fns[bucket](padded).items()}
 
 
+def sampler_steps(lv: LoadedVersion) -> RowSteps | CachedSteps:
+    """How a PixelCNN version's sampler steps: on its activation-cached step graphs where it has them (their
+    caches shaped as its manifest declares), else on vstack and hrow."""
+    graph = {g: out_of_memory_guard(session_fn(sess)) for g, sess in lv.sessions.items()}
+    if "vstep" in graph and "hstep" in graph:
+        cache = declared_tensor(lv.manifest, "vstep", "vcache").shape  # (B, depth, channels, context, W)
+        return CachedSteps(graph["vstep"], graph["hstep"], CacheGeometry(*cache[1:4]), cache[4])
+    return RowSteps(graph["vstack"], graph["hrow"])
+
+
 class ModelVersion:
     """One loaded version: its manifest, sessions, a batcher per graph, and the PixelCNN sampler.
 
@@ -181,10 +200,9 @@ class ModelVersion:
                          for g in lv.sessions}
         self.sampler: IterationSampler | None = None
         if m.family == "pixelcnn":
-            vstack, hrow = (out_of_memory_guard(session_fn(lv.sessions[g])) for g in ("vstack", "hrow"))
             geometry = {k: int(m.model[k]) for k in ("image_size", "num_classes") if k in m.model}
             self.sampler = IterationSampler(
-                vstack, hrow,
+                sampler_steps(lv),
                 SamplerConfig(max_active=settings.sampler_max_active, max_queue=settings.sampler_max_queue,
                               timeout_s=settings.sample_timeout_s, **geometry),
                 executor=executor, observer=metrics.sampler_observer(m.name, m.version))
@@ -218,8 +236,14 @@ class ModelVersion:
         return time.perf_counter() - t0
 
     def zeros(self, graph: str, batch: int) -> dict[str, np.ndarray]:
-        """Zero inputs for one graph at `batch` items. A dynamic axis besides the batch (the PixelCNN step graphs'
-        rows so far) gets its largest size: the image size, from the manifest."""
+        """Zero inputs for one graph at `batch` items. A dynamic axis besides the batch (vstack's and hrow's rows so
+        far) gets its largest size: the image size, from the manifest. The PixelCNN's vstep and hstep, whose axes
+        are tied to each other, get what the sampler feeds them at every step: one new row, one new pixel."""
+        if self.sampler is not None and isinstance(self.sampler.stepper, CachedSteps):
+            _, layers, width, *_ = declared_tensor(self.manifest, "hstep", "vfeats").shape  # (B, L, 2C, 1, n)
+            row, pixel = self.sampler.stepper.zeros(batch, layers, width)
+            if graph in ("vstep", "hstep"):
+                return row if graph == "vstep" else pixel
         feeds = {}
         for t in self.manifest.graphs[graph].inputs:
             shape = [batch if i == 0 else (self.image_size() if d is None else d) for i, d in enumerate(t.shape)]

@@ -5,12 +5,14 @@ pixel is drawn by inverting the categorical CDF with a caller-supplied uniform u
 so the same (label, u, temperature) give the same image whichever path computes the logits and whatever
 else shares the batch. This is the numpy twin of `training.pixelcnn.sample_from_logits` / `sample_fast`.
 
-Three samplers, slowest first:
+Four samplers, slowest first:
     sample_naive   the whole image through vstack + hrow for every one of its pixels (reference)
     sample_fast    vstack once per row on rows 0..r only, hrow on that single row per pixel (one batch)
+    sample_cached  every layer's activations cached: vstep on one row per row, hstep on one position per pixel
+                   (one batch; versions exported with the step graphs)
     IterationSampler
-                   sample_fast's per-row caching, but every sequence keeps its own position (r, c) and its own
-                   cached vfeats row, so concurrent requests share each forward pass and a request that
+                   either caching (service.sampler_steps), but every sequence keeps its own position (r, c) and
+                   its own caches, so concurrent requests share each forward pass and a request that
                    arrives while others are sampling joins at the next step (iteration-level, or
                    "continuous", batching as in LLM servers) instead of waiting for them to finish.
 
@@ -28,6 +30,10 @@ batch-independent like samples.
 
 vstack: image (B, 1, H, W) float32 0..255, label (B,) int64 -> vfeats (B, L, 2C, H, W); row r sees rows < r.
 hrow:   image (B, 1, H, W), vfeats (B, L, 2C, H, W) -> logits (B, 256, H, W); kernel height 1, rows independent.
+vstep:  image (B, 1, p+n, W) rows r-1-p .. r+n-2, vcache (B, L-1, C, p, W), label (B,), row (B,) r
+        -> vfeats (B, L, 2C, n, W) of rows r .. r+n-1, vnew (B, L-1, C, n, W) (training.pixelcnn.vertical_step)
+hstep:  image (B, 1, 1, p+n) columns c-p-1 .. c+n-2, hcache (B, L-1, C, 1, p), vfeats (B, L, 2C, 1, n), col (B,) c
+        -> logits (B, 256, 1, n), hnew (B, L-1, C, 1, n) (training.pixelcnn.horizontal_step)
 
 numpy + asyncio only: no torch, no HTTP. Deadlines, abandonment, errors (QueueFull / BatcherClosed -> 503, ...)
 and the observer are the scheduler's (service.scheduling), shared with the batcher.
@@ -41,18 +47,28 @@ import logging
 import math
 import time
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
+from service.sampler_steps import (
+    Arrays,
+    CachedSteps,
+    CacheGeometry,
+    GraphFn,
+    RowSteps,
+    StepInputs,
+    window_cols,
+    window_rows,
+)
 from service.scheduling import BatcherClosed, QueuedWork, QueueFull, Scheduler, SchedulingObserver, Ticket
 
 logger = logging.getLogger(__name__)
 
-Arrays = dict[str, np.ndarray]
-GraphFn = Callable[[Arrays], Arrays]  # named inputs -> named outputs, e.g. one ONNX Runtime session
+__all__ = ["CachedSteps", "CacheGeometry", "IterationSampler", "RowSteps", "SamplerConfig", "sample_cached",
+           "sample_fast", "sample_naive", "sample_pixel", "session_fn"]
 
 def session_fn(sess: Any) -> GraphFn:
     """Wrap an onnxruntime.InferenceSession as `feeds -> {output name: array}`."""
@@ -138,6 +154,53 @@ def _check_inputs(
     return labels.astype(np.int64), u, temperature, side
 
 
+@dataclass
+class _Batch:
+    """One batch of the single-batch samplers: n images drawn pixel by pixel, with guided ones' unconditional twins
+    after them in `labels` and `x` (the pixels so far, given ones in place)."""
+
+    n: int
+    side: int
+    labels: np.ndarray  # (n,) or, guided, (2n,): the twins labelled "any digit"
+    u: np.ndarray
+    temperature: float
+    weights: np.ndarray | None  # (n,) guidance weights, 0 for "any digit"; None: unguided
+    x: np.ndarray  # (len(labels), 1, side, side) float32
+    known: np.ndarray  # (n, side * side) bool
+
+    @classmethod
+    def of(cls, labels: Any, u: Any, temperature: Any, guidance: Any, any_label: int | None,
+           given: tuple[np.ndarray, np.ndarray] | None) -> _Batch:
+        labels, u, temperature, s = _check_inputs(labels, u, temperature)
+        guidance, n = _check_guidance(guidance), labels.size
+        given = _check_given(given, n, s)
+        weights = None
+        if guidance > 0:
+            if any_label is None:
+                raise ValueError("guidance needs any_label, the unconditional label")
+            weights = np.where(labels == any_label, 0.0, guidance)  # as the IterationSampler: "any digit" unguided
+            labels = np.concatenate([labels, np.full(n, any_label, np.int64)])
+        x = np.zeros((labels.size, 1, s, s), np.float32)
+        known = np.zeros((n, s * s), bool)
+        if given is not None:
+            images, known = given
+            x[:, 0] = np.tile(np.where(known.reshape(n, s, s), images, 0), (labels.size // n, 1, 1))
+        return cls(n, s, labels, u, temperature, weights, x, known)
+
+    def draw(self, logits: np.ndarray, r: int, c: int) -> None:
+        """Pixel (r, c) of every image from its logits (len(labels), K), guided where weighted; given ones kept."""
+        n, t = self.n, r * self.side + c
+        if self.weights is not None:
+            logits = guided_logits(logits[:n], logits[n:], self.weights)
+        drawn = sample_pixel(logits[:n], self.u[:, t], self.temperature)
+        self.x[:n, 0, r, c] = np.where(self.known[:, t], self.x[:n, 0, r, c], drawn)
+        if self.weights is not None:
+            self.x[n:, 0, r, c] = self.x[:n, 0, r, c]  # the unconditional twins follow the guided prefix
+
+    def images(self) -> np.ndarray:
+        return self.x[: self.n, 0].astype(np.uint8)
+
+
 def sample_naive(
     vstack: GraphFn, hrow: GraphFn, labels: np.ndarray, u: np.ndarray, temperature: float = 1.0
 ) -> np.ndarray:
@@ -161,34 +224,45 @@ def sample_fast(
     With guidance w > 0 the batch is doubled, its second half labelled `any_label` (required then), and each pixel
     drawn from guided_logits: the reference of the IterationSampler's guided steps. With `given` (images, known
     mask), known pixels are in place from the start and kept: the reference of completion."""
-    labels, u, temperature, s = _check_inputs(labels, u, temperature)
-    guidance, n = _check_guidance(guidance), labels.size
-    given = _check_given(given, n, s)
-    if guidance > 0:
-        if any_label is None:
-            raise ValueError("guidance needs any_label, the unconditional label")
-        weights = np.where(labels == any_label, 0.0, guidance)  # as the IterationSampler: "any digit" unguided
-        labels = np.concatenate([labels, np.full(n, any_label, np.int64)])
-    x = np.zeros((labels.size, 1, s, s), np.float32)
-    known = np.zeros((n, s * s), bool)
-    if given is not None:
-        images, known = given
-        x[:, 0] = np.tile(np.where(known.reshape(n, s, s), images, 0), (labels.size // n, 1, 1))
+    batch = _Batch.of(labels, u, temperature, guidance, any_label, given)
+    x, labels, s = batch.x, batch.labels, batch.side
     for r in range(s):
-        if known[:, r * s:(r + 1) * s].all():
+        if batch.known[:, r * s:(r + 1) * s].all():
             continue  # nothing to draw in this row; the next one's vfeats see it through x
         # rows > r cannot influence row r of vfeats: feed only rows 0..r
         vfeats = vstack({"image": np.ascontiguousarray(x[:, :, : r + 1]), "label": labels})["vfeats"]
         vrow = np.ascontiguousarray(vfeats[:, :, :, r : r + 1])  # (B, L, 2C, 1, s)
         for c in range(s):
             logits = hrow({"image": np.ascontiguousarray(x[:, :, r : r + 1]), "vfeats": vrow})["logits"][:, :, 0, c]
-            if guidance > 0:
-                logits = guided_logits(logits[:n], logits[n:], weights)
-            drawn = sample_pixel(logits[:n], u[:, r * s + c], temperature)
-            x[:n, 0, r, c] = np.where(known[:, r * s + c], x[:n, 0, r, c], drawn)
-            if guidance > 0:
-                x[n:, 0, r, c] = x[:n, 0, r, c]  # the unconditional twins follow the guided prefix
-    return x[:n, 0].astype(np.uint8)
+            batch.draw(logits, r, c)
+    return batch.images()
+
+
+def sample_cached(
+    vstep: GraphFn, hstep: GraphFn, geometry: CacheGeometry, labels: np.ndarray, u: np.ndarray,
+    temperature: float = 1.0, guidance: float = 0.0, any_label: int | None = None,
+    given: tuple[np.ndarray, np.ndarray] | None = None,
+) -> np.ndarray:
+    """Activation-cached: vstep on each row once, hstep on each pixel once, every call on the new position only.
+    Same images as sample_naive. Guidance and `given` pixels as in sample_fast; every row and pixel is stepped
+    through, given or not, so this stays the plain reference of the IterationSampler's prefills."""
+    batch = _Batch.of(labels, u, temperature, guidance, any_label, given)
+    x, labels, s = batch.x, batch.labels, batch.side
+    b, g, p = labels.size, geometry, geometry.context
+    members = np.arange(b)
+    vcache = np.zeros((b, g.depth, g.channels, p, s), np.float32)
+    for r in range(s):
+        at = np.full(b, r, np.int64)
+        out = vstep({"image": window_rows(x, members, at, 1, p), "vcache": vcache, "label": labels, "row": at})
+        vfeats, vcache = out["vfeats"], np.concatenate([vcache, out["vnew"]], axis=3)[:, :, :, -p:]
+        hcache = np.zeros((b, g.depth, g.channels, 1, p), np.float32)
+        for c in range(s):
+            at = np.full(b, c, np.int64)
+            out = hstep({"image": window_cols(x, members, np.full(b, r), at, 1, p), "hcache": hcache,
+                         "vfeats": np.ascontiguousarray(vfeats[..., c:c + 1]), "col": at})
+            hcache = np.concatenate([hcache, out["hnew"]], axis=4)[..., -p:]
+            batch.draw(out["logits"][:, :, 0, 0], r, c)
+    return batch.images()
 
 
 # --- iteration-level batching ---------------------------------------------------------------------
@@ -240,23 +314,20 @@ class _Sequence(QueuedWork):
 class IterationSampler(Scheduler):
     """Samples concurrent PixelCNN requests together, one pixel of every active sequence per step.
 
-    One step: the active sequences starting a row (c == 0) get their vfeats row from ONE vstack call on the
-    image batch cropped to max(r) + 1 rows; then ONE hrow call over all active sequences, each feeding its
-    own current row and cached vfeats row; each takes the logits at its own column with its own uniform,
-    temperature and guidance, writes the pixel and advances. A guided sequence adds its unconditional twin
-    (same prefix, the "any digit" label, its own cached vfeats row) to both calls. Queued sequences join at
-    the start of every step, finished or abandoned ones leave. Per-sequence state lives in fixed slot arrays
-    (compacted when sequences leave), so without guided sequences the hrow feed of cached vfeats rows is a
-    view, not a copy; the state is only touched by the loop task, between executor calls, never while one
-    is running.
+    One step: `steps` (service.sampler_steps: RowSteps on vstack / hrow, or CachedSteps on vstep / hstep) gives
+    the logits of every active sequence at its own position, in one call of the per-pixel graph over all of them
+    (and, for those entering a row, one call of the per-row graph); each sequence takes them with its own
+    uniform, temperature and guidance, writes the pixel and advances. A guided sequence adds its unconditional
+    twin (same prefix, the "any digit" label, its own caches) to the calls. Queued sequences join at the start of
+    every step, finished or abandoned ones leave. Per-sequence state lives in fixed slot arrays (compacted when
+    sequences leave); it is only touched by the loop task, between executor calls, never while one is running.
     """
 
     kind = "sampler"
 
     def __init__(
         self,
-        vstack: GraphFn,
-        hrow: GraphFn,
+        steps: RowSteps | CachedSteps,
         config: SamplerConfig = SamplerConfig(),
         executor: concurrent.futures.Executor | None = None,
         observer: SchedulingObserver | None = None,
@@ -267,7 +338,7 @@ class IterationSampler(Scheduler):
         if config.image_size < 1 or config.num_classes < 0:
             raise ValueError("image_size must be >= 1 and num_classes >= 0")
         super().__init__(name, config.timeout_s, observer)
-        self._vstack, self._hrow = vstack, hrow
+        self.stepper = steps  # how a step's logits are computed: the graphs and the caches they read
         self.config = config
         self._executor = executor  # None: the event loop's default thread pool
         self._queue: deque[_Sequence] = deque()  # FIFO
@@ -281,10 +352,8 @@ class IterationSampler(Scheduler):
         self._guid = np.zeros(cap, np.float64)  # guidance weight; 0 for unguided and "any digit" sequences
         self._u = np.zeros((cap, self._pixels), np.float64)
         self._known = np.zeros((cap, self._pixels), bool)  # given pixels, kept instead of drawn
-        self._fresh = np.zeros(cap, bool)  # joined since the last step: needs its vfeats row, whatever its column
-        self._vrow: np.ndarray | None = None  # (cap, L, 2C, 1, side), allocated at the first vstack output
-        self._vrow_any: np.ndarray | None = None  # the same under the "any digit" label, for guided sequences
-        self.steps = 0  # loop steps run (one hrow call each)
+        self._fresh = np.zeros(cap, bool)  # joined since the last step: no caches yet, whatever its position
+        self.steps = 0  # loop steps run (one call of the per-pixel graph each)
 
     @property
     def active(self) -> int:
@@ -367,9 +436,9 @@ class IterationSampler(Scheduler):
             idx = np.asarray(keep, dtype=np.int64)
             m = idx.size
             for array in (self._img, self._label, self._pos, self._temp, self._guid, self._u, self._known,
-                          self._fresh, self._vrow, self._vrow_any):
-                if array is not None:
-                    array[:m] = array[idx]  # fancy indexing copies first, so overlapping moves are safe
+                          self._fresh):
+                array[:m] = array[idx]  # fancy indexing copies first, so overlapping moves are safe
+            self.stepper.compact(idx)
             self._slots = [self._slots[k] for k in keep]
         waits: list[float] = []
         while self._queue and len(self._slots) < self.config.max_active:
@@ -422,48 +491,26 @@ class IterationSampler(Scheduler):
             self._queued = self._dropped_units = 0
             self._slots = []
 
-    async def _vstack_rows(self, starting: np.ndarray, rows: np.ndarray, guided: np.ndarray) -> None:
-        """Cache the vfeats row that each starting sequence (and each guided one's twin) enters, in one call."""
-        height = int(rows[starting].max()) + 1  # rows > r never influence vfeats row r
-        members = np.concatenate([starting, guided])
-        labels = self._label[members]
-        labels[starting.size:] = self.config.num_classes  # the twins: "any digit"
-        feeds = {"image": self._img[members, :, :height], "label": labels}
-        loop = asyncio.get_running_loop()
-        vfeats = (await loop.run_in_executor(self._executor, self._vstack, feeds))["vfeats"]
-        if self._vrow is None or self._vrow_any is None:
-            shape = (self.config.max_active, *vfeats.shape[1:3], 1, self._side)
-            self._vrow, self._vrow_any = np.zeros(shape, np.float32), np.zeros(shape, np.float32)
-        own = vfeats[np.arange(members.size), :, :, rows[members]]  # (m, L, 2C, side): each one's own row
-        self._vrow[starting, :, :, 0] = own[: starting.size]
-        self._vrow_any[guided, :, :, 0] = own[starting.size:]
-
     async def _step(self, waits: list[float]) -> None:
         loop = asyncio.get_running_loop()
         b, side = len(self._slots), self._side
         ar = np.arange(b)
         pos = self._pos[:b].copy()
         rows, cols = pos // side, pos % side
-        guided = np.flatnonzero(self._guid[:b] > 0.0)  # these add an unconditional twin to both calls
+        guided = np.flatnonzero(self._guid[:b] > 0.0)  # these add an unconditional twin to the graphs' calls
         started = time.perf_counter()
+
+        def run(graph: GraphFn, feeds: Arrays) -> asyncio.Future[Arrays]:
+            return loop.run_in_executor(self._executor, graph, feeds)
         try:
-            # sequences entering a new row need its vfeats, and those just joined (a completion may start mid-row)
-            starting = np.flatnonzero((cols == 0) | self._fresh[:b])
-            if starting.size:
-                await self._vstack_rows(starting, rows, np.intersect1d(starting, guided, assume_unique=True))
-                self._fresh[starting] = False
-            image_row = self._img[ar, :, rows][:, :, None, :]  # (b, 1, 1, side): each sequence's own row
-            vrows = self._vrow[:b]
-            if guided.size:  # twins after the b sequences: the same rows, the "any digit" vfeats
-                image_row = np.concatenate([image_row, image_row[guided]])
-                vrows = np.concatenate([vrows, self._vrow_any[guided]])
-            feeds = {"image": image_row, "vfeats": vrows}
-            logits = (await loop.run_in_executor(self._executor, self._hrow, feeds))["logits"]
-            step_logits = logits[ar, :, 0, cols]  # (b, 256)
+            inputs = StepInputs(image=self._img, labels=self._label[:b], any_label=self.config.num_classes,
+                                rows=rows, cols=cols, fresh=self._fresh[:b].copy(), guided=guided)
+            logits = await self.stepper.logits(inputs, run, self.config.max_active)
+            self._fresh[:b] = False
+            step_logits = logits[:b]  # (b, 256); the twins' follow
             if guided.size:
                 step_logits = step_logits.astype(np.float64)
-                uncond = logits[b + np.arange(guided.size), :, 0, cols[guided]]
-                step_logits[guided] = guided_logits(step_logits[guided], uncond, self._guid[guided])
+                step_logits[guided] = guided_logits(step_logits[guided], logits[b:], self._guid[guided])
             values = sample_pixel(step_logits, self._u[ar, pos], self._temp[:b])
             values = np.where(self._known[ar, pos], self._img[ar, 0, rows, cols], values)  # given pixels stay
         except Exception as exc:

@@ -61,6 +61,12 @@ REQUIRED_TENSORS: dict[str, dict[str, tuple[str, ...]]] = {
     "vae": {"encoder": ("image", "mean", "logvar"), "decoder": ("z", "loc")},
     "gan": {"generator": ("z", "label", "image")},
 }
+# Graphs a version may add, which the service then uses; they come together, with these tensors: the PixelCNN's
+# activation-cached sampler (service.sampler.CachedSteps).
+OPTIONAL_GRAPHS: dict[str, dict[str, tuple[str, ...]]] = {
+    "pixelcnn": {"vstep": ("image", "vcache", "label", "row", "vfeats", "vnew"),
+                 "hstep": ("image", "hcache", "vfeats", "col", "logits", "hnew")},
+}
 FIXED_IMAGES: dict[str, tuple[str, str]] = {"pixelcnn": ("logprob", "image"), "vae": ("encoder", "image"),
                                             "gan": ("generator", "image")}
 
@@ -80,9 +86,17 @@ def image_shape(manifest: Manifest) -> tuple[int, int]:
 def _tensor_problems(manifest: Manifest) -> list[str]:
     """What the manifest's graphs lack of the tensors the service relies on (the graphs themselves are there)."""
     problems = []
-    for gname, names in REQUIRED_TENSORS[manifest.family].items():
+    optional = OPTIONAL_GRAPHS.get(manifest.family, {})
+    present = {g: names for g, names in optional.items() if g in manifest.graphs}
+    if present and len(present) < len(optional):
+        problems.append(f"graphs {sorted(optional)} come together; this version has only {sorted(present)}")
+    for gname, names in {**REQUIRED_TENSORS[manifest.family], **present}.items():
         if lacking := [n for n in names if declared_tensor(manifest, gname, n) is None]:
             problems.append(f"graph '{gname}' needs tensors {lacking}")
+    if "vstep" in present and (cache := declared_tensor(manifest, "vstep", "vcache")) is not None:
+        if len(cache.shape) != 5 or not all(isinstance(d, int) and d > 0 for d in cache.shape[1:]):
+            problems.append(f"graph 'vstep' tensor 'vcache' needs fixed layers, channels, rows and width "
+                            f"(batch, layers, channels, rows, width), got {cache.shape}")
     gname, tname = FIXED_IMAGES[manifest.family]
     image = declared_tensor(manifest, gname, tname)
     if image is not None and (len(image.shape) < 3 or not all(isinstance(d, int) for d in image.shape[-2:])):

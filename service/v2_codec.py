@@ -18,6 +18,7 @@ layer (service/errors.py) answers it 400. JSON cannot carry NaN or infinity: ask
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import NoReturn
@@ -222,16 +223,28 @@ def _input(item, specs: dict[str, TensorMeta], rest: bytes, offset: int) -> tupl
     return name, arr.astype(dtype, copy=False), offset + size
 
 
+_DERIVED = re.compile(r"(\w+) \+ (\d+)")  # a dynamic axis that is another one plus a constant, as torch.export names it
+
+
 def _check_dims(specs: dict[str, TensorMeta], arrays: dict[str, np.ndarray]) -> None:
-    """Inputs that share a named dynamic axis must agree on its size."""
-    seen: dict[str, tuple[int, str]] = {}
+    """Inputs that share a named dynamic axis must agree on its size, and an axis named `new + 2` (the PixelCNN
+    step graphs' windows: the new positions and the cached ones) must be 2 more than the axis `new`, at least 1."""
+    seen: dict[str, tuple[int, str, str, int]] = {}  # symbol -> its size, and the input, axis name, size giving it
     for name, arr in arrays.items():
         for i, d in enumerate(specs[name].dims):
-            if isinstance(d, str):
-                size, first = seen.setdefault(d, (arr.shape[i], name))
-                if size != arr.shape[i]:
-                    _fail(f"input '{name}': dimension {i} ('{d}') is {arr.shape[i]}, but input '{first}' "
-                          f"has {size}")
+            if not isinstance(d, str):
+                continue
+            symbol, offset = d, 0
+            if match := _DERIVED.fullmatch(d):
+                symbol, offset = match[1], int(match[2])
+                if arr.shape[i] - offset < 1:
+                    _fail(f"input '{name}': dimension {i} ('{d}') is {arr.shape[i]}, must be at least {offset + 1}")
+            size, first, first_d, first_size = seen.setdefault(symbol, (arr.shape[i] - offset, name, d,
+                                                                        arr.shape[i]))
+            if size != arr.shape[i] - offset:
+                must = f", so this one must be {size + offset}" if (offset or first_d != d) else ""
+                _fail(f"input '{name}': dimension {i} ('{d}') is {arr.shape[i]}, but input '{first}' has "
+                      f"{first_size}" + (f" ('{first_d}')" if first_d != d else "") + must)
 
 
 @dataclass(frozen=True)

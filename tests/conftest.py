@@ -57,13 +57,13 @@ def one_thread_session(path: Path) -> ort.InferenceSession:
 
 
 @pytest.fixture(scope="session")
-def tiny_pixelcnn_onnx(tmp_path_factory):
-    """(torch model, vstack fn, hrow fn) of a tiny random PixelCNN exported to a temporary store and loaded back.
+def tiny_pixelcnn_version(tmp_path_factory):
+    """(torch model, LoadedVersion) of a tiny random PixelCNN (with label maps) exported with all five graphs to a
+    temporary store and loaded back.
 
     Torch runs on one thread meanwhile: on a busy 2-core machine its thread barriers can make the per-pixel
     torch sampler 100x slower.
     """
-    from service.sampler import session_fn
     from service.store import validate_version
     from training import pixelcnn as pcnn
     from training.export import pixelcnn_graphs, write_version
@@ -72,11 +72,56 @@ def tiny_pixelcnn_onnx(tmp_path_factory):
     torch.set_num_threads(1)
     try:
         torch.manual_seed(0)
-        cfg = pcnn.PixelCNNConfig(channels=8, n_layers=3, head_channels=16)
+        cfg = pcnn.PixelCNNConfig(channels=8, n_layers=3, head_channels=16, label_maps=2)
         model = pcnn.PixelCNN(cfg).eval()
         store = tmp_path_factory.mktemp("pixelcnn-store")
         path, _ = write_version(store, "tiny-pixelcnn", "pixelcnn", 1, pixelcnn_graphs(model), model=cfg.to_dict())
-        loaded = validate_version(path, one_thread_session)
-        yield model, session_fn(loaded.sessions["vstack"]), session_fn(loaded.sessions["hrow"])
+        yield model, validate_version(path, one_thread_session)
     finally:
         torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def tiny_pixelcnn_onnx(tiny_pixelcnn_version):
+    """(torch model, vstack fn, hrow fn) of the tiny PixelCNN."""
+    from service.sampler import session_fn
+
+    model, loaded = tiny_pixelcnn_version
+    return model, session_fn(loaded.sessions["vstack"]), session_fn(loaded.sessions["hrow"])
+
+
+@pytest.fixture(scope="session")
+def tiny_pixelcnn_steps(tiny_pixelcnn_version):
+    """(vstep fn, hstep fn, CacheGeometry) of the tiny PixelCNN: its activation-cached step graphs."""
+    from service.sampler import CacheGeometry, session_fn
+    from service.store import declared_tensor
+
+    _, loaded = tiny_pixelcnn_version
+    cache = declared_tensor(loaded.manifest, "vstep", "vcache").shape
+    return session_fn(loaded.sessions["vstep"]), session_fn(loaded.sessions["hstep"]), CacheGeometry(*cache[1:4])
+
+
+class SamplingGraphs:
+    """What an IterationSampler steps on, either way (`kind`: "rows" on vstack/hrow, "cached" on vstep/hstep), and
+    `reference`, the (vstack, hrow) of sample_fast: both ways must draw its images."""
+
+    def __init__(self, kind: str, reference: tuple, row_graph, pixel_graph, geometry=None, side: int = 28):
+        self.kind, self.reference = kind, reference
+        self.row_graph, self.pixel_graph, self.geometry, self.side = row_graph, pixel_graph, geometry, side
+
+    def steps(self, row_graph, pixel_graph):
+        """Steps on these graphs (the harness's recording wrappers of row_graph and pixel_graph)."""
+        from service.sampler import CachedSteps, RowSteps
+
+        if self.kind == "rows":
+            return RowSteps(row_graph, pixel_graph)
+        return CachedSteps(row_graph, pixel_graph, self.geometry, self.side)
+
+
+@pytest.fixture(scope="session", params=["rows", "cached"])
+def sampling_graphs(request, tiny_pixelcnn_onnx, tiny_pixelcnn_steps) -> SamplingGraphs:
+    """The tiny PixelCNN's sampling graphs, each way in turn."""
+    reference = tiny_pixelcnn_onnx[1:]
+    if request.param == "rows":
+        return SamplingGraphs("rows", reference, *reference)
+    return SamplingGraphs("cached", reference, *tiny_pixelcnn_steps)

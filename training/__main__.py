@@ -6,6 +6,9 @@
     python -m training export pixelcnn         # ... of some families only
     python -m training guidance                # judge PixelCNN samples per guidance weight (training.guidance)
     python -m training heldout-digits          # write the held-out split for the playground's "random digit"
+    python -m training steps --from-version 2 --version 3
+                                               # re-export a PixelCNN version with the activation-cached step
+                                               # graphs, from the weights in its own graphs (training.upgrade)
     python -m training anomaly                 # calibrate and judge the PixelCNN's anomaly score, judge its
                                                # completions (training.anomaly)
 
@@ -34,6 +37,7 @@ from training import gan as gan_lib
 from training import guidance as guidance_lib
 from training import pixelcnn as pcnn_lib
 from training import train as tr
+from training import upgrade as upgrade_lib
 from training import vae as vae_lib
 from training.config import TrainAll, preset
 from training.data import Dataset, heldout_mask, load_dataset, split
@@ -186,7 +190,8 @@ def judge_anomaly(args, cfg: TrainAll, train: Dataset, heldout: Dataset) -> None
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m training", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("command", choices=["all", "train", "export", "guidance", "anomaly", "heldout-digits"])
+    p.add_argument("command", choices=["all", "train", "export", "guidance", "anomaly", "heldout-digits",
+                                                "steps"])
     p.add_argument("families", nargs="*", default=list(FAMILIES), help=f"for `train`: some of {FAMILIES}")
     p.add_argument("--preset", default="full", choices=["full", "full-v1", "tiny"])
     p.add_argument("--data", default="mnist-embedded", help="mnist-embedded | IDX file | .npz | image folder")
@@ -196,6 +201,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--version", type=int, default=None,
                    help="the store version to write (default: the PixelCNN's config says, 1 for the others), "
                         "or to judge with `guidance` and `anomaly` (default the newest)")
+    p.add_argument("--from-version", type=int, default=None, help="for `steps`: the PixelCNN version to re-export")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
     p.add_argument("--no-doc-images", action="store_true", help="do not copy sample grids into docs/images")
     p.add_argument("--per-label", type=int, default=50, help="for `guidance`: samples of each digit per weight")
@@ -223,6 +229,13 @@ def main(argv: list[str] | None = None) -> None:
     if args.command == "heldout-digits":
         np.savez_compressed(PLAYGROUND_DIGITS, images=heldout.images, labels=heldout.labels)
         log.info("wrote %s: %d held-out digits", PLAYGROUND_DIGITS, len(heldout.images))
+        return
+    if args.command == "steps":
+        if args.from_version is None or args.version is None:
+            p.error("steps needs --from-version and --version")
+        checked = slice(0, 64)  # enough digits of every label to catch a misplaced weight
+        upgrade_lib.add_step_graphs(args.store, args.from_version, args.version, heldout.images[checked],
+                                    heldout.labels[checked])
         return
     if args.command in ("guidance", "anomaly"):
         (judge_guidance if args.command == "guidance" else judge_anomaly)(args, cfg, train, heldout)

@@ -51,6 +51,9 @@ class GraphExport:
     input_names: list[str]
     output_names: list[str]
     dynamic: dict[str, tuple[int, ...]]   # input name -> its dynamic axes (0 = batch, 2 = height)
+    # input name -> axis -> a torch.export dimension, for axes the table of export_onnx does not describe (the
+    # step graphs' windows, whose length is the new positions plus the cached ones: a derived dimension)
+    shapes: dict[str, dict[int, Any]] | None = None
 
 
 # --- per-family graph wrappers --------------------------------------------------------------------
@@ -73,6 +76,24 @@ class _PixelCNNVStack(nn.Module):
         return self.m.vertical_features(image, label)
 
 
+class _PixelCNNVStep(nn.Module):
+    def __init__(self, m: pcnn_lib.PixelCNN):
+        super().__init__()
+        self.m = m
+
+    def forward(self, image, vcache, label, row):  # (B, 1, p+n, 28), (B, L-1, C, p, 28), (B,), (B,)
+        return self.m.vertical_step(image, vcache, label, row)   # (B, L, 2C, n, 28), (B, L-1, C, n, 28)
+
+
+class _PixelCNNHStep(nn.Module):
+    def __init__(self, m: pcnn_lib.PixelCNN):
+        super().__init__()
+        self.m = m
+
+    def forward(self, image, hcache, vfeats, col):  # (B, 1, 1, p+n), (B, L-1, C, 1, p), (B, L, 2C, 1, n), (B,)
+        return self.m.horizontal_step(image, hcache, vfeats, col)  # (B, 256, 1, n), (B, L-1, C, 1, n)
+
+
 class _PixelCNNHRow(nn.Module):
     def __init__(self, m: pcnn_lib.PixelCNN):
         super().__init__()
@@ -84,18 +105,44 @@ class _PixelCNNHRow(nn.Module):
 
 
 
-def pixelcnn_graphs(m: pcnn_lib.PixelCNN) -> dict[str, GraphExport]:
+def pixelcnn_graphs(m: pcnn_lib.PixelCNN, steps: bool = True) -> dict[str, GraphExport]:
+    """The graphs of a PixelCNN version: logprob, the row-cached sampler's vstack and hrow, and with `steps` the
+    activation-cached sampler's vstep and hstep (versions exported before them have only the first three)."""
     m = m.eval()
     img = torch.randint(0, 256, (2, 1, 28, 28)).float()
     lab = torch.tensor([3, m.cfg.num_classes])
     vf = m.vertical_features(img, lab)
-    return {
+    return {**(pixelcnn_step_graphs(m) if steps else {}),
         "logprob": GraphExport(_PixelCNNLogProb(m), (img, lab), ["image", "label"], ["log_probs"],
                                {"image": (0,), "label": (0,)}),
         "vstack": GraphExport(_PixelCNNVStack(m), (img, lab), ["image", "label"], ["vfeats"],
                               {"image": (0, 2), "label": (0,)}),
         "hrow": GraphExport(_PixelCNNHRow(m), (img, vf), ["image", "vfeats"], ["logits"],
                             {"image": (0, 2), "vfeats": (0, 3)}),
+    }
+
+
+def pixelcnn_step_graphs(m: pcnn_lib.PixelCNN) -> dict[str, GraphExport]:
+    """vstep and hstep: n new rows (columns) at a time, n dynamic, windows of p + n. The example's rows and
+    columns are the largest the parity check may draw (it draws 0 .. the example's maximum), so that its new
+    rows stay inside the image."""
+    m = m.eval()
+    cfg, p = m.cfg, m.cfg.kernel // 2
+    s, depth, c, n = cfg.image_size, cfg.n_layers - 1, cfg.channels, 3
+    new = torch.export.Dim("new", min=1, max=s)
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    lab = torch.tensor([3, cfg.num_classes])
+    at = torch.tensor([s - n, 1])
+    rows, vcache = torch.randint(0, 256, (2, 1, p + n, s)).float(), torch.randn(2, depth, c, p, s)
+    pixels, hcache = torch.randint(0, 256, (2, 1, 1, p + n)).float(), torch.randn(2, depth, c, 1, p)
+    vfeats = torch.randn(2, depth + 1, 2 * c, 1, n)
+    return {
+        "vstep": GraphExport(_PixelCNNVStep(m), (rows, vcache, lab, at), ["image", "vcache", "label", "row"],
+                             ["vfeats", "vnew"], {}, {"image": {0: batch, 2: new + p}, "vcache": {0: batch},
+                                                      "label": {0: batch}, "row": {0: batch}}),
+        "hstep": GraphExport(_PixelCNNHStep(m), (pixels, hcache, vfeats, at), ["image", "hcache", "vfeats", "col"],
+                             ["logits", "hnew"], {}, {"image": {0: batch, 3: new + p}, "hcache": {0: batch},
+                                                      "vfeats": {0: batch, 4: new}, "col": {0: batch}}),
     }
 
 
@@ -121,7 +168,7 @@ def export_onnx(spec: GraphExport, path: Path) -> None:
     dims = {0: torch.export.Dim("batch", min=1, max=4096), 2: torch.export.Dim("height", min=1, max=28),
             3: torch.export.Dim("height", min=1, max=28)}
     params = list(__import__("inspect").signature(spec.module.forward).parameters)
-    dynamic_shapes = {p: {ax: dims[ax] for ax in spec.dynamic.get(n, ())}
+    dynamic_shapes = {p: (spec.shapes or {}).get(n) or {ax: dims[ax] for ax in spec.dynamic.get(n, ())}
                       for p, n in zip(params, spec.input_names, strict=True)}
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")

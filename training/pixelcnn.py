@@ -24,6 +24,17 @@ for Convolutional Autoregressive Models" applied per row):
 forward(x, y) == horizontal(x, vertical_features(x, y)), so the per-row fast path runs exactly the
 ops of the full pass, only on fewer rows.
 
+The cached path goes all the way (Ramachandran et al., 2017): each layer's activations are kept on the host and
+a step computes only what new positions change.
+    vertical_step(rows, vcache, y, row)    the vertical stack on n new rows, reading each layer's input on the
+                                          p rows above them from vcache; returns their horizontal inputs and
+                                          the new rows of every layer's output (the next vcache)
+    horizontal_step(pixels, hcache, vfeats, col)
+                                          the horizontal stack on n new columns of one row, reading each
+                                          layer's input on the p columns to their left from hcache
+With n = 1 a step is one row or one pixel; a larger n fills the caches of a given prefix in one call (completion).
+Positions outside the image are masked in the step itself, so the caches need no reset.
+
 Labels: y in 0..9 conditions on a digit; y == num_classes ("any digit") is the unconditional model,
 trained by label dropout. Pixels enter as float values 0..255 (the graph normalises them). Every layer of
 both stacks adds an embedding of the label (the paper's global conditioning); with `label_maps` M > 0 it
@@ -95,6 +106,27 @@ class GatedLayer(nn.Module):
         v_next = gate(v_pre + v_cond)
         return v_next, to_h
 
+    def vertical_step(self, window: torch.Tensor, y: torch.Tensor, keep: torch.Tensor, maps_above: torch.Tensor | None,
+                      maps_here: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """window (B, C_in, p+n, W): this layer's input on rows r-1-p .. r+n-2 (zero above the image); keep
+        (B, 1, n, 1): 0 where row r-1+j lies above the image -> (next v on rows r-1 .. r+n-2 (B, C, n, W),
+        contribution to the horizontal stack on rows r .. r+n-1 (B, 2C, n, W)); as vertical() on those rows."""
+        p = self.p
+        v_pre = self.v_conv(F.pad(window, (p, p, 0, 0)))           # (B, 2C, n, W): rows r-1 .. r+n-2
+        to_h = self.v_to_h(v_pre * keep) + self.h_label(y)[:, :, None, None]  # the shift: row r sees row r-1
+        v_cond = self.v_label(y)[:, :, None, None]
+        if maps_above is not None and maps_here is not None:
+            to_h = to_h + self.h_map(maps_here)
+            v_cond = v_cond + self.v_map(maps_above)
+        return gate(v_pre + v_cond), to_h
+
+    def horizontal_step(self, window: torch.Tensor, from_v: torch.Tensor) -> torch.Tensor:
+        """window (B, C_in, 1, p+n): this layer's input on the p columns left of the n new ones and on those (the
+        first layer: on columns c-p-1 .. c+n-2, never the new pixels themselves), zero outside the image;
+        from_v (B, 2C, 1, n) -> (B, C, 1, n): this layer's output on the new columns, as horizontal() there."""
+        out = self.h_out(gate(self.h_conv(window) + from_v))
+        return out if self.first else window[:, :, :, self.p:] + out
+
     def horizontal(self, h: torch.Tensor, from_v: torch.Tensor) -> torch.Tensor:
         """h (B, C_in, H, W), from_v (B, 2C, H, W) -> (B, C, H, W). Kernel height 1: rows independent."""
         if self.first:  # mask A: shift right one column so pixel c never sees itself
@@ -143,6 +175,59 @@ class PixelCNN(nn.Module):
         for layer, from_v in zip(self.layers, vfeats.unbind(1), strict=True):
             h = layer.horizontal(h, from_v)
         return self.head(h)
+
+    def vertical_step(self, rows: torch.Tensor, vcache: torch.Tensor, y: torch.Tensor,
+                      row: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The vertical stack on n new rows r .. r+n-1 from the cached rows above them.
+
+        rows (B, 1, p+n, W): pixel values of rows r-1-p .. r+n-2; vcache (B, L-1, C, p, W): the outputs of layers
+        0 .. L-2 on rows r-1-p .. r-2; y (B,) labels; row (B,) r. Rows above the image may hold anything.
+        -> vfeats (B, L, 2C, n, W), rows r .. r+n-1 of vertical_features; vnew (B, L-1, C, n, W), the outputs of
+        layers 0 .. L-2 on rows r-1 .. r+n-2, whose last p rows are the next step's vcache."""
+        p, s = self.cfg.kernel // 2, self.cfg.image_size
+        n = rows.shape[2] - p
+        above = row[:, None] - 1 - p + torch.arange(p + n)                  # (B, p+n): the window's rows
+        inside = (above >= 0).to(rows.dtype)[:, None, :, None]              # (B, 1, p+n, 1)
+        out_rows = above[:, p:]                                             # (B, n): rows r-1 .. r+n-2
+        keep = (out_rows >= 0).to(rows.dtype)[:, None, :, None]             # (B, 1, n, 1)
+        maps_above = maps_here = None
+        if self.label_map is not None:
+            maps = self.label_map[y]                                        # (B, M, H, W)
+            def rows_of(index: torch.Tensor) -> torch.Tensor:                # (B, n) -> (B, M, n, W)
+                index = index.clamp(0, s - 1)[:, None, :, None]
+                return torch.gather(maps, 2, index.expand(-1, maps.shape[1], -1, maps.shape[3]))
+            maps_above, maps_here = rows_of(out_rows), rows_of(out_rows + 1)
+        v, feats, news = self.normalise(rows) * inside, [], []
+        for i, layer in enumerate(self.layers):
+            v_next, to_h = layer.vertical_step(v, y, keep, maps_above, maps_here)
+            feats.append(to_h)
+            if i + 1 < len(self.layers):
+                news.append(v_next)
+                v = torch.cat([vcache[:, i], v_next], dim=2) * inside        # (B, C, p+n, W)
+        return torch.stack(feats, dim=1), torch.stack(news, dim=1)
+
+    def horizontal_step(self, pixels: torch.Tensor, hcache: torch.Tensor, vfeats: torch.Tensor,
+                        col: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The horizontal stack on n new columns c .. c+n-1 of one row from the cached columns to their left.
+
+        pixels (B, 1, 1, p+n): pixel values of columns c-p-1 .. c+n-2 of the row; hcache (B, L-1, C, 1, p): the
+        outputs of layers 0 .. L-2 on columns c-p .. c-1; vfeats (B, L, 2C, 1, n): the row's vertical features on
+        the new columns; col (B,) c. Columns left of the image may hold anything.
+        -> logits (B, 256, 1, n) as forward() gives them there; hnew (B, L-1, C, 1, n), the outputs of layers
+        0 .. L-2 on the new columns, whose last p (with hcache) are the next step's hcache."""
+        p = self.cfg.kernel // 2
+        n = vfeats.shape[-1]
+        left = col[:, None] - p + torch.arange(p + n)                       # (B, p+n): columns c-p .. c+n-1
+        inside = (left >= 0).to(pixels.dtype)[:, None, None, :]             # (B, 1, 1, p+n)
+        inside_first = (left - 1 >= 0).to(pixels.dtype)[:, None, None, :]   # the first layer's, one to the left
+        h = self.layers[0].horizontal_step(self.normalise(pixels) * inside_first, vfeats[:, 0])
+        news = [h]
+        for i in range(1, len(self.layers)):
+            window = torch.cat([hcache[:, i - 1], h], dim=3) * inside        # (B, C, 1, p+n)
+            h = self.layers[i].horizontal_step(window, vfeats[:, i])
+            if i + 1 < len(self.layers):
+                news.append(h)
+        return self.head(h), torch.stack(news, dim=1)
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """x (B, 1, H, W) float pixel values 0..255, y (B,) int64 -> logits (B, 256, H, W)."""
@@ -200,4 +285,27 @@ def sample_fast(model: PixelCNN, y: torch.Tensor, u: torch.Tensor, temperature: 
         for c in range(s):
             logits = model.horizontal(x[:, :, r:r + 1], vrow)[:, :, 0, c]
             x[:, 0, r, c] = sample_from_logits(logits, u[:, r * s + c], temperature).float()
+    return x
+
+
+@torch.no_grad()
+def sample_cached(model: PixelCNN, y: torch.Tensor, u: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """Activation-cached sampler: one vertical_step per row, one horizontal_step per pixel, each on the new
+    positions only. Same logits as sample_naive up to float rounding. y (B,), u (B, H*W) -> (B, 1, H, W)."""
+    cfg, p = model.cfg, model.cfg.kernel // 2
+    s, b, depth, c_ = cfg.image_size, y.shape[0], cfg.n_layers - 1, cfg.channels
+    x = torch.zeros(b, 1, s, s)
+    padded = F.pad(x, (p + 1, 0, p + 1, 0))                   # room for the windows above and to the left
+    vcache = torch.zeros(b, depth, c_, p, s)
+    for r in range(s):
+        rows = padded[:, :, r:r + p + 1, p + 1:]                # rows r-1-p .. r-1
+        vfeats, vnew = model.vertical_step(rows, vcache, y, torch.full((b,), r))
+        vcache = torch.cat([vcache, vnew], dim=3)[:, :, :, -p:]
+        hcache = torch.zeros(b, depth, c_, 1, p)
+        for c in range(s):
+            pixels = padded[:, :, p + 1 + r:p + 2 + r, c:c + p + 1]  # columns c-p-1 .. c-1 of row r
+            logits, hnew = model.horizontal_step(pixels, hcache, vfeats[..., c:c + 1], torch.full((b,), c))
+            hcache = torch.cat([hcache, hnew], dim=4)[..., -p:]
+            value = sample_from_logits(logits[:, :, 0, 0], u[:, r * s + c], temperature).float()
+            x[:, 0, r, c] = padded[:, 0, p + 1 + r, p + 1 + c] = value
     return x

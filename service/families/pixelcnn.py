@@ -159,7 +159,9 @@ def anomaly_results(out: dict[str, np.ndarray], complexity: np.ndarray, referenc
 
 def tensor_rules(mv: ModelVersion) -> TensorRules:
     """Images of whole pixel values 0..255 (the model indexes its 256-way output with them) and labels up to
-    num_classes, "any digit", for every graph; the step graphs take up to the image's height in rows."""
-    height, _ = input_size(mv)
-    return TensorRules(ranges={"image": PIXEL_RANGE, "label": (0.0, float(any_digit(mv)))},
+    num_classes, "any digit", for every graph; vstack and hrow take up to the image's height in rows; the step
+    graphs' `row` and `col` lie inside the image."""
+    height, width = input_size(mv)
+    return TensorRules(ranges={"image": PIXEL_RANGE, "label": (0.0, float(any_digit(mv))),
+                               "row": (0.0, float(height - 1)), "col": (0.0, float(width - 1))},
                        whole=frozenset({"image"}), max_axis=height)

@@ -106,7 +106,8 @@ def test_readers_never_see_a_half_built_registry(store, monkeypatch):
         return real(*args, **kwargs)
     monkeypatch.setattr(runtime, "ModelVersion", slow_model_version)
     every = {"gan": [1], "pixelcnn": [1], "vae": [1]}
-    v2_names = ["gan.generator", "pixelcnn.hrow", "pixelcnn.logprob", "pixelcnn.vstack", "vae.decoder", "vae.encoder"]
+    v2_names = ["gan.generator", "pixelcnn.hrow", "pixelcnn.hstep", "pixelcnn.logprob", "pixelcnn.vstack",
+                "pixelcnn.vstep", "vae.decoder", "vae.encoder"]
     seen: dict[str, list[tuple[int, object]]] = {"/readyz": [], "/v1/models": [], "/v2/repository/index": []}
 
     def ask(client: TestClient, path: str) -> None:

@@ -82,11 +82,11 @@ def test_a_failure_after_the_first_byte_is_an_error_event(small):
     def broken(feeds):
         raise RuntimeError("the graph failed")
 
-    hrow, mv.sampler._hrow = mv.sampler._hrow, broken
+    pixel_graph, mv.sampler.stepper.pixel_graph = mv.sampler.stepper.pixel_graph, broken
     try:
         r = small.post(SAMPLE, json={"n": 1, "seed": 1}, headers=EVENTS)
     finally:
-        mv.sampler._hrow = hrow
+        mv.sampler.stepper.pixel_graph = pixel_graph
     assert r.status_code == 200
     events = events_of(r.text)
     assert [name for name, _ in events] == ["progress", "error"]

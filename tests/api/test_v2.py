@@ -13,7 +13,8 @@ import service
 from tests.api.conftest import make_client, wait_ready
 from tests.api.test_server_process import scrape
 
-V2_MODELS = ["gan.generator", "pixelcnn.hrow", "pixelcnn.logprob", "pixelcnn.vstack", "vae.decoder", "vae.encoder"]
+V2_MODELS = ["gan.generator", "pixelcnn.hrow", "pixelcnn.hstep", "pixelcnn.logprob", "pixelcnn.vstack",
+                "pixelcnn.vstep", "vae.decoder", "vae.encoder"]
 
 
 def ort_outputs(store, path: str, feeds: dict) -> dict:

@@ -1,7 +1,8 @@
 """PixelCNN sampling through the exported ONNX graphs gives exactly the images PyTorch gives from the same uniforms.
 
-A tiny randomly initialised PixelCNN is exported once per module (the export is the slow part); naive (whole image
-per pixel) and fast (row-cached) ONNX sampling, and torch's fast sampler, must agree pixel for pixel.
+A tiny randomly initialised PixelCNN is exported once per session (the export is the slow part); naive (whole image
+per pixel), fast (row-cached) and cached (activation-cached step graphs) ONNX sampling, and torch's samplers, must
+agree pixel for pixel.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from service.sampler import sample_fast, sample_naive, sample_pixel
+from service.sampler import sample_cached, sample_fast, sample_naive, sample_pixel
 from training import pixelcnn as pcnn
 
 
@@ -28,6 +29,33 @@ def test_fast_equals_naive_and_torch(tiny_pixelcnn_onnx, temperature: float) -> 
     np.testing.assert_array_equal(fast, naive)
     np.testing.assert_array_equal(fast, ref[:, 0].numpy().astype(np.uint8))
     assert len(np.unique(fast)) > 10  # a random model samples varied values, not a constant image
+
+
+def test_cached_equals_naive_and_torch(tiny_pixelcnn_onnx, tiny_pixelcnn_steps) -> None:
+    """All 784 pixels of the step graphs' images against the whole network per pixel, and against torch's
+    activation-cached sampler."""
+    model, vstack, hrow = tiny_pixelcnn_onnx
+    labels = np.array([2, 10, 9])
+    u = np.random.default_rng(5).random((labels.size, 28 * 28))
+    cached = sample_cached(*tiny_pixelcnn_steps, labels, u, 0.9)
+    np.testing.assert_array_equal(cached, sample_naive(vstack, hrow, labels, u, 0.9))
+    ref = pcnn.sample_cached(model, torch.from_numpy(labels), torch.from_numpy(u), 0.9)
+    np.testing.assert_array_equal(cached, ref[:, 0].numpy().astype(np.uint8))
+    assert len(np.unique(cached)) > 10
+
+
+def test_cached_guided_completions_equal_the_row_cached_ones(tiny_pixelcnn_onnx, tiny_pixelcnn_steps) -> None:
+    _, vstack, hrow = tiny_pixelcnn_onnx
+    labels = np.array([6, 10])
+    u = np.random.default_rng(6).random((2, 784))
+    images = np.random.default_rng(7).integers(0, 256, (2, 28, 28)).astype(np.uint8)
+    known = np.zeros((2, 784), bool)
+    known[0, :300] = True  # from mid-row 10
+    known[1, 100:140] = True  # known pixels after unknown ones
+    given = (images, known)
+    cached = sample_cached(*tiny_pixelcnn_steps, labels, u, 1.0, 2.0, any_label=10, given=given)
+    np.testing.assert_array_equal(cached, sample_fast(vstack, hrow, labels, u, 1.0, 2.0, any_label=10, given=given))
+    np.testing.assert_array_equal(cached.reshape(2, -1)[known], images.reshape(2, -1)[known])
 
 
 def test_fast_is_deterministic_and_u_matters(tiny_pixelcnn_onnx) -> None:

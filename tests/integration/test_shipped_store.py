@@ -10,7 +10,7 @@ from tests.conftest import REPO
 STORE = REPO / "models_store"
 
 
-PIXELCNN_VERSIONS = (1, 2)
+PIXELCNN_VERSIONS = (1, 2)  # trained and judged; version 3 is version 2's network with the step graphs
 
 
 @pytest.fixture(scope="module")
@@ -24,7 +24,8 @@ def test_shipped_store_validates():
     models, refused = load_store(STORE)
     assert refused == {} and sorted(models) == ["gan", "pixelcnn", "vae"]
     size = sum(p.stat().st_size for p in STORE.rglob("*") if p.is_file())
-    assert size < 12e6, f"the store should stay a few MB, it is {size / 1e6:.1f} MB"
+    # PixelCNN version 3 repeats version 2's three graphs beside its step graphs (5 MB of the 16)
+    assert size < 17e6, f"the store should stay a few MB, it is {size / 1e6:.1f} MB"
 
 
 @pytest.mark.parametrize("version", PIXELCNN_VERSIONS)
@@ -93,3 +94,34 @@ def test_the_anomaly_score_clears_its_floors_and_the_readme_shows_it():
     readme = (REPO / "README.md").read_text()
     assert "\n".join(anomaly_table(versions)) in readme
     assert "\n".join(completion_table(versions)) in readme
+
+
+def test_pixelcnn_version_3_is_version_2_with_the_step_graphs():
+    """python -m training steps --from-version 2 --version 3: the same network (its graphs give version 2's
+    log-likelihoods), so version 2's judged figures are its own, and its cached sampler draws version 2's images."""
+    import numpy as np
+
+    from service.sampler import CacheGeometry, sample_cached, sample_fast
+    from service.store import declared_tensor
+    from training.data import load_dataset, split
+    from training.evalutils import exported_graph
+
+    old, new = (read_manifest(STORE / "pixelcnn" / str(v)) for v in (2, 3))
+    assert {"vstep", "hstep"} <= set(new.graphs) and not {"vstep", "hstep"} & set(old.graphs)
+    assert new.metrics["weights_from"]["version"] == 2
+    assert max(new.metrics["weights_from"]["max_abs_diff_to_its_graphs"].values()) <= 1e-4
+    drop = {"weights_from", "onnx_parity_max_abs_diff"}
+    assert {k: v for k, v in new.metrics.items() if k not in drop} == \
+        {k: v for k, v in old.metrics.items() if k not in drop}
+    assert new.anomaly == old.anomaly and new.model == old.model
+    _, heldout = split(load_dataset())
+    feeds = {"image": heldout.images[:32, None].astype(np.float32), "label": heldout.labels[:32].astype(np.int64)}
+    logprob = [exported_graph(STORE / "pixelcnn" / str(v), "logprob")(feeds)["log_probs"] for v in (2, 3)]
+    assert np.abs(logprob[0] - logprob[1]).max() <= 1e-4
+    labels = np.array([0, 3, 7, 10])
+    u = np.random.default_rng(0).random((4, 784))
+    cache = declared_tensor(new, "vstep", "vcache").shape
+    v2 = [exported_graph(STORE / "pixelcnn" / "2", g) for g in ("vstack", "hrow")]
+    v3 = [exported_graph(STORE / "pixelcnn" / "3", g) for g in ("vstep", "hstep")]
+    np.testing.assert_array_equal(sample_cached(*v3, CacheGeometry(*cache[1:4]), labels, u),
+                                  sample_fast(*v2, labels, u))

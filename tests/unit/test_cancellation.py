@@ -16,7 +16,7 @@ from starlette.requests import ClientDisconnect
 
 from service.batcher import Batcher, BatchingConfig, DeadlineExceeded
 from service.routes.common import unless_disconnected
-from service.sampler import IterationSampler, SamplerConfig
+from service.sampler import IterationSampler, RowSteps, SamplerConfig
 from service.scheduling import SchedulingObserver
 
 SIDE = 4  # a 4x4 "image": 16 steps per sequence
@@ -180,8 +180,8 @@ def run_sampler(scenario: Callable[[IterationSampler, HeldGraphs], Awaitable[Non
     graphs, observer = HeldGraphs(), CancelObserver()
 
     async def main() -> None:
-        sampler = IterationSampler(graphs.vstack, graphs.hrow, SamplerConfig(max_active=max_active, image_size=SIDE),
-                                   observer=observer)
+        sampler = IterationSampler(RowSteps(graphs.vstack, graphs.hrow),
+                                   SamplerConfig(max_active=max_active, image_size=SIDE), observer=observer)
         await sampler.start()
         try:
             await asyncio.wait_for(scenario(sampler, graphs), 10)

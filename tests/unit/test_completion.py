@@ -9,14 +9,22 @@ import numpy as np
 import pytest
 
 from service.sampler import IterationSampler, sample_fast, sample_pixel
+from tests.conftest import SamplingGraphs
 from tests.unit.test_sampler import PIXELS, Harness, make_request, wait_until
 
 ANY = 10
 
 
 @pytest.fixture(scope="module")
-def graphs(tiny_pixelcnn_onnx):
+def reference(tiny_pixelcnn_onnx):
+    """(vstack, hrow): the graphs of the single-batch references."""
     return tiny_pixelcnn_onnx[1:]
+
+
+@pytest.fixture
+def graphs(sampling_graphs: SamplingGraphs) -> SamplingGraphs:
+    """What the iteration-level sampler steps on, each way in turn."""
+    return sampling_graphs
 
 
 def given_images(n: int, seed: int) -> np.ndarray:
@@ -40,15 +48,15 @@ def naive_completion(vstack, hrow, labels, u, images, known) -> np.ndarray:
     return x[:, 0].astype(np.uint8)
 
 
-def test_the_reference_keeps_given_pixels_and_matches_the_definition(graphs):
+def test_the_reference_keeps_given_pixels_and_matches_the_definition(reference):
     labels, u = make_request(21, [4, ANY])
     images = given_images(2, 1)
     known = top_rows(2, 14)
     known[1, 500:510] = True  # and a few pixels after unknown ones
-    got = sample_fast(*graphs, labels, u, given=(images, known))
-    np.testing.assert_array_equal(got, naive_completion(*graphs, labels, u, images, known))
+    got = sample_fast(*reference, labels, u, given=(images, known))
+    np.testing.assert_array_equal(got, naive_completion(*reference, labels, u, images, known))
     np.testing.assert_array_equal(got.reshape(2, -1)[known], images.reshape(2, -1)[known])
-    assert not np.array_equal(got, sample_fast(*graphs, labels, u))  # what was given mattered
+    assert not np.array_equal(got, sample_fast(*reference, labels, u))  # what was given mattered
 
 
 def test_completions_share_steps_with_samples_and_match_the_reference(graphs):
@@ -59,9 +67,9 @@ def test_completions_share_steps_with_samples_and_match_the_reference(graphs):
     mask[0, : 5 * 28 + 10] = True  # starts mid-row (5, 10): its vfeats row is computed at once
     mask[0, 600:620] = True
     mid_row = (given_images(1, 3), mask)
-    want_a = sample_fast(*graphs, la, ua, given=prefix)
-    want_b = sample_fast(*graphs, lb, ub, 1.0, 2.0, any_label=ANY, given=mid_row)  # guided too
-    want_c = sample_fast(*graphs, lc, uc)
+    want_a = sample_fast(*graphs.reference, la, ua, given=prefix)
+    want_b = sample_fast(*graphs.reference, lb, ub, 1.0, 2.0, any_label=ANY, given=mid_row)  # guided too
+    want_c = sample_fast(*graphs.reference, lc, uc)
     h = Harness(graphs)
 
     async def scenario(sampler: IterationSampler) -> None:
@@ -81,7 +89,7 @@ def test_completions_share_steps_with_samples_and_match_the_reference(graphs):
 
     h.run(scenario)
     # the plain sample took 784 steps; the completions joined it rather than running after it
-    assert len(h.hrow.sizes) < PIXELS + PIXELS - 14 * 28
+    assert len(h.pixels.sizes) < PIXELS + PIXELS - 14 * 28
 
 
 @pytest.mark.parametrize("given, match", [
@@ -93,7 +101,7 @@ def test_completions_share_steps_with_samples_and_match_the_reference(graphs):
 def test_bad_given_pixels_are_refused(graphs, given, match):
     labels, u = make_request(5, [1])
     with pytest.raises(ValueError, match=match):
-        sample_fast(*graphs, labels, u, given=given)
+        sample_fast(*graphs.reference, labels, u, given=given)
     h = Harness(graphs)
 
     async def scenario(sampler: IterationSampler) -> None:
@@ -101,4 +109,4 @@ def test_bad_given_pixels_are_refused(graphs, given, match):
             sampler.enqueue(labels, u, given=given)
 
     h.run(scenario)
-    assert h.hrow.sizes == []
+    assert h.pixels.sizes == []

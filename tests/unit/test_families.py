@@ -63,7 +63,8 @@ def test_v2_rules_per_family():
     assert families.tensor_rules(GAN) == families.shared.TensorRules(
         ranges={"label": (0.0, 2.0)}, whole=frozenset(), max_axis=20)
     rules = families.tensor_rules(PIXELCNN)
-    assert rules.ranges == {"image": (0.0, 255.0), "label": (0.0, 3.0)}   # 3: "any digit"
+    assert rules.ranges == {"image": (0.0, 255.0), "label": (0.0, 3.0),   # 3: "any digit"
+                            "row": (0.0, 19.0), "col": (0.0, 11.0)}       # the step graphs' position: 20 x 12 images
     assert rules.whole == {"image"} and rules.max_axis == 20
     rules = families.tensor_rules(VAE)
     assert rules.ranges == {"image": (0.0, 255.0)} and rules.whole == frozenset()

@@ -59,10 +59,62 @@ def test_pixelcnn_split_equals_full_pass(pcnn):
     torch.testing.assert_close(crop[:, :, :, 7], vf[:, :, :, 7])
 
 
-def test_pixelcnn_fast_sampler_matches_naive(pcnn):
-    y = torch.tensor([1, 10])
-    u = torch.rand(2, 784, generator=torch.Generator().manual_seed(1))
-    assert torch.equal(pcnn_lib.sample_fast(pcnn, y, u, 0.9), pcnn_lib.sample_naive(pcnn, y, u, 0.9))
+
+
+@pytest.mark.parametrize("first, n", [(0, 1), (0, 28), (1, 1), (2, 1), (5, 9), (27, 1)])
+def test_pixelcnn_vertical_step_equals_the_full_stack(pcnn, first, n):
+    """n rows stepped from the cache of the rows above them are those rows of vertical_features, and the new cache
+    rows are the layers' outputs there; whatever lies above the image in the window and cache is masked."""
+    p, depth, c = pcnn.cfg.kernel // 2, pcnn.cfg.n_layers - 1, pcnn.cfg.channels
+    x, y = torch.randint(0, 256, (2, 1, 28, 28)).float(), torch.tensor([3, 10])
+    garbage = torch.full((2, 1, p + 1, 28), 99.0)                      # rows -p-1 .. -1
+    padded = torch.cat([garbage, x], dim=2)
+    with torch.no_grad():
+        full = pcnn.vertical_features(x, y)
+        vcache = torch.randn(2, depth, c, p, 28)                         # rows above the image: masked
+        if first > 0:                                                    # the true cache: step the rows above
+            _, vnew = pcnn.vertical_step(padded[:, :, : p + first], torch.zeros(2, depth, c, p, 28), y,
+                                         torch.zeros(2, dtype=torch.long))
+            vcache = torch.cat([vcache, vnew], dim=3)[:, :, :, -p:]
+        vfeats, vnew = pcnn.vertical_step(padded[:, :, first: first + p + n], vcache, y, torch.full((2,), first))
+    assert vfeats.shape == (2, depth + 1, 2 * c, n, 28) and vnew.shape == (2, depth, c, n, 28)
+    torch.testing.assert_close(vfeats, full[:, :, :, first: first + n], rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("first, n", [(0, 1), (0, 28), (1, 1), (2, 1), (7, 5), (27, 1)])
+def test_pixelcnn_horizontal_step_equals_the_full_pass(pcnn, first, n):
+    """n columns of one row stepped from the cache of the columns to their left give the full pass's logits
+    there; whatever lies left of the image is masked."""
+    p, depth, c = pcnn.cfg.kernel // 2, pcnn.cfg.n_layers - 1, pcnn.cfg.channels
+    x, y, r = torch.randint(0, 256, (2, 1, 28, 28)).float(), torch.tensor([3, 10]), 12
+    padded = torch.cat([torch.full((2, 1, 1, p + 1), 99.0), x[:, :, r:r + 1]], dim=3)  # columns -p-1 .. 27
+    with torch.no_grad():
+        full, vf = pcnn(x, y), pcnn.vertical_features(x, y)[:, :, :, r:r + 1]
+        hcache = torch.randn(2, depth, c, 1, p)
+        if first > 0:
+            _, hnew = pcnn.horizontal_step(padded[..., : p + first], hcache, vf[..., :first],
+                                           torch.zeros(2, dtype=torch.long))
+            hcache = torch.cat([hcache, hnew], dim=4)[..., -p:]
+        logits, hnew = pcnn.horizontal_step(padded[..., first: first + p + n], hcache, vf[..., first: first + n],
+                                            torch.full((2,), first))
+    assert logits.shape == (2, 256, 1, n) and hnew.shape == (2, depth, c, 1, n)
+    torch.testing.assert_close(logits[:, :, 0], full[:, :, r, first: first + n], rtol=0, atol=1e-5)
+
+
+def test_pixelcnn_fast_and_cached_samplers_match_naive(pcnn):
+    """Every one of the 784 pixels: the row-cached and the activation-cached samplers against the whole network
+    per pixel. One torch thread: on a busy 2-core machine torch's thread barriers make 784 small passes crawl."""
+    y = torch.tensor([4, 10, 7])
+    u = torch.rand(3, 784, generator=torch.Generator().manual_seed(2))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        naive = pcnn_lib.sample_naive(pcnn, y, u, 0.8)
+        assert torch.equal(pcnn_lib.sample_fast(pcnn, y, u, 0.8), naive)
+        assert torch.equal(pcnn_lib.sample_cached(pcnn, y, u, 0.8), naive)
+    finally:
+        torch.set_num_threads(threads)
+    assert len(naive.unique()) > 10
 
 
 def test_sample_from_logits_inverts_the_cdf():

@@ -1,7 +1,8 @@
 """Unit tests for service.sampler.IterationSampler: iteration-level batching of PixelCNN sampling.
 
-A tiny randomly initialised PixelCNN is exported once per module; every result is compared with the single-batch
-`sample_fast` on the same uniforms, which must hold whatever other requests shared the steps.
+A tiny randomly initialised PixelCNN is exported once per session; every test runs on its row-cached graphs (vstack,
+hrow) and on its activation-cached step graphs (vstep, hstep), and every result is compared with the single-batch
+`sample_fast` on the same uniforms, which must hold whatever other requests shared the steps, either way.
 """
 
 from __future__ import annotations
@@ -16,16 +17,16 @@ import pytest
 
 from service.batcher import BatcherClosed, DeadlineExceeded, QueueFull
 from service.sampler import IterationSampler, SamplerConfig, sample_fast
+from tests.conftest import SamplingGraphs
 from tests.unit.test_batcher import RecordingObserver as BatcherRecorder
 
 PIXELS = 28 * 28
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
-@pytest.fixture(scope="module")
-def tiny_pixelcnn_graphs(tiny_pixelcnn_onnx):
-    """(vstack fn, hrow fn) of the session's tiny random PixelCNN."""
-    return tiny_pixelcnn_onnx[1:]
+@pytest.fixture
+def graphs(sampling_graphs: SamplingGraphs) -> SamplingGraphs:
+    return sampling_graphs
 
 
 class Recorder:
@@ -35,13 +36,15 @@ class Recorder:
         self.fn = fn
         self.sizes: list[int] = []
         self.heights: list[int] = []
+        self.widths: list[int] = []
         self.fail_next = threading.Event()
         self._lock = threading.Lock()
 
     def __call__(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         with self._lock:
             self.sizes.append(len(feeds["image"]))
-            self.heights.append(feeds["image"].shape[2])
+            self.heights.append(feeds["image"].shape[2])  # rows of the image fed (vstack, vstep)
+            self.widths.append(feeds["image"].shape[3])  # columns (hrow, hstep)
         if self.fail_next.is_set():
             self.fail_next.clear()
             raise RuntimeError("injected graph failure")
@@ -63,10 +66,14 @@ class RecordingObserver(BatcherRecorder):
 
 
 class Harness:
-    def __init__(self, graphs, observer: BatcherRecorder | None = None, **config: float) -> None:
-        self.vstack, self.hrow = Recorder(graphs[0]), Recorder(graphs[1])
+    """An IterationSampler stepping on `graphs`, recording each call of its per-row graph (`rows`: vstack or
+    vstep) and of its per-pixel graph (`pixels`: hrow or hstep)."""
+
+    def __init__(self, graphs: SamplingGraphs, observer: BatcherRecorder | None = None, **config: float) -> None:
+        self.rows, self.pixels = Recorder(graphs.row_graph), Recorder(graphs.pixel_graph)
         self.observer = RecordingObserver() if observer is None else observer
-        self.sampler = IterationSampler(self.vstack, self.hrow, SamplerConfig(**config), observer=self.observer)
+        steps = graphs.steps(self.rows, self.pixels)
+        self.sampler = IterationSampler(steps, SamplerConfig(**config), observer=self.observer)
 
     def run(self, scenario: Callable[[IterationSampler], Awaitable[None]]) -> None:
         async def main() -> None:
@@ -88,11 +95,11 @@ async def wait_until(condition: Callable[[], bool]) -> None:
         await asyncio.sleep(0.001)
 
 
-def test_concurrent_requests_match_sample_fast(tiny_pixelcnn_graphs) -> None:
+def test_concurrent_requests_match_sample_fast(graphs: SamplingGraphs) -> None:
     (la, ua), (lb, ub) = make_request(1, [3, 10]), make_request(2, [7])
-    want_a = sample_fast(*tiny_pixelcnn_graphs, la, ua, 1.0)
-    want_b = sample_fast(*tiny_pixelcnn_graphs, lb, ub, 0.7)  # temperature differs per request
-    h = Harness(tiny_pixelcnn_graphs)
+    want_a = sample_fast(*graphs.reference, la, ua, 1.0)
+    want_b = sample_fast(*graphs.reference, lb, ub, 0.7)  # temperature differs per request
+    h = Harness(graphs)
 
     async def scenario(sampler: IterationSampler) -> None:
         a, b = await asyncio.gather(sampler.sample(la, ua, 1.0), sampler.sample(lb, ub, 0.7))
@@ -101,39 +108,43 @@ def test_concurrent_requests_match_sample_fast(tiny_pixelcnn_graphs) -> None:
         assert a.dtype == np.uint8 and a.shape == (2, 28, 28)
 
     h.run(scenario)
-    assert h.hrow.sizes == [3] * PIXELS  # every step shared by all three sequences
-    assert h.vstack.sizes == [3] * 28 and h.vstack.heights == list(range(1, 29))  # cropped to rows 0..r
+    assert h.pixels.sizes == [3] * PIXELS  # every step shared by all three sequences
+    assert h.rows.sizes == [3] * 28
+    if graphs.kind == "rows":  # vstack on rows 0..r, hrow on all 28 columns of the row
+        assert h.rows.heights == list(range(1, 29)) and set(h.pixels.widths) == {28}
+    else:  # vstep on the new row and the p = 2 above it, hstep on the new column and the p + 1 left of it
+        assert set(h.rows.heights) == {3} and set(h.pixels.widths) == {3}
     assert h.observer.steps == [3] * PIXELS and h.observer.items == 3 and h.observer.rejects == []
     assert len(h.observer.batches[0][1]) == 3 and all(not waits for _, waits, _ in h.observer.batches[1:])
 
 
-def test_late_request_joins_mid_way(tiny_pixelcnn_graphs) -> None:
+def test_late_request_joins_mid_way(graphs: SamplingGraphs) -> None:
     (la, ua), (lb, ub) = make_request(3, [1, 10]), make_request(4, [9])
-    want_a, want_b = sample_fast(*tiny_pixelcnn_graphs, la, ua), sample_fast(*tiny_pixelcnn_graphs, lb, ub)
-    h = Harness(tiny_pixelcnn_graphs)
+    want_a, want_b = sample_fast(*graphs.reference, la, ua), sample_fast(*graphs.reference, lb, ub)
+    h = Harness(graphs)
 
     async def scenario(sampler: IterationSampler) -> None:
         first = asyncio.create_task(sampler.sample(la, ua, 1.0))
-        await wait_until(lambda: len(h.hrow.sizes) >= 100)  # the first request is well under way
+        await wait_until(lambda: len(h.pixels.sizes) >= 100)  # the first request is well under way
         b = await sampler.sample(lb, ub, 1.0)
         np.testing.assert_array_equal(b, want_b)
         np.testing.assert_array_equal(await first, want_a)
 
     h.run(scenario)
-    sizes = h.hrow.sizes
+    sizes = h.pixels.sizes
     joined = sizes.index(3)  # steps the first request had done alone before the second joined
     assert 100 <= joined < PIXELS
     # it joined at the next step rather than after the first finished: the steps overlap
     assert sizes == [2] * joined + [3] * (PIXELS - joined) + [1] * joined
     assert len(sizes) < 2 * PIXELS
     # vstack runs on the sequences starting a row only: the joiner alone once the first request is done
-    assert h.vstack.sizes[0] == 2 and h.vstack.sizes[-1] == 1 and sum(h.vstack.sizes) == 3 * 28
+    assert h.rows.sizes[0] == 2 and h.rows.sizes[-1] == 1 and sum(h.rows.sizes) == 3 * 28
 
 
-def test_sequences_beyond_max_active_wait_and_join(tiny_pixelcnn_graphs) -> None:
+def test_sequences_beyond_max_active_wait_and_join(graphs: SamplingGraphs) -> None:
     labels, u = make_request(5, [0, 4, 10])
-    want = sample_fast(*tiny_pixelcnn_graphs, labels, u)
-    h = Harness(tiny_pixelcnn_graphs, max_active=2)
+    want = sample_fast(*graphs.reference, labels, u)
+    h = Harness(graphs, max_active=2)
 
     async def scenario(sampler: IterationSampler) -> None:
         task = asyncio.create_task(sampler.sample(labels, u))
@@ -142,12 +153,12 @@ def test_sequences_beyond_max_active_wait_and_join(tiny_pixelcnn_graphs) -> None
         np.testing.assert_array_equal(await task, want)
 
     h.run(scenario)
-    assert max(h.hrow.sizes) == 2 and len(h.hrow.sizes) == 2 * PIXELS
+    assert max(h.pixels.sizes) == 2 and len(h.pixels.sizes) == 2 * PIXELS
     assert h.observer.items == 3
 
 
-def test_queue_full(tiny_pixelcnn_graphs) -> None:
-    h = Harness(tiny_pixelcnn_graphs, max_active=2, max_queue=1)
+def test_queue_full(graphs: SamplingGraphs) -> None:
+    h = Harness(graphs, max_active=2, max_queue=1)
 
     async def scenario(sampler: IterationSampler) -> None:
         first = asyncio.create_task(sampler.sample(*make_request(6, [1, 2])))
@@ -167,10 +178,10 @@ def test_queue_full(tiny_pixelcnn_graphs) -> None:
     assert h.observer.rejects == ["queue_full", "queue_full"]
 
 
-def test_stop_finishes_accepted_work_then_refuses(tiny_pixelcnn_graphs) -> None:
+def test_stop_finishes_accepted_work_then_refuses(graphs: SamplingGraphs) -> None:
     (la, ua), (lb, ub) = make_request(10, [2]), make_request(11, [8])
-    want_a, want_b = sample_fast(*tiny_pixelcnn_graphs, la, ua), sample_fast(*tiny_pixelcnn_graphs, lb, ub)
-    h = Harness(tiny_pixelcnn_graphs, max_active=1)  # the second one is still queued at stop()
+    want_a, want_b = sample_fast(*graphs.reference, la, ua), sample_fast(*graphs.reference, lb, ub)
+    h = Harness(graphs, max_active=1)  # the second one is still queued at stop()
 
     async def main() -> None:
         sampler = h.sampler
@@ -189,19 +200,19 @@ def test_stop_finishes_accepted_work_then_refuses(tiny_pixelcnn_graphs) -> None:
 
     asyncio.run(main())
     assert h.observer.rejects == ["closed", "closed"]
-    assert len(h.hrow.sizes) == 2 * PIXELS
+    assert len(h.pixels.sizes) == 2 * PIXELS
 
 
-def test_cancellation_drops_sequences(tiny_pixelcnn_graphs) -> None:
+def test_cancellation_drops_sequences(graphs: SamplingGraphs) -> None:
     (la, ua), (lb, ub) = make_request(12, [6, 10]), make_request(13, [0])
-    want_b = sample_fast(*tiny_pixelcnn_graphs, lb, ub)
-    h = Harness(tiny_pixelcnn_graphs, max_active=3)
+    want_b = sample_fast(*graphs.reference, lb, ub)
+    h = Harness(graphs, max_active=3)
 
     async def scenario(sampler: IterationSampler) -> None:
         a = asyncio.create_task(sampler.sample(la, ua))
         b = asyncio.create_task(sampler.sample(lb, ub))
         queued = asyncio.create_task(sampler.sample(*make_request(14, [1])))  # no free slot: waits
-        await wait_until(lambda: len(h.hrow.sizes) >= 50)
+        await wait_until(lambda: len(h.pixels.sizes) >= 50)
         assert sampler.queued == 1
         queued.cancel()
         await asyncio.sleep(0)
@@ -213,16 +224,16 @@ def test_cancellation_drops_sequences(tiny_pixelcnn_graphs) -> None:
         assert sampler.active == 0 and sampler.queued == 0
 
     h.run(scenario)
-    sizes = h.hrow.sizes
+    sizes = h.pixels.sizes
     cut = sizes.index(1)
     assert sizes == [3] * cut + [1] * (PIXELS - cut)  # the cancelled sequences left at the next step
     assert h.observer.items == 1
 
 
-def test_deadline_drops_sequences(tiny_pixelcnn_graphs) -> None:
+def test_deadline_drops_sequences(graphs: SamplingGraphs) -> None:
     lb, ub = make_request(15, [4])
-    want_b = sample_fast(*tiny_pixelcnn_graphs, lb, ub)
-    h = Harness(tiny_pixelcnn_graphs)
+    want_b = sample_fast(*graphs.reference, lb, ub)
+    h = Harness(graphs)
 
     async def scenario(sampler: IterationSampler) -> None:
         b = asyncio.create_task(sampler.sample(lb, ub))
@@ -232,16 +243,16 @@ def test_deadline_drops_sequences(tiny_pixelcnn_graphs) -> None:
 
     h.run(scenario)
     assert h.observer.rejects == ["deadline"]
-    assert h.hrow.sizes[0] == 3 and h.hrow.sizes[-1] == 1 and len(h.hrow.sizes) == PIXELS
+    assert h.pixels.sizes[0] == 3 and h.pixels.sizes[-1] == 1 and len(h.pixels.sizes) == PIXELS
 
 
-def test_graph_failure_fails_the_step_and_the_sampler_goes_on(tiny_pixelcnn_graphs) -> None:
+def test_graph_failure_fails_the_step_and_the_sampler_goes_on(graphs: SamplingGraphs) -> None:
     labels, u = make_request(17, [3])
-    want = sample_fast(*tiny_pixelcnn_graphs, labels, u)
-    h = Harness(tiny_pixelcnn_graphs)
+    want = sample_fast(*graphs.reference, labels, u)
+    h = Harness(graphs)
 
     async def scenario(sampler: IterationSampler) -> None:
-        h.hrow.fail_next.set()
+        h.pixels.fail_next.set()
         with pytest.raises(RuntimeError, match="injected"):
             await sampler.sample(*make_request(18, [1, 2]))
         np.testing.assert_array_equal(await sampler.sample(labels, u), want)
@@ -250,8 +261,8 @@ def test_graph_failure_fails_the_step_and_the_sampler_goes_on(tiny_pixelcnn_grap
     assert h.observer.rejects == ["error"]
 
 
-def test_bad_requests_are_refused(tiny_pixelcnn_graphs) -> None:
-    h = Harness(tiny_pixelcnn_graphs)
+def test_bad_requests_are_refused(graphs: SamplingGraphs) -> None:
+    h = Harness(graphs)
 
     async def scenario(sampler: IterationSampler) -> None:
         with pytest.raises(ValueError, match="labels"):
@@ -263,20 +274,20 @@ def test_bad_requests_are_refused(tiny_pixelcnn_graphs) -> None:
         assert sampler.active == sampler.queued == 0
 
     h.run(scenario)
-    assert h.hrow.sizes == []
+    assert h.pixels.sizes == []
 
 
-def test_abandoning_from_outside_drops_queued_and_active_sequences(tiny_pixelcnn_graphs) -> None:
+def test_abandoning_from_outside_drops_queued_and_active_sequences(graphs: SamplingGraphs) -> None:
     """ticket.abandon() (as a route that learns its client left would): queued sequences leave the counts and
     the queue-depth gauge at once, active ones leave at the next step; the others are untouched."""
     (la, ua), (lb, ub) = make_request(21, [2, 10]), make_request(22, [5])
-    want_b = sample_fast(*tiny_pixelcnn_graphs, lb, ub)
+    want_b = sample_fast(*graphs.reference, lb, ub)
     observer = BatcherRecorder()  # records queue depths (the default harness observer fails them on purpose)
-    h = Harness(tiny_pixelcnn_graphs, observer, max_active=2)
+    h = Harness(graphs, observer, max_active=2)
 
     async def scenario(sampler: IterationSampler) -> None:
         a = sampler.enqueue(la, ua)
-        await wait_until(lambda: len(h.hrow.sizes) >= 20)
+        await wait_until(lambda: len(h.pixels.sizes) >= 20)
         waiting = sampler.enqueue(*make_request(23, [1, 3, 4]))
         b = sampler.enqueue(lb, ub)
         assert sampler.queue_depth == sampler.queued == 4 and observer.depths[-1] == 4
@@ -284,12 +295,12 @@ def test_abandoning_from_outside_drops_queued_and_active_sequences(tiny_pixelcnn
         assert sampler.queued == 1 and observer.depths[-1] == 1
         with pytest.raises(asyncio.CancelledError):
             await sampler.wait(waiting)
-        steps = len(h.hrow.sizes)
+        steps = len(h.pixels.sizes)
         a.abandon()
         np.testing.assert_array_equal(await sampler.wait(b), want_b)
         assert sampler.active == sampler.queued == 0 and observer.depths[-1] == 0
-        cut = h.hrow.sizes.index(1, steps - 1)  # b took a freed slot at the step after the abandonment
-        assert cut <= steps + 1 and h.hrow.sizes[cut:] == [1] * PIXELS
+        cut = h.pixels.sizes.index(1, steps - 1)  # b took a freed slot at the step after the abandonment
+        assert cut <= steps + 1 and h.pixels.sizes[cut:] == [1] * PIXELS
 
     h.run(scenario)
     assert observer.items == 1 and observer.rejects == []
@@ -315,7 +326,8 @@ def test_image_size_and_labels_come_from_the_config() -> None:
     side = 5
     labels, u = np.array([0, 3, 2]), np.random.default_rng(24).random((3, side * side))
     want = sample_fast(causal_vstack, toy_hrow, labels, u, 0.8)
-    h = Harness((causal_vstack, toy_hrow), max_active=2, image_size=side, num_classes=3)
+    toy = SamplingGraphs("rows", (causal_vstack, toy_hrow), causal_vstack, toy_hrow)
+    h = Harness(toy, max_active=2, image_size=side, num_classes=3)
 
     async def scenario(sampler: IterationSampler) -> None:
         got = await sampler.sample(labels, u, 0.8)
@@ -328,7 +340,7 @@ def test_image_size_and_labels_come_from_the_config() -> None:
             await sampler.sample(np.array([1]), np.zeros((1, PIXELS)))
 
     h.run(scenario)
-    assert h.vstack.heights[:side] == list(range(1, side + 1)) and len(h.hrow.sizes) == 2 * side * side
+    assert h.rows.heights[:side] == list(range(1, side + 1)) and len(h.pixels.sizes) == 2 * side * side
 
 
 def test_the_runtime_fills_the_sampler_from_the_manifest_and_only_it_has_sampler_series() -> None:

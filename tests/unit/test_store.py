@@ -54,7 +54,7 @@ def _edit_manifest(vdir, change):
 def test_valid_store_loads_every_model(store):
     models, refused = load_store(store)
     assert sorted(models) == ["gan", "pixelcnn", "vae"] and refused == {}
-    assert set(models["pixelcnn"][1].sessions) == {"logprob", "vstack", "hrow"}
+    assert set(models["pixelcnn"][1].sessions) == {"logprob", "vstack", "hrow", "vstep", "hstep"}
     assert models["gan"][1].providers == ["CPUExecutionProvider"]
 
 
@@ -114,6 +114,27 @@ def test_family_needs_the_tensors_the_service_calls_and_a_fixed_image_size(store
     _edit_manifest(store / "vae/1", lambda m: m["graphs"]["encoder"]["inputs"][0].update(shape=[None, 1, None, 28]))
     assert "graph 'encoder' tensor 'image' needs a fixed height and width, got [None, 1, None, 28]" in _problems(
         store / "vae/1")
+
+
+def test_the_step_graphs_come_together_with_their_tensors(store):
+    """A PixelCNN version may add vstep and hstep, both, with the tensors the cached sampler feeds and the cache
+    shape it allocates from; without them it is still a valid version (sampled the row-cached way)."""
+    _edit_manifest(store / "pixelcnn/1", lambda m: m["graphs"].pop("hstep"))
+    assert "graphs ['hstep', 'vstep'] come together; this version has only ['vstep']" in _problems(
+        store / "pixelcnn/1")
+    _edit_manifest(store / "pixelcnn/1", lambda m: m["graphs"].pop("vstep"))
+    validate_version(store / "pixelcnn/1")  # neither: a version as exported before the step graphs
+
+
+def test_the_step_graphs_declare_their_cache(store):
+    def loosen(m):
+        m["graphs"]["vstep"]["inputs"][1]["shape"] = [None, None, 8, 2, 28]
+        m["graphs"]["hstep"]["outputs"][1].update(name="h")
+
+    _edit_manifest(store / "pixelcnn/1", loosen)
+    problems = _problems(store / "pixelcnn/1")
+    assert "graph 'hstep' needs tensors ['hnew']" in problems
+    assert any("graph 'vstep' tensor 'vcache' needs fixed layers" in p for p in problems)
 
 
 def test_family_needs_its_graphs_and_folders_must_agree(store):

@@ -171,3 +171,23 @@ def test_int64_extremes_pass():
     lab = {"name": "label", "datatype": "INT64", "shape": [2], "data": [-2 ** 63, 2 ** 63 - 1]}
     req = decode_request(_json({"inputs": _inputs(label=lab)}), None, INPUTS, OUTPUTS)
     assert req.inputs["label"].tolist() == [-2 ** 63, 2 ** 63 - 1]
+
+
+def test_an_axis_derived_from_another_must_agree_with_it():
+    """The PixelCNN hstep graph: `image` spans the new columns and 2 cached ones ('new + 2'), `vfeats` the new
+    columns ('new'); sizes that do not fit together are a 400 naming both, not an ONNX Runtime failure."""
+    inputs = [TensorMeta("image", "FP32", ("batch", 1, 1, "new + 2")),
+              TensorMeta("vfeats", "FP32", ("batch", 3, "new"))]
+
+    def request(width: int, new: int) -> bytes:
+        return _json({"inputs": [
+            {"name": "image", "datatype": "FP32", "shape": [1, 1, 1, width], "data": [0.0] * width},
+            {"name": "vfeats", "datatype": "FP32", "shape": [1, 3, new], "data": [0.0] * (3 * new)}]})
+
+    req = decode_request(request(5, 3), None, inputs, OUTPUTS)
+    assert req.inputs["image"].shape == (1, 1, 1, 5)
+    with pytest.raises(TensorError, match=r"input 'vfeats': dimension 2 \('new'\) is 4, but input 'image' has 5 "
+                                          r"\('new \+ 2'\), so this one must be 3"):
+        decode_request(request(5, 4), None, inputs, OUTPUTS)
+    with pytest.raises(TensorError, match=r"dimension 3 \('new \+ 2'\) is 2, must be at least 3"):
+        decode_request(request(2, 1), None, inputs, OUTPUTS)
