@@ -15,25 +15,14 @@ import pytest
 import tritonclient.http as triton
 from tritonclient.utils import InferenceServerException
 
-from service.store import read_manifest, write_manifest
 from tests.api.conftest import server_process, wait_for
 from tests.api.test_server_process import scrape
-from tests.conftest import REPO
+from tests.conftest import REPO, copy_version
 
 pytestmark = pytest.mark.slow
 CLIENTS = 8
 TOKEN = "admin-token-0123456789abcdef"
 ADMIN = {"Authorization": f"Bearer {TOKEN}"}
-
-
-def copy_version(store: Path, model: str, src: int, dst: int, truncate: str | None = None) -> None:
-    """<model>/<src> copied as version <dst>, its manifest saying so; `truncate` cuts that file to 1000 bytes."""
-    staged = store / model / f".{dst}-staging"   # hidden while it is written: a poll must not see half a version
-    shutil.copytree(store / model / str(src), staged)
-    write_manifest(read_manifest(staged).model_copy(update={"version": dst}), staged)
-    if truncate:
-        (staged / truncate).write_bytes((staged / truncate).read_bytes()[:1000])
-    staged.rename(store / model / str(dst))
 
 
 class Load:
