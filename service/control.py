@@ -77,7 +77,6 @@ class ControlFolder:
         self.pid = os.getpid() if pid is None else pid
         self._started = process_start_time(self.pid)
         (self.path / WORKERS).mkdir(parents=True, exist_ok=True)
-        self._seen: tuple | None = None
 
     # --- the desired state ------------------------------------------------------------------------------------
 
@@ -93,18 +92,15 @@ class ControlFolder:
             log.error("%s is not a desired-state record; ignored", self.path / DESIRED)
             return Desired()
 
-    def changed(self) -> bool:
-        """Whether desired.json was replaced since the last call: one stat(), cheap enough to poll often (every
-        write replaces the file, so its inode changes even when size and mtime would not)."""
+    def stamp(self) -> tuple | None:
+        """desired.json's identity now (None: there is none): one stat(), cheap enough to poll often. A different
+        stamp means it was replaced; every write replaces it, so the inode changes even when size and mtime
+        would not."""
         try:
             st = os.stat(self.path / DESIRED)
-            key: tuple | None = (st.st_ino, st.st_mtime_ns, st.st_size)
         except FileNotFoundError:
-            key = None
-        if key == self._seen:
-            return False
-        self._seen = key
-        return True
+            return None
+        return st.st_ino, st.st_mtime_ns, st.st_size
 
     def publish(self, model: str, state: Mapping, action: str) -> int:
         """Set `model`'s desired state ({"versions": [...] or None, "traffic": {...}}) under the next generation,

@@ -98,6 +98,7 @@ class Repository:
         # the desired generation it has gone through (-1: none yet), and the models it failed to bring there
         self._applied: dict[str, int] = {}
         self._generation = -1
+        self._stamp: tuple | None = None  # the desired-state file's stamp when last followed
         self._errors: dict[str, str] = {}
         self._wake = asyncio.Event()  # set by a publish: the watcher records the new generation at once
 
@@ -243,10 +244,14 @@ class Repository:
         generation reached. A model that cannot be brought to its desired state here is logged and recorded
         with the reason; the others are still applied."""
         control = self.control
-        if control is None or (self._generation >= 0 and not control.changed()):
+        if control is None:
+            return
+        stamp = control.stamp()
+        if self._generation >= 0 and stamp == self._stamp:
             return
         desired = await asyncio.to_thread(control.read)
         if desired.generation <= self._generation:
+            self._stamp = stamp
             return
         for name, entry in sorted(desired.models.items()):
             async with self._lock:
@@ -262,9 +267,9 @@ class Repository:
                 self._errors[name] = error
                 log.error("control folder: this worker could not apply %s of %s (generation %d): %s",
                           entry.get("action"), name, entry["generation"], error)
-        self._generation = desired.generation
         await asyncio.to_thread(control.record, desired.generation, dict(self._errors),
                                 {n: self.state(n) for n in self.registry.models})
+        self._generation, self._stamp = desired.generation, stamp  # only now: a failure above is tried again
 
     async def _apply(self, name: str, entry: dict) -> str | None:
         """Bring `name` to a desired entry here: None, or why it could not be done."""

@@ -41,10 +41,10 @@ def live_pids():
 
 def test_generations_grow_and_each_model_keeps_the_one_that_changed_it(tmp_path):
     folder = ControlFolder(tmp_path)
-    assert folder.read().generation == 0 and not folder.read().models
-    assert not folder.changed()                                      # nothing published: nothing to follow
+    assert folder.read().generation == 0 and not folder.read().models and folder.stamp() is None
     assert folder.publish("gan", {"versions": [1, 2], "traffic": {}}, "load") == 1
-    assert folder.changed() and not folder.changed()
+    stamp = folder.stamp()
+    assert stamp is not None and folder.stamp() == stamp
     assert folder.publish("vae", {"versions": None, "traffic": {}}, "unload") == 2
     assert folder.publish("gan", {"versions": [1, 2], "traffic": {"2": 100.0}}, "traffic") == 3
     desired = folder.read()
@@ -52,7 +52,7 @@ def test_generations_grow_and_each_model_keeps_the_one_that_changed_it(tmp_path)
     assert desired.models["gan"] == {"versions": [1, 2], "traffic": {"2": 100.0}, "generation": 3,
                                      "by": os.getpid(), "action": "traffic"}
     assert desired.models["vae"]["generation"] == 2 and desired.models["vae"]["versions"] is None
-    assert folder.changed()
+    assert folder.stamp() != stamp                                   # replaced: a watcher reads it again
     assert sorted(p.name for p in tmp_path.iterdir()) == ["desired.json", "desired.lock", "workers"]  # no temp left
 
 
