@@ -276,3 +276,30 @@ def test_the_answer_waits_a_bounded_time_for_a_worker_that_does_not_follow(store
             await stop(a)
 
     asyncio.run(scenario())
+
+
+def test_what_a_poll_changes_is_published_for_the_other_workers(store, tmp_path, live_pids):
+    """A worker's rescan that finds a new version publishes it: a worker that has not rescanned (here one that
+    never does) serves it too, and so would one starting later."""
+    other_pid, = live_pids(1)
+
+    async def scenario() -> None:
+        a = await worker(store, tmp_path / "control", os.getpid(), model_control="poll", poll_interval_s=0.1)
+        b = await worker(store, tmp_path / "control", other_pid)
+        tasks = [asyncio.create_task(a.poll_forever()), asyncio.create_task(b.watch_forever())]
+        try:
+            await asyncio.sleep(0.05)                            # the poll has taken the store's fingerprints
+            copy_version(store, "gan", 1, 2)
+            for _ in range(100):
+                if serving(b) == [1, 2]:
+                    break
+                await asyncio.sleep(0.05)
+            assert serving(a) == serving(b) == [1, 2]
+            assert a.control.read().models["gan"]["action"] == "poll"
+        finally:
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            await stop(a, b)
+
+    asyncio.run(scenario())
