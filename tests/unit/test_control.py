@@ -159,7 +159,11 @@ async def worker(store: Path, folder: Path, pid: int, **overrides) -> Repository
     return repo
 
 
-async def stop(*repos: Repository) -> None:
+async def stop(*repos: Repository, tasks: tuple[asyncio.Task, ...] = ()) -> None:
+    """Stop the repositories' background `tasks` (watchers, polls), then the workers, as the lifespan does."""
+    for t in tasks:
+        t.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
     for r in repos:
         r.leave()
         await r.registry.stop()
@@ -181,7 +185,7 @@ def test_a_change_through_one_worker_reaches_the_other(store, tmp_path, live_pid
     async def scenario() -> None:
         a = await worker(store, tmp_path / "control", os.getpid())
         b = await worker(store, tmp_path / "control", other_pid)
-        watching = [asyncio.create_task(r.watch_forever()) for r in (a, b)]
+        watching = tuple(asyncio.create_task(r.watch_forever()) for r in (a, b))
         try:
             copy_version(store, "gan", 1, 2)
             loaded = await a.load("gan")
@@ -215,10 +219,7 @@ def test_a_change_through_one_worker_reaches_the_other(store, tmp_path, live_pid
             await stop(late)
             assert [r.pid for r in a.control.records()] == sorted([os.getpid(), other_pid])
         finally:
-            for t in watching:
-                t.cancel()
-            await asyncio.gather(*watching, return_exceptions=True)
-            await stop(a, b)
+            await stop(a, b, tasks=watching)
 
     asyncio.run(scenario())
 
@@ -251,9 +252,7 @@ def test_a_version_that_fails_on_one_worker_only_is_reported(store, tmp_path, li
             assert (await a.load("gan")).workers == Fanout(2, 2, [])
             assert serving(b) == [1, 2]
         finally:
-            watching.cancel()
-            await asyncio.gather(watching, return_exceptions=True)
-            await stop(a, b)
+            await stop(a, b, tasks=(watching,))
 
     asyncio.run(scenario())
 
@@ -286,7 +285,7 @@ def test_what_a_poll_changes_is_published_for_the_other_workers(store, tmp_path,
     async def scenario() -> None:
         a = await worker(store, tmp_path / "control", os.getpid(), model_control="poll", poll_interval_s=0.1)
         b = await worker(store, tmp_path / "control", other_pid)
-        tasks = [asyncio.create_task(a.poll_forever()), asyncio.create_task(b.watch_forever())]
+        tasks = (asyncio.create_task(a.poll_forever()), asyncio.create_task(b.watch_forever()))
         try:
             await asyncio.sleep(0.05)                            # the poll has taken the store's fingerprints
             copy_version(store, "gan", 1, 2)
@@ -297,9 +296,6 @@ def test_what_a_poll_changes_is_published_for_the_other_workers(store, tmp_path,
             assert serving(a) == serving(b) == [1, 2]
             assert a.control.read().models["gan"]["action"] == "poll"
         finally:
-            for t in tasks:
-                t.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-            await stop(a, b)
+            await stop(a, b, tasks=tasks)
 
     asyncio.run(scenario())
