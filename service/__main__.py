@@ -15,33 +15,55 @@ from pathlib import Path
 import uvicorn
 from uvicorn.supervisors import Multiprocess
 
+from service.control import ControlFolder
 from service.protocol import SlowClientGuard, protocol_name
 from service.settings import get_settings
 
 log = logging.getLogger("service")
 
 
-def _prepare_multiprocess_dir() -> str | None:
-    """Set up prometheus-client's multiprocess directory before any worker imports the client.
-
-    Returns the directory when this function created it (so the caller removes it at exit), else None.
-    Several workers need PROMETHEUS_MULTIPROC_DIR: without it each worker would expose only its own counts.
-    """
-    given = os.environ.get("PROMETHEUS_MULTIPROC_DIR") or os.environ.get("prometheus_multiproc_dir")
+def _shared_dir(given: str | None, variable: str, prefix: str, wipe) -> str | None:
+    """A folder the workers share: `given` (made if missing) is wiped of what an earlier run left, with
+    wipe(path); unset, with several workers, a fresh private one (0700) is made and named in `variable`, set here,
+    before uvicorn spawns the workers, which inherit the environment. Returns the folder when this function made
+    it (so the caller removes it at exit), else None."""
     if given:
-        # The client's documentation: the directory must be wiped between runs (before start-up), or the
-        # counters of an earlier run (e.g. a restarted container) are summed into this one. Only the
-        # client's own *.db files are removed.
         Path(given).mkdir(parents=True, exist_ok=True)
-        for stale in Path(given).glob("*.db"):
-            stale.unlink(missing_ok=True)
+        wipe(Path(given))
         return None
     if get_settings().workers > 1:
-        # Set here, before uvicorn spawns the workers, which inherit the environment and import the client.
-        created = tempfile.mkdtemp(prefix="genserve-metrics-")
-        os.environ["PROMETHEUS_MULTIPROC_DIR"] = created
+        created = tempfile.mkdtemp(prefix=prefix)
+        os.environ[variable] = created
         return created
     return None
+
+
+def _wipe_metrics(path: Path) -> None:
+    # The client's documentation: the directory must be wiped between runs (before start-up), or the counters of
+    # an earlier run (e.g. a restarted container) are summed into this one. Only the client's own *.db files.
+    for stale in path.glob("*.db"):
+        stale.unlink(missing_ok=True)
+
+
+def _prepare_multiprocess_dir() -> str | None:
+    """Set up prometheus-client's multiprocess directory before any worker imports the client. Several workers
+    need PROMETHEUS_MULTIPROC_DIR: without it each worker would expose only its own counts."""
+    given = os.environ.get("PROMETHEUS_MULTIPROC_DIR") or os.environ.get("prometheus_multiproc_dir")
+    return _shared_dir(given, "PROMETHEUS_MULTIPROC_DIR", "genserve-metrics-", _wipe_metrics)
+
+
+def _prepare_control_dir() -> str | None:
+    """Set up the control folder through which a model change reaches every worker (service/control.py). An
+    earlier run's desired state is wiped: a server starts from the store, as with one worker. Whoever may write
+    in it can change the models without the admin token, so one that others may write in is warned about."""
+    settings = get_settings()
+    if settings.workers == 1:
+        return None
+    given = str(settings.control_dir) if settings.control_dir else None
+    if given and Path(given).exists() and Path(given).stat().st_mode & 0o022:
+        log.warning("GENSERVE_CONTROL_DIR %s is writable by other users, who could change the models through it",
+                    given)
+    return _shared_dir(given, "GENSERVE_CONTROL_DIR", "genserve-control-", ControlFolder.wipe)
 
 
 def _forget_dead_workers(path: str) -> None:
@@ -163,7 +185,7 @@ def _bind_sockets_as_tcp() -> None:
 def main() -> None:
     settings = get_settings()
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    created = _prepare_multiprocess_dir()
+    created = [d for d in (_prepare_multiprocess_dir(), _prepare_control_dir()) if d]
     _bind_sockets_as_tcp()
     _raise_open_files_limit()
     config = uvicorn.Config("service.__main__:create_worker_app", factory=True, host=settings.host,
@@ -177,8 +199,8 @@ def main() -> None:
         else:
             server.run()
     finally:
-        if created:
-            shutil.rmtree(created, ignore_errors=True)
+        for d in created:
+            shutil.rmtree(d, ignore_errors=True)
     if config.workers == 1 and not server.started:
         raise SystemExit(3)  # uvicorn's STARTUP_FAILURE
 

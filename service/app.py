@@ -5,6 +5,8 @@ sessions, warm-up) on a worker thread, so /healthz answers throughout. Until loa
 serves nothing and /readyz answers 503; then the whole set of models is published at once, and /readyz turns
 200 if every required model has a version serving (warm). A model whose every version was refused keeps it at
 503 while the others serve. On shutdown, loading is let finish, then the batchers finish the work they accepted.
+With several workers, each one also applies the desired state of the control folder before it turns ready, then
+watches it (service/repository.py).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from fastapi_offline import FastAPIOffline
 
 from service import __version__, errors, openapi
 from service.auth import Auth
+from service.control import ControlFolder
 from service.metrics import Metrics
 from service.middleware import Admission, RequestGate
 from service.repository import Repository
@@ -37,13 +40,19 @@ def create_app(settings: Settings | None = None, metrics: Metrics | None = None)
     async def lifespan(app: FastAPI):
         registry = Registry(settings, metrics)
         app.state.registry = registry
-        app.state.repository = repository = Repository(registry, settings)
-        polling: asyncio.Task | None = None
+        # several workers: changes reach the others through the control folder (service/control.py)
+        control = ControlFolder(settings.control_dir) if settings.workers > 1 and settings.control_dir else None
+        app.state.repository = repository = Repository(registry, settings, control)
+        background: list[asyncio.Task] = []  # poll mode's rescans, the control folder's watcher
 
         async def load():
             try:
+                await repository.register()
                 await asyncio.to_thread(registry.load)   # sessions and warm-up, the slow part: off the event loop
-                await registry.start()                   # batchers start on this loop; then the set is published
+                await registry.start(ready=control is None)  # batchers start on this loop; the set is published
+                if control is not None:                  # what the other workers were told since the run began
+                    await repository.follow()
+                    registry.ready = True
                 # What loading made lives as long as the process: out of the collector's sight, a full collection
                 # under load walks only the requests' objects (the loop's pauses it removed: docs/benchmarks.md).
                 gc.freeze()
@@ -52,15 +61,17 @@ def create_app(settings: Settings | None = None, metrics: Metrics | None = None)
                 log.exception("model loading failed; the service stays unready")
                 return
             if settings.model_control == "poll":
-                nonlocal polling
-                polling = asyncio.create_task(repository.poll_forever())
+                background.append(asyncio.create_task(repository.poll_forever()))
+            if control is not None:
+                background.append(asyncio.create_task(repository.watch_forever()))
 
         task = asyncio.create_task(load())
         yield
         await task
-        if polling is not None:
-            polling.cancel()
-            await asyncio.gather(polling, return_exceptions=True)
+        for t in background:
+            t.cancel()
+        await asyncio.gather(*background, return_exceptions=True)
+        repository.leave()
         await registry.stop()
 
     app = FastAPIOffline(title="genserve", version=__version__, lifespan=lifespan,

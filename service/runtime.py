@@ -425,9 +425,9 @@ class Registry:
             refuse(refused, mv.loaded.path, [f"failed to warm up: {type(e).__name__}: {e}"])
             return False
 
-    async def start(self) -> None:
+    async def start(self, ready: bool = True) -> None:
         """Start the batchers and samplers of what load() built (they run on this event loop), then publish the
-        whole set in one assignment."""
+        whole set in one assignment; `ready` False leaves it unready (the caller has more to apply first)."""
         build, self._built = self._built, None
         if build is None:
             raise RuntimeError("Registry.start() needs a load() first")
@@ -456,7 +456,7 @@ class Registry:
             refused=_frozen({path: tuple(problems) for path, problems in build.refused.items()}),
             required=tuple(build.required),
             missing=_frozen({name: tuple(why) for name, why in missing.items()}),
-            ready=True, traffic=_frozen(traffic))
+            ready=ready, traffic=_frozen(traffic))
 
     async def publish_model(self, name: str, versions: Mapping[int, ModelVersion] | None,
                             refused: dict[str, list[str]] | None = None) -> None:

@@ -1,4 +1,5 @@
-"""Request and response bodies of /v1. Strict types: "3" is not a number, 3.5 is not a count.
+"""Request and response bodies of /v1, and the answers of the model control routes. Strict types: "3" is not a
+number, 3.5 is not a count.
 
 Images are validated by service.imaging (so errors name `images[i]`), hence `Any` as their type here, with a
 JSON schema that states what imaging accepts. The schemas state every limit that validation enforces on its
@@ -256,3 +257,42 @@ class SampleProgress(BaseModel):
     pixels_total: int = Field(ge=1, description="n x 28 x 28")
     preview: list[str] | None = Field(None, description="with `\"preview\": true` in the request: the n images as "
                                                         "drawn so far (base64 PNG, black where not drawn yet)")
+
+
+# --- model control: the answers of the repository and traffic routes ------------------------------------------
+
+class FailedWorker(BaseModel):
+    pid: int
+    message: str = Field(description="why this worker could not apply the change (its log says it too)")
+
+
+class WorkersApplied(BaseModel):
+    """How far a model change reached the worker processes (GENSERVE_WORKERS): the worker that answered applied it
+    before answering; the others apply it from the control folder, and the answer waits up to
+    GENSERVE_CONTROL_WAIT_S for them. With one worker: applied 1 of 1."""
+    applied: int = Field(ge=1, description="workers that have applied it, the one that answered included")
+    total: int = Field(ge=1, description="live workers; one still starting applies it before it turns ready")
+    failed: list[FailedWorker] = Field(description="workers that could not apply it; the rest of total - applied "
+                                                   "had not yet applied it when the answer was sent")
+
+
+class RepositoryLoadResponse(BaseModel):
+    model: str
+    serving: list[int] = Field(description="the versions serving now")
+    added: list[int] = Field(description="versions this load started serving")
+    removed: list[int] = Field(description="versions that left (gone from disk or from the version policy): "
+                                           "drained, then released")
+    workers: WorkersApplied
+
+
+class RepositoryUnloadResponse(BaseModel):
+    model: str
+    unloaded: list[int] = Field(description="the versions drained and released")
+    workers: WorkersApplied
+
+
+class TrafficResponse(BaseModel):
+    model: str
+    traffic: dict[str, float] = Field(description="version -> weight, as set; {}: the highest version serves")
+    default_version: int = Field(description="the highest loaded version")
+    workers: WorkersApplied

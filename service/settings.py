@@ -163,6 +163,12 @@ class Settings(BaseSettings):
                                 "through POST /v2/repository/models/{model}/load and /unload; poll: also "
                                 "rescanned every poll_interval_s, changes applied as if requested")
     poll_interval_s: float = Field(15.0, gt=0, le=3600, description="how often poll mode rescans the store")
+    control_dir: Path | None = Field(
+        None, description="several workers: the folder through which a model change made through one worker "
+                          "reaches the others (a desired-state file each watches); unset: `python -m service` "
+                          "makes a private one. Wiped at every start; not used with one worker")
+    control_wait_s: float = Field(2.0, ge=0, le=600, description="several workers: how long a model change's "
+                                  "response waits for the other workers to apply it (it reports how many have)")
     version_policy: dict[str, VersionPolicy] = Field(
         default_factory=dict, description='per model, which versions serve, JSON in Triton\'s shapes: '
                                           '{"gan": {"latest": 2}, "vae": {"specific": [1, 3]}, "pixelcnn": "all"}; '

@@ -4,6 +4,7 @@ real digits and exports a complete model store once per test session (the integr
 from __future__ import annotations
 
 import logging
+import shutil
 import time
 from pathlib import Path
 
@@ -48,6 +49,18 @@ def tiny_store(tmp_path_factory, digits) -> Path:
                                      t1 - t0, time.time() - t1)
     (root / "report.json").write_text(str(report))
     return store
+
+
+def copy_version(store: Path, model: str, src: int, dst: int, truncate: str | None = None) -> None:
+    """<model>/<src> copied as version <dst>, its manifest saying so; `truncate` cuts that file to 1000 bytes."""
+    from service.store import read_manifest, write_manifest
+
+    staged = store / model / f".{dst}-staging"   # hidden while it is written: a poll must not see half a version
+    shutil.copytree(store / model / str(src), staged)
+    write_manifest(read_manifest(staged).model_copy(update={"version": dst}), staged)
+    if truncate:
+        (staged / truncate).write_bytes((staged / truncate).read_bytes()[:1000])
+    staged.rename(store / model / str(dst))
 
 
 def one_thread_session(path: Path) -> ort.InferenceSession:

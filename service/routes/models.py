@@ -10,6 +10,7 @@ from fastapi import APIRouter, Body, Depends, Request
 from service.auth import require_admin
 from service.errors import responses
 from service.routes.common import ANY, JSON, LOOKUP, get_registry, not_ready
+from service.schemas import TrafficResponse
 
 router = APIRouter(prefix="/v1/models", tags=["models"], responses=ANY)
 
@@ -35,14 +36,17 @@ Weights = Annotated[dict[str, Annotated[float, Body(ge=0)]], Body(
     description="version -> weight (any scale, >= 0) over loaded versions; {} removes the split")]
 
 
-@router.put("/{name}/traffic", responses={**LOOKUP, **responses(400, 409, 422)}, dependencies=[Depends(require_admin)])
+@router.put("/{name}/traffic", response_model=TrafficResponse, responses={**LOOKUP, **responses(400, 409, 422)},
+            dependencies=[Depends(require_admin)])
 async def set_traffic(name: str, weights: Weights, request: Request):
     """Split the requests to this model that name no version between its loaded versions, by weight: `{"1": 90,
-    "2": 10}` sends a tenth to version 2, `{"2": 100}` promotes it. A request that names a version gets it."""
+    "2": 10}` sends a tenth to version 2, `{"2": 100}` promotes it. A request that names a version gets it. With
+    several workers every worker takes the split: `workers` tells how many have."""
     repository = request.app.state.repository
     repository.check_control()
-    split = repository.set_traffic(name, weights)
-    return JSON({"model": name, "traffic": split, "default_version": max(get_registry(request).models[name])})
+    result = await repository.set_traffic(name, weights)
+    return JSON({"model": name, "traffic": result.traffic, "default_version": result.default_version,
+                 "workers": result.workers.as_json()})
 
 
 def _summary(reg, name: str, detail: bool = False) -> dict:

@@ -34,6 +34,7 @@ from service.auth import require_admin
 from service.errors import APIError, responses
 from service.routes.common import JSON, V2_ANY, V2_LOOKUP, get_registry, not_ready
 from service.runtime import ModelNotFound, ModelVersion, Registry, from_onnxruntime
+from service.schemas import RepositoryLoadResponse, RepositoryUnloadResponse
 from service.store import ort_dtype
 from service.v2_codec import (
     DATATYPES,
@@ -146,27 +147,35 @@ async def _no_parameters(request: Request) -> None:
                               "comes from its manifest")
 
 
-@router.post("/repository/models/{model}/load", responses=_CONTROL, dependencies=[Depends(require_admin)])
+# With several workers the worker that answers has applied the change; `workers` says how many others have
+# (tritonclient reads only the status of these answers).
+@router.post("/repository/models/{model}/load", response_model=RepositoryLoadResponse, responses=_CONTROL,
+             dependencies=[Depends(require_admin)])
 async def repository_load(model: str, request: Request):
     """Rescan the model's folder and apply its version policy: new valid versions built and warmed up, then served
     in one step; versions gone from disk or from the policy drained. A refused version is a 400 naming it, and
-    what served keeps serving."""
+    what served keeps serving. With several workers every worker then serves the same versions: `workers` tells
+    how many have."""
     repository = request.app.state.repository
     repository.check_control()
     await _no_parameters(request)
     name = model.partition(".")[0]
     result = await repository.load(name)
-    return JSON({"model": name, "serving": result.serving, "added": result.added, "removed": result.removed})
+    return JSON({"model": name, "serving": result.serving, "added": result.added, "removed": result.removed,
+                 "workers": result.workers.as_json()})
 
 
-@router.post("/repository/models/{model}/unload", responses=_CONTROL, dependencies=[Depends(require_admin)])
+@router.post("/repository/models/{model}/unload", response_model=RepositoryUnloadResponse, responses=_CONTROL,
+             dependencies=[Depends(require_admin)])
 async def repository_unload(model: str, request: Request):
-    """Stop serving every version of the model (each drained, then released) until it is loaded again."""
+    """Stop serving every version of the model (each drained, then released) until it is loaded again, on every
+    worker: `workers` tells how many have."""
     repository = request.app.state.repository
     repository.check_control()
     await _no_parameters(request)
     name = model.partition(".")[0]
-    return JSON({"model": name, "unloaded": await repository.unload(name)})
+    result = await repository.unload(name)
+    return JSON({"model": name, "unloaded": result.unloaded, "workers": result.workers.as_json()})
 
 
 def _metadata(request: Request, name: str, version: str | None) -> JSON:

@@ -1,11 +1,14 @@
 """Model control on real server processes, under load: 8 clients send GAN requests without pause while versions
 are loaded through tritonclient, traffic is split and promoted, a broken version is refused, the VAE is unloaded
-and loaded again, and (poll mode) versions appear and vanish on disk. No GAN request may fail."""
+and loaded again, and (poll mode) versions appear and vanish on disk. No GAN request may fail. With two workers, a
+change reaches both, through the store (poll mode) or through the one worker that received it."""
 
 from __future__ import annotations
 
 import collections
+import os
 import shutil
+import signal
 import threading
 import time
 from pathlib import Path
@@ -15,25 +18,16 @@ import pytest
 import tritonclient.http as triton
 from tritonclient.utils import InferenceServerException
 
-from service.store import read_manifest, write_manifest
+from service.control import ControlFolder
+from service.repository import WATCH_INTERVAL_S
 from tests.api.conftest import server_process, wait_for
 from tests.api.test_server_process import scrape
-from tests.conftest import REPO
+from tests.conftest import REPO, copy_version
 
 pytestmark = pytest.mark.slow
 CLIENTS = 8
 TOKEN = "admin-token-0123456789abcdef"
 ADMIN = {"Authorization": f"Bearer {TOKEN}"}
-
-
-def copy_version(store: Path, model: str, src: int, dst: int, truncate: str | None = None) -> None:
-    """<model>/<src> copied as version <dst>, its manifest saying so; `truncate` cuts that file to 1000 bytes."""
-    staged = store / model / f".{dst}-staging"   # hidden while it is written: a poll must not see half a version
-    shutil.copytree(store / model / str(src), staged)
-    write_manifest(read_manifest(staged).model_copy(update={"version": dst}), staged)
-    if truncate:
-        (staged / truncate).write_bytes((staged / truncate).read_bytes()[:1000])
-    staged.rename(store / model / str(dst))
 
 
 class Load:
@@ -164,24 +158,93 @@ def test_poll_mode_picks_up_and_drains_versions_by_itself(store, tmp_path):
         assert {(m["name"], m["version"]) for m in r.json()} >= {("gan.generator", "1")}
 
 
-def test_poll_mode_reaches_every_worker(store, tmp_path):
-    """Each worker process has its own registry: changes through the API would reach one, so with two workers they
-    are refused (409), and poll mode is how a version reaches both."""
-    with server_process(store, tmp_path / "server.log", timeout_s=240, providers="cpu", workers="2",
-                        intra_op_threads="1", model_control="poll", poll_interval_s="0.3",
-                        admin_token=TOKEN) as (base, _):
-        r = httpx.post(base + "/v2/repository/models/gan/load", headers=ADMIN)
-        assert r.status_code == 409 and "poll" in r.text, r.text
-        copy_version(store, "gan", 1, 2)
+def workers_serving(base: str, model: str, version: int) -> float:
+    """genserve_model_info sums over the live workers that serve a version, whichever worker answers the scrape: it
+    does not depend on which worker accepts a connection, which the kernel decides."""
+    return scrape(httpx.get(base + "/metrics", timeout=10).text, "genserve_model_info", model=model,
+                  version=str(version))
 
-        def workers_serving_2() -> float:
-            # genserve_model_info sums over the live workers that serve a version, whichever worker answers the
-            # scrape: it does not depend on which worker accepts a connection, which the kernel decides
-            return scrape(httpx.get(base + "/metrics", timeout=10).text, "genserve_model_info", model="gan",
-                          version="2")
+
+def test_poll_mode_reaches_every_worker(store, tmp_path):
+    """Each worker process has its own registry and rescans the store itself."""
+    with server_process(store, tmp_path / "server.log", timeout_s=240, providers="cpu", workers="2",
+                        intra_op_threads="1", model_control="poll", poll_interval_s="0.3") as (base, _):
+        wait_for("both workers serving version 1", lambda: workers_serving(base, "gan", 1) == 2)
+        copy_version(store, "gan", 1, 2)
         t0 = time.monotonic()
-        wait_for(lambda: f"both workers serving version 2 (now {workers_serving_2():g})",
-                 lambda: workers_serving_2() == 2, timeout_s=30, every_s=0.02)
+        wait_for(lambda: f"both workers serving version 2 (now {workers_serving(base, 'gan', 2):g})",
+                 lambda: workers_serving(base, "gan", 2) == 2, timeout_s=30, every_s=0.02)
         took = time.monotonic() - t0
         assert httpx.get(base + "/readyz", timeout=10).json()["models"]["gan"] == [1, 2]
         assert took < 10, took
+
+
+def test_a_change_through_one_worker_reaches_every_worker(store, tmp_path, record_property):
+    """Two workers in explicit mode: a load through tritonclient, reaching one worker, has both serving the new
+    version within seconds; so do a traffic split and an unload; a refused load goes no further than the worker
+    it reached; a worker that dies is replaced by one that serves what the others serve. Each worker's state is
+    read where it does not depend on which worker the kernel hands a connection: genserve_model_info (a sum over
+    the workers) and each worker's record in the control folder."""
+    control = ControlFolder(tmp_path / "control")   # this test's reader of the folder the server shares
+
+    def records() -> list:
+        return control.records()
+
+    def gan_states() -> list[dict]:
+        return [r.serving.get("gan") for r in records()]
+
+    with server_process(store, tmp_path / "server.log", timeout_s=240, providers="cpu", workers="2",
+                        intra_op_threads="1", admin_token=TOKEN, drain_grace_s="0.5",
+                        control_dir=str(control.path)) as (base, proc):
+        http = httpx.Client(base_url=base, timeout=60)
+        wait_for("both workers started and caught up", lambda: len(records()) == 2 and all(
+            r.generation == 0 for r in records()))
+        assert workers_serving(base, "gan", 1) == 2
+
+        copy_version(store, "gan", 1, 2)
+        t0 = time.monotonic()
+        triton.InferenceServerClient(url=base.removeprefix("http://")).load_model("gan", headers=ADMIN)
+        load_call_s = time.monotonic() - t0
+        wait_for(lambda: f"both workers serving version 2 (now {workers_serving(base, 'gan', 2):g})",
+                 lambda: workers_serving(base, "gan", 2) == 2, timeout_s=10, every_s=0.02)
+        both_s = time.monotonic() - t0
+        record_property("load_call_s", round(load_call_s, 3))
+        record_property("load_to_both_workers_s", round(both_s, 3))
+        assert both_s < 5, both_s
+        assert [s["versions"] for s in gan_states()] == [[1, 2], [1, 2]]
+
+        r = http.post("/v2/repository/models/gan/load", headers=ADMIN)          # nothing new: both say so
+        assert r.status_code == 200, r.text
+        assert r.json() == {"model": "gan", "serving": [1, 2], "added": [], "removed": [],
+                            "workers": {"applied": 2, "total": 2, "failed": []}}
+
+        r = http.put("/v1/models/gan/traffic", json={"1": 30, "2": 70}, headers=ADMIN)
+        assert r.status_code == 200, r.text
+        assert r.json()["workers"] == {"applied": 2, "total": 2, "failed": []}
+        assert gan_states() == [{"versions": [1, 2], "traffic": {"1": 30.0, "2": 70.0}}] * 2
+
+        r = http.post("/v2/repository/models/vae/unload", headers=ADMIN)
+        assert r.status_code == 200 and r.json()["workers"] == {"applied": 2, "total": 2, "failed": []}, r.text
+        assert workers_serving(base, "vae", 1) == 0
+        assert all("vae" not in rec.serving for rec in records())
+
+        generation = control.read().generation
+        copy_version(store, "gan", 1, 3, truncate="generator.onnx")
+        with pytest.raises(InferenceServerException, match="generator.onnx") as refused:
+            triton.InferenceServerClient(url=base.removeprefix("http://")).load_model("gan", headers=ADMIN)
+        assert refused.value.status() == "400"
+        assert control.read().generation == generation                           # not published
+        time.sleep(2 * WATCH_INTERVAL_S)
+        assert workers_serving(base, "gan", 3) == 0 and workers_serving(base, "gan", 2) == 2
+        assert [(r.generation, r.errors) for r in records()] == [(generation, {})] * 2
+
+        # a worker killed outright: uvicorn starts another, which loads the store (gan 1, 2 and the broken 3,
+        # the vae) and then applies the desired state: gan 1 and 2 at 30/70, no vae
+        victim = records()[0].pid
+        os.kill(victim, signal.SIGKILL)
+        wait_for("a new worker caught up", lambda: len(recs := records()) == 2 and victim not in
+                 {r.pid for r in recs} and all(r.generation == generation for r in recs), timeout_s=120)
+        assert gan_states() == [{"versions": [1, 2], "traffic": {"1": 30.0, "2": 70.0}}] * 2
+        wait_for("the dead worker's gauges withdrawn", lambda: workers_serving(base, "gan", 2) == 2)
+        assert workers_serving(base, "vae", 1) == 0
+        assert proc.poll() is None

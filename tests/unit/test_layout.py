@@ -22,7 +22,7 @@ NOT_IN_THE_SERVICE = {"bench", "training", "genserve_client", "tests", "aiohttp"
 HTTP = {"fastapi", "starlette", "uvicorn", "fastapi_offline"}
 # Modules that know nothing of HTTP (and so nothing of routes, errors or the app either).
 HTTP_FREE = ["batcher.py", "sampler.py", "scheduling.py", "runtime.py", "store.py", "imaging.py", "metrics.py",
-             "families/*.py", "settings.py", "schemas.py", "v2_codec.py"]
+             "families/*.py", "settings.py", "schemas.py", "v2_codec.py", "control.py", "repository.py"]
 SERVICE_EDGE = {"service.app", "service.routes", "service.errors", "service.middleware", "service.protocol",
                 "service.openapi", "service.auth", "service.__main__"}
 

@@ -3,6 +3,7 @@ and when the API may change models at all."""
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import random
 from pathlib import Path
@@ -10,8 +11,9 @@ from types import SimpleNamespace
 
 import pytest
 
+from service.control import ControlFolder
 from service.metrics import Metrics
-from service.repository import InvalidTraffic, ModelControlRefused, Repository
+from service.repository import ONE_WORKER, InvalidTraffic, ModelControlRefused, Repository
 from service.runtime import Registry, admitted, checked_split
 from service.settings import Settings
 
@@ -62,26 +64,27 @@ def test_traffic_routes_refuse_what_is_not_a_loaded_version():
     reg = registry({})
     reg.snapshot = reg.snapshot.__class__(models={"gan": {1: SimpleNamespace(), 2: SimpleNamespace()}})
     repo = Repository(reg, Settings())
-    assert repo.set_traffic("gan", {"1": 90, "2": 10}) == {"1": 90.0, "2": 10.0}
+    split = asyncio.run(repo.set_traffic("gan", {"1": 90, "2": 10}))
+    assert (split.traffic, split.default_version, split.workers) == ({"1": 90.0, "2": 10.0}, 2, ONE_WORKER)
     for weights, field in (({"x": 1.0}, "x"), ({"3": 1.0}, "3"), ({"01": 1.0, "1": 1.0}, "01")):
         with pytest.raises(InvalidTraffic) as e:
-            repo.set_traffic("gan", weights)
+            asyncio.run(repo.set_traffic("gan", weights))
         assert e.value.field == field
-    assert repo.set_traffic("gan", {}) == {}
+    assert asyncio.run(repo.set_traffic("gan", {})).traffic == {}
 
 
 @pytest.mark.parametrize("overrides, match", [({"model_control": "none"}, "GENSERVE_MODEL_CONTROL=none"),
-                                              ({"workers": 2}, "2 worker processes")])
-def test_changes_through_the_api_are_refused_where_they_cannot_reach_every_worker(overrides, match):
+                                              ({"workers": 2}, "no GENSERVE_CONTROL_DIR")])
+def test_changes_through_the_api_are_refused_where_they_cannot_reach_every_worker(overrides, match, tmp_path):
     with pytest.raises(ModelControlRefused, match=match):
         Repository(registry({}), Settings(**overrides)).check_control()
     Repository(registry({}), Settings(model_control="poll")).check_control()
+    for mode in ("explicit", "poll"):  # several workers with a control folder: both modes take changes
+        Repository(registry({}), Settings(workers=2, model_control=mode), ControlFolder(tmp_path)).check_control()
 
 
 def test_a_retired_version_still_finishes_what_it_accepted_at_shutdown():
     """Shutting down during a drain grace skips the grace, not the stop: the version's work is finished."""
-    import asyncio
-
     stopped = []
 
     class Version(SimpleNamespace):
