@@ -158,11 +158,14 @@ class PaddedPredict:
 
 def sampler_steps(lv: LoadedVersion) -> RowSteps | CachedSteps:
     """How a PixelCNN version's sampler steps: on its activation-cached step graphs where it has them (their
-    caches shaped as its manifest declares), else on vstack and hrow."""
+    caches shaped as its manifest declares, and checked to compute what vstack and hrow do), else on vstack and
+    hrow."""
     graph = {g: out_of_memory_guard(session_fn(sess)) for g, sess in lv.sessions.items()}
     if "vstep" in graph and "hstep" in graph:
         cache = declared_tensor(lv.manifest, "vstep", "vcache").shape  # (B, depth, channels, context, W)
-        return CachedSteps(graph["vstep"], graph["hstep"], CacheGeometry(*cache[1:4]), cache[4])
+        steps = CachedSteps(graph["vstep"], graph["hstep"], CacheGeometry(*cache[1:4]), cache[4])
+        steps.check_against(graph["vstack"], graph["hrow"])
+        return steps
     return RowSteps(graph["vstack"], graph["hrow"])
 
 

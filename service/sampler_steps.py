@@ -18,6 +18,7 @@ the sequences' in what `logits` returns. Plain numpy; the sampler runs the graph
 
 from __future__ import annotations
 
+import math
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
@@ -141,6 +142,29 @@ class CachedSteps:
                  "vfeats": np.zeros((batch, layers, width, 1, 1), np.float32), "col": at}
         return row, pixel
 
+    def check_against(self, vstack: GraphFn, hrow: GraphFn, tolerance: float = 1e-3) -> None:
+        """Raise ValueError unless the step graphs compute what vstack and hrow do, on one random image: the first
+        rows through vstep at once, then one whole row through hstep. A version's five graphs are one network
+        only if they agree; graphs of another network would sample from a model its other graphs do not
+        describe. It also runs the prefill shapes once, before the first completion does."""
+        side, p = self.side, self.geometry.context
+        rng = np.random.default_rng(0)
+        image = rng.integers(0, 256, (1, 1, side, side)).astype(np.float32)
+        label, start, r = np.zeros(1, np.int64), np.zeros(1, np.int64), min(3, side - 1)
+        want = vstack({"image": image, "label": label})["vfeats"]  # (1, L, 2C, H, W)
+        g = self.geometry
+        got = self.row_graph({"image": window_rows(image, start, start, r + 1, p), "label": label, "row": start,
+                              "vcache": np.zeros((1, g.depth, g.channels, p, side), np.float32)})["vfeats"]
+        problems = {"vstep": _difference(got, want[:, :, :, : r + 1])}
+        vrow = np.ascontiguousarray(want[:, :, :, r: r + 1])
+        want = hrow({"image": image[:, :, r: r + 1], "vfeats": vrow})["logits"]  # (1, 256, 1, W)
+        got = self.pixel_graph({"image": window_cols(image, start, np.array([r]), start, side, p), "col": start,
+                                "hcache": np.zeros((1, g.depth, g.channels, 1, p), np.float32), "vfeats": vrow})
+        problems["hstep"] = _difference(got["logits"], want)
+        if bad := {k: v for k, v in problems.items() if not v <= tolerance}:
+            raise ValueError(f"the step graphs disagree with vstack and hrow: max abs difference "
+                             f"{', '.join(f'{k} {v:.3g}' for k, v in bad.items())} (at most {tolerance:g})")
+
     def compact(self, keep: np.ndarray) -> None:
         cap = self._capacity
         for array in self._state.values():
@@ -201,3 +225,10 @@ class CachedSteps:
         out = await run(self.pixel_graph, feeds)
         state["hcache"][at] = np.concatenate([hcache, out["hnew"]], axis=4)[..., -p:]
         return out["logits"][:, :, 0, 0]  # (b + g, 256)
+
+
+def _difference(got: np.ndarray, want: np.ndarray) -> float:
+    """Max abs difference of two outputs, infinite when their shapes differ."""
+    if got.shape != want.shape:
+        return math.inf
+    return float(np.abs(got.astype(np.float64) - want).max())

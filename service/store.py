@@ -93,15 +93,42 @@ def _tensor_problems(manifest: Manifest) -> list[str]:
     for gname, names in {**REQUIRED_TENSORS[manifest.family], **present}.items():
         if lacking := [n for n in names if declared_tensor(manifest, gname, n) is None]:
             problems.append(f"graph '{gname}' needs tensors {lacking}")
-    if "vstep" in present and (cache := declared_tensor(manifest, "vstep", "vcache")) is not None:
-        if len(cache.shape) != 5 or not all(isinstance(d, int) and d > 0 for d in cache.shape[1:]):
-            problems.append(f"graph 'vstep' tensor 'vcache' needs fixed layers, channels, rows and width "
-                            f"(batch, layers, channels, rows, width), got {cache.shape}")
+    if len(present) == len(optional) == 2 and not any(p.startswith("graph 'vstep'") or p.startswith(
+            "graph 'hstep'") for p in problems):
+        problems += _step_problems(manifest)
     gname, tname = FIXED_IMAGES[manifest.family]
     image = declared_tensor(manifest, gname, tname)
     if image is not None and (len(image.shape) < 3 or not all(isinstance(d, int) for d in image.shape[-2:])):
         problems.append(f"graph '{gname}' tensor '{tname}' needs a fixed height and width, got {image.shape}")
     return problems
+
+def _step_problems(manifest: Manifest) -> list[str]:
+    """The PixelCNN step graphs' caches and features must fit each other and the version's other graphs: vcache
+    (B, depth, C, p, W) with fixed sizes, hcache (B, depth, C, 1, p), vnew (B, depth, C, n, W), and the vertical
+    features (B, L, 2C, ...) of vstep, hstep and vstack alike, W the image width."""
+    def shape(graph: str, name: str) -> list:
+        return list(declared_tensor(manifest, graph, name).shape)
+
+    cache = shape("vstep", "vcache")
+    if len(cache) != 5 or not all(isinstance(d, int) and d > 0 for d in cache[1:]):
+        return [f"graph 'vstep' tensor 'vcache' needs fixed layers, channels, rows and width "
+                f"(batch, layers, channels, rows, width), got {cache}"]
+    _, depth, channels, context, width = cache
+    problems = []
+    if width != image_shape(manifest)[1]:
+        problems.append(f"graph 'vstep' tensor 'vcache' is {width} wide, the images {image_shape(manifest)[1]}")
+    want = {("hstep", "hcache"): [depth, channels, 1, context], ("vstep", "vnew"): [depth, channels, None, width]}
+    for (graph, name), dims in want.items():
+        if shape(graph, name)[1:] != dims:
+            shown = ", ".join("n" if d is None else str(d) for d in dims)
+            problems.append(f"graph '{graph}' tensor '{name}' must be (batch, {shown}) to fit vstep's vcache "
+                            f"{cache}, got {shape(graph, name)}")
+    features = {graph: shape(graph, "vfeats")[1:3] for graph in ("vstack", "vstep", "hstep")}
+    if len({tuple(f) for f in features.values()}) > 1:
+        problems.append(f"the vertical features of vstack, vstep and hstep differ in layers and channels: "
+                        f"{features}")
+    return problems
+
 
 _ORT_DTYPES = {"tensor(float)": "float32", "tensor(int64)": "int64", "tensor(uint8)": "uint8"}
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import NoReturn
 
@@ -259,6 +259,7 @@ class Limits:
     ranges: dict[str, tuple[float, float]]
     batch_why: str = ""  # said when a batch is refused: what set max_batch, if not the plain cap
     whole: frozenset[str] = frozenset()  # inputs whose values must be whole numbers (pixel values)
+    check: Callable[[Mapping[str, np.ndarray]], str | None] | None = None  # the family's rule across inputs
 
 
 def output_bytes_per_item(outputs: Sequence[TensorMeta], max_axis: int) -> int:
@@ -272,8 +273,11 @@ def check_limits(arrays: dict[str, np.ndarray], specs: Sequence[TensorMeta], lim
     for meta in specs:
         arr = arrays[meta.name]
         for i, d in enumerate(meta.dims):
+            if not isinstance(d, str):
+                continue
             cap = limits.max_batch if i == 0 else limits.max_axis
-            if isinstance(d, str) and arr.shape[i] > cap:
+            cap += int(match[2]) if (match := _DERIVED.fullmatch(d)) else 0  # `new + 2`: the bound is on `new`
+            if arr.shape[i] > cap:
                 why = limits.batch_why if i == 0 and limits.batch_why else ""
                 _fail(f"input '{meta.name}': dimension {i} ('{d}') is {arr.shape[i]}, above the {cap} allowed{why}")
         if arr.dtype.kind == "f" and not np.isfinite(arr).all():
@@ -284,6 +288,8 @@ def check_limits(arrays: dict[str, np.ndarray], specs: Sequence[TensorMeta], lim
                 _fail(f"input '{meta.name}': values must lie in {lo:g}..{hi:g}, got {arr.min():g}..{arr.max():g}")
         if meta.name in limits.whole and arr.dtype.kind == "f" and (arr != np.rint(arr)).any():
             _fail(f"input '{meta.name}': values must be whole numbers, got {arr[arr != np.rint(arr)].flat[0]:.9g}")
+    if limits.check is not None and (problem := limits.check(arrays)):
+        _fail(problem)
 
 
 def _outputs(doc: dict, names: Sequence[str], binary_default: bool) -> list[tuple[str, bool]]:

@@ -79,6 +79,8 @@ def add_step_graphs(store: Path, source: int, version: int, images: np.ndarray, 
     """Write pixelcnn/<version>: pixelcnn/<source>'s network with all five graphs, checked against <source>'s
     graphs on `images` first. Returns the new version's folder."""
     source_dir = store / "pixelcnn" / str(source)
+    if (store / "pixelcnn" / str(version)).exists():
+        raise FileExistsError(f"{store / 'pixelcnn' / str(version)} exists: choose a version number not in use")
     old = read_manifest(source_dir)
     model = pixelcnn_from_version(source_dir)
     errors = reproduction_error(model, source_dir, images, labels)

@@ -11,6 +11,7 @@ asks whether an image is likelier than digits ever are (anomaly_results).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Mapping
 
 import numpy as np
 
@@ -25,7 +26,7 @@ from service.families.shared import (
 )
 from service.imaging import png_bits
 from service.runtime import ModelVersion
-from service.store import AnomalyReference
+from service.store import AnomalyReference, declared_tensor
 
 LOGPROB = "logprob"
 LN2 = math.log(2.0)
@@ -160,8 +161,33 @@ def anomaly_results(out: dict[str, np.ndarray], complexity: np.ndarray, referenc
 def tensor_rules(mv: ModelVersion) -> TensorRules:
     """Images of whole pixel values 0..255 (the model indexes its 256-way output with them) and labels up to
     num_classes, "any digit", for every graph; vstack and hrow take up to the image's height in rows; the step
-    graphs' `row` and `col` lie inside the image."""
+    graphs' new rows and columns lie inside the image."""
     height, width = input_size(mv)
     return TensorRules(ranges={"image": PIXEL_RANGE, "label": (0.0, float(any_digit(mv))),
                                "row": (0.0, float(height - 1)), "col": (0.0, float(width - 1))},
-                       whole=frozenset({"image"}), max_axis=height)
+                       whole=frozenset({"image"}), max_axis=height, check=_steps_inside(mv))
+
+
+def _steps_inside(mv: ModelVersion) -> Callable[[Mapping[str, np.ndarray]], str | None] | None:
+    """vstep computes rows row .. row + n - 1 from a window of n + p rows, hstep columns col .. col + n - 1 from n
+    vertical feature columns: those must be inside the image, or the graph would answer for positions that do
+    not exist (its label maps clamped, not refused)."""
+    if "vstep" not in mv.manifest.graphs:
+        return None
+    height, width = input_size(mv)
+    context = declared_tensor(mv.manifest, "vstep", "vcache").shape[3]
+
+    def check(arrays: Mapping[str, np.ndarray]) -> str | None:
+        if "row" in arrays:  # vstep: `image` holds the p rows above the new ones, then the new ones
+            return _inside(arrays["row"], arrays["image"].shape[2] - context, height, "row", "rows")
+        if "col" in arrays:  # hstep: one column of vertical features per new column
+            return _inside(arrays["col"], arrays["vfeats"].shape[-1], width, "col", "columns")
+        return None
+
+    return check
+
+
+def _inside(start: np.ndarray, new: int, size: int, name: str, what: str) -> str | None:
+    if start.size and (last := int(start.max()) + new - 1) >= size:
+        return f"input '{name}': {new} new {what} from {int(start.max())} end at {last}, past the image's {size} {what}"
+    return None

@@ -4,6 +4,7 @@ manifest, and the shape of the rules /v2 checks a graph's inputs against."""
 from __future__ import annotations
 
 import secrets
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -70,8 +71,10 @@ def image_size(mv: ModelVersion) -> tuple[int, int]:
 @dataclass(frozen=True)
 class TensorRules:
     """What /v2 checks a graph's input values against beyond datatype and shape: input name -> (low, high) of
-    its values, the inputs whose values must be whole numbers, and the bound on dynamic axes other than the
-    batch (the image's height: the PixelCNN's step graphs take any number of rows up to it)."""
+    its values, the inputs whose values must be whole numbers, the bound on dynamic axes other than the batch
+    (the image's height: vstack and hrow take any number of rows up to it), and a rule across a request's
+    inputs (the problem it finds, or None)."""
     ranges: dict[str, tuple[float, float]]
     whole: frozenset[str]
     max_axis: int
+    check: Callable[[Mapping[str, np.ndarray]], str | None] | None = None

@@ -4,6 +4,7 @@ Model names: each graph of each model in the store is one V2 model named `<model
 hold a dot, so the name splits at its first one):
 
     gan.generator    pixelcnn.logprob    pixelcnn.vstack    pixelcnn.hrow    vae.encoder    vae.decoder
+    pixelcnn.vstep   pixelcnn.hstep      (PixelCNN versions exported with the step graphs)
 
 A V2 model's versions are the store versions of its model that have that graph (e.g. "1"); without a version
 the highest is used, as in /v1. Inputs and outputs are the graph's own (name, datatype such as FP32 or INT64,
@@ -272,7 +273,7 @@ def _limits(mv: ModelVersion, outputs: list[TensorMeta], settings) -> Limits:
     why = (f" (outputs of up to {per_item:,} bytes an item, GENSERVE_V2_MAX_OUTPUT_BYTES="
            f"{settings.v2_max_output_bytes:,} a request)") if max_batch == by_size else ""
     return Limits(max_batch=max_batch, max_axis=rules.max_axis, ranges=rules.ranges, batch_why=why,
-                  whole=rules.whole)
+                  whole=rules.whole, check=rules.check)
 
 
 async def _infer(request: Request, name: str, version: str | None) -> Response:

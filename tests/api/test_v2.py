@@ -147,6 +147,43 @@ def test_pixelcnn_graphs_chain_on_a_partial_image(client, tiny_store, digit_imag
     np.testing.assert_allclose(np.asarray(out["data"], np.float32).reshape(out["shape"]), ref, atol=1e-5)
 
 
+def test_the_step_graphs_over_v2_and_their_windows(client, tiny_store, digit_images):
+    """vstep on rows 0..4 at once from nothing, then hstep on all 28 columns of row 4: what the full pass
+    (vstack, hrow) gives there. Windows that do not fit together or run past the image are 400s naming them."""
+    image = digit_images[:1, None].astype(np.float32)
+    meta = client.get("/v2/models/pixelcnn.vstep").json()["inputs"]
+    cache = next(t["shape"] for t in meta if t["name"] == "vcache")            # [-1, depth, C, p, 28]
+    p = cache[3]
+    window = np.concatenate([np.zeros((1, 1, p + 1, 28), np.float32), image[:, :, :4]], axis=2)  # rows -p-1 .. 3
+    zero, label = np.zeros(1, np.int64), np.array([10], np.int64)
+    inputs = {"image": (window, "FP32"), "vcache": (np.zeros([1, *cache[1:]], np.float32), "FP32"),
+              "label": (label, "INT64"), "row": (zero, "INT64")}
+    body, headers = _binary(inputs)
+    out = client.post("/v2/models/pixelcnn.vstep/infer", content=body, headers=headers).json()["outputs"]
+    vfeats = {o["name"]: np.asarray(o["data"], np.float32).reshape(o["shape"]) for o in out}["vfeats"]
+    ref_v = ort_outputs(tiny_store, "pixelcnn/1/vstack.onnx", {"image": image, "label": label})["vfeats"]
+    np.testing.assert_allclose(vfeats, ref_v[:, :, :, :5], atol=1e-4)               # n = 5 new rows
+    pixels = np.concatenate([np.zeros((1, 1, 1, p + 1), np.float32), image[:, :, 4:5, :27]], axis=3)
+    hcache = np.zeros([1, cache[1], cache[2], 1, p], np.float32)
+    feeds = {"image": (pixels, "FP32"), "hcache": (hcache, "FP32"), "vfeats": (ref_v[:, :, :, 4:5], "FP32"),
+             "col": (zero, "INT64")}
+    body, headers = _binary(feeds, outputs=[{"name": "logits"}])
+    logits = client.post("/v2/models/pixelcnn.hstep/infer", content=body, headers=headers).json()["outputs"][0]
+    ref = ort_outputs(tiny_store, "pixelcnn/1/hrow.onnx", {"image": image[:, :, 4:5],
+                                                           "vfeats": ref_v[:, :, :, 4:5]})["logits"]
+    np.testing.assert_allclose(np.asarray(logits["data"], np.float32).reshape(logits["shape"]), ref, atol=1e-4)
+
+    body, headers = _binary({**feeds, "col": (np.array([1], np.int64), "INT64")})        # columns 1 .. 28
+    _error(client.post("/v2/models/pixelcnn.hstep/infer", content=body, headers=headers), 400, "input 'col'",
+           "end at 28", "past the image's 28 columns")
+    body, headers = _binary({**feeds, "image": (pixels[..., :-1], "FP32")})               # one column short
+    _error(client.post("/v2/models/pixelcnn.hstep/infer", content=body, headers=headers), 400, "input 'image'",
+           "so this one must be")
+    body, headers = _binary({**inputs, "row": (np.array([24], np.int64), "INT64")})      # rows 24 .. 28
+    _error(client.post("/v2/models/pixelcnn.vstep/infer", content=body, headers=headers), 400, "input 'row'",
+           "past the image's 28 rows")
+
+
 def _z_dim(client) -> int:
     return client.get("/v2/models/gan.generator").json()["inputs"][0]["shape"][1]
 

@@ -103,3 +103,37 @@ def test_bad_inputs_are_refused(tiny_pixelcnn_onnx) -> None:
         sample_fast(vstack, hrow, np.array([1]), u, 0.0)
     with pytest.raises(ValueError, match="labels"):
         sample_fast(vstack, hrow, np.array([1.5]), u)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("other", ["kernel 7", "other weights"])
+def test_step_graphs_of_another_network_are_refused(tmp_path, other: str) -> None:
+    """A version is one network: step graphs exported from another one are refused at load, by their shapes
+    (the store) or by what they compute (the runtime checks them against vstack and hrow), never served."""
+    from service.metrics import Metrics
+    from service.runtime import Registry
+    from service.settings import Settings
+    from service.store import StoreError
+    from training.export import pixelcnn_graphs, pixelcnn_step_graphs, write_version
+
+    torch.manual_seed(0)
+    cfg = pcnn.PixelCNNConfig(channels=8, n_layers=3, head_channels=16)
+    own = pcnn.PixelCNN(cfg).eval()
+    torch.manual_seed(1)
+    foreign = pcnn.PixelCNN(pcnn.PixelCNNConfig(**{**cfg.to_dict(), "kernel": 7 if other == "kernel 7" else 5}))
+    graphs = {**pixelcnn_graphs(own, steps=False), "vstep": pixelcnn_step_graphs(own)["vstep"],
+              "hstep": pixelcnn_step_graphs(foreign.eval())["hstep"]}
+    if other == "kernel 7":  # the store's contract refuses it, so the export's own validation does too
+        with pytest.raises(StoreError, match=r"graph 'hstep' tensor 'hcache' must be \(batch, 2, 8, 1, 2\)"):
+            write_version(tmp_path, "pixelcnn", "pixelcnn", 1, graphs, model=cfg.to_dict())
+        return
+    write_version(tmp_path, "pixelcnn", "pixelcnn", 1, graphs, model=cfg.to_dict())
+    registry = Registry(Settings(store_path=tmp_path, providers="cpu", warmup=False, intra_op_threads=1,
+                                 worker_threads=1), Metrics())
+    refused: dict[str, list[str]] = {}
+    try:
+        assert registry.build([tmp_path / "pixelcnn" / "1"], refused) == []  # even with warm-up off
+    finally:
+        registry.executor.shutdown()
+    (problems,) = refused.values()
+    assert any("the step graphs disagree with vstack and hrow" in p and "hstep" in p for p in problems), problems
