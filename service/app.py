@@ -17,7 +17,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 from fastapi_offline import FastAPIOffline
 
-from service import __version__, errors, openapi
+from service import __version__, errors, memory, openapi
 from service.auth import Auth
 from service.metrics import Metrics
 from service.middleware import Admission, RequestGate
@@ -27,6 +27,10 @@ from service.runtime import Registry
 from service.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
+
+
+def _rounded(seconds: float | None) -> float | None:
+    return None if seconds is None else round(seconds, 3)
 
 
 def create_app(settings: Settings | None = None, metrics: Metrics | None = None) -> FastAPI:
@@ -41,9 +45,13 @@ def create_app(settings: Settings | None = None, metrics: Metrics | None = None)
         polling: asyncio.Task | None = None
 
         async def load():
+            registry.startup.update(before_loading_s=_rounded(memory.process_age()),
+                                    before_loading_rss_bytes=memory.rss_bytes())
             try:
                 await asyncio.to_thread(registry.load)   # sessions and warm-up, the slow part: off the event loop
                 await registry.start()                   # batchers start on this loop; then the set is published
+                registry.startup.update(ready_s=_rounded(memory.process_age()),
+                                        ready_rss_bytes=memory.rss_bytes())
                 # What loading made lives as long as the process: out of the collector's sight, a full collection
                 # under load walks only the requests' objects (the loop's pauses it removed: docs/benchmarks.md).
                 gc.freeze()
