@@ -14,7 +14,7 @@ import time
 import traceback
 from pathlib import Path
 
-from bench import abandon, compare, guidance, overload, report, scenarios
+from bench import abandon, compare, guidance, memory, overload, report, scenarios
 from bench.cpu import CpuMeter
 from bench.load import Windows
 from bench.scenarios import Context, load_digits
@@ -23,7 +23,7 @@ from bench.server import REPO
 SCENARIOS = {"logprob": scenarios.logprob, "gan": scenarios.gan, "batching": scenarios.batching,
              "sampling": scenarios.sampling, "iteration": scenarios.iteration, "litserve": compare.litserve,
              "overload": overload.overload, "soak": overload.soak,
-             "abandon": abandon.abandon, "guidance": guidance.guidance}
+             "abandon": abandon.abandon, "guidance": guidance.guidance, "memory": memory.memory}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

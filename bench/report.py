@@ -90,6 +90,8 @@ _FLOOR_FORMATS = {  # what -> (the measured figure, the floor) as text
     "max_share": (lambda m: f"{m:+.1%}" if m == m else "-", lambda f: f"<= {f:.0%}"),
     "max_ms": (lambda m: f"{_f(m, 0)} ms", lambda f: f"<= {f:,.0f} ms"),
     "max_count": (lambda m: f"{m:,.0f}", lambda f: f"<= {f:,.0f}"),
+    "max_mib": (lambda m: f"{_f(m, 0)} MiB", lambda f: f"<= {f:,.0f} MiB"),
+    "max_s": (lambda m: f"{_f(m, 2)} s", lambda f: f"<= {f:g} s"),
 }
 
 
@@ -243,6 +245,57 @@ def soak_lines(run: dict) -> list[str]:
             f"{', '.join(_f(x, 0) for x in k['ok_p99_by_window_ms'])} ms (last / first {_f(k['p99_drift'], 2)}x)."]
 
 
+MEMORY_HEADER = ["server RSS", "MiB", "anonymous MiB", "file-backed MiB"]
+LOAD_HEADER = ["model", "version", "graph", "session MiB", "session ms", "warm-up MiB", "warm-up ms", "cold start s"]
+
+
+def _mib(x: float | None) -> str:
+    return _f(None if x is None else x / 2**20, 1)
+
+
+def memory_rows(run: dict) -> list[list[str]]:
+    if not (m := run["scenarios"].get("memory", {}).get("memory")):
+        return []
+    r, seconds = m["rss_mib"], m["load"]["seconds"]
+    return [["before loading (interpreter, imports)", _f(r["before_loading"], 0), "-", "-"],
+            ["after warm-up (ready)", _f(r["after_warmup"], 0), _f(r["after_warmup_anon"], 0),
+             _f(r["after_warmup_file"], 0)],
+            [f"load run ({seconds:.0f} s), peak", _f(r["load_peak"], 0), "-", "-"],
+            ["right after the load run", _f(r["after_load"], 0), "-", "-"],
+            [f"after {m['idle_s']:g} s idle (memory given back)", _f(r["after_idle"], 0), _f(r["after_idle_anon"], 0),
+             _f(r["after_idle_file"], 0)]]
+
+
+def load_rows(run: dict) -> list[list[str]]:
+    """Per model version (graph "all") and graph: what its sessions and warm-up cost, from GET /v1/models."""
+    if not (m := run["scenarios"].get("memory", {}).get("memory")):
+        return []
+    rows = []
+    for name, versions in m["process"].get("models", {}).items():
+        for version, v in versions.items():
+            load, warm = v.get("load") or {}, v.get("warmup") or {}
+            rows.append([name, version, "all (with validation)", _mib(load.get("rss_bytes")),
+                         _f((load.get("seconds") or 0) * 1e3, 1), _mib(warm.get("rss_bytes")),
+                         _f((warm.get("seconds") or 0) * 1e3, 1), _f(v.get("cold_start_s"), 3)])
+            for graph, g in v.get("graphs", {}).items():
+                sess, gw = g.get("session") or {}, g.get("warmup") or {}
+                rows.append([name, version, graph, _mib(sess.get("rss_bytes")), _f((sess.get("seconds") or 0) * 1e3, 1),
+                             _mib(gw.get("rss_bytes")), _f((gw.get("seconds") or 0) * 1e3, 1), "-"])
+    return rows
+
+
+def memory_lines(run: dict) -> list[str]:
+    if not (m := run["scenarios"].get("memory", {}).get("memory")):
+        return []
+    start = m["process"].get("startup", {})
+    load = ", ".join(f"{w} {v['images_per_s']:.1f} img/s" for w, v in m["load"].items() if w != "seconds")
+    shed = sum(v["errors"].get("503", 0) for w, v in m["load"].items() if w != "seconds")
+    return [f"Cold start: process start to ready {m['startup_s']:.2f} s as the client saw it; the server's own "
+            f"clock: {_f(start.get('ready_s'), 2)} s, of which {_f(start.get('before_loading_s'), 2)} s before "
+            f"loading began (interpreter, imports, uvicorn) and the rest loading and warming up every model.",
+            f"Load run, every model at once: {load}; {shed} requests shed (503) by admission control."]
+
+
 def all_results(run: dict) -> list[dict]:
     rows = []
     for name, s in run["scenarios"].items():
@@ -284,6 +337,8 @@ def terminal(run: dict) -> str:
     if rows := overload_rows(run):
         parts += ["", text_table(OVERLOAD_HEADER, rows)]
     parts += soak_lines(run)
+    if rows := memory_rows(run):
+        parts += ["", text_table(MEMORY_HEADER, rows), "", text_table(LOAD_HEADER, load_rows(run)), *memory_lines(run)]
     if floors := all_floors(run):
         parts += ["", text_table(FLOOR_HEADER, floor_rows(floors))]
     return "\n".join(parts)
@@ -397,6 +452,12 @@ def markdown(run: dict, plot_rel: str | None) -> str:
                   "request finding no idle connection opens one. Latency from the scheduled arrival. No answer: "
                   "refused connections, and lost requests (sent, then the connection closed or the drain limit "
                   "passed without an answer).", "", md_table(OVERLOAD_HEADER, rows)]
+    if rows := memory_rows(run):
+        lines += ["", "### Memory and cold start", "",
+                  "The server's VmRSS (/proc) on the shipped store with default settings (bench/memory.py), and what "
+                  "each model version and graph cost to load and warm up (GET /v1/models, `process`).", "",
+                  md_table(MEMORY_HEADER, rows), "", md_table(LOAD_HEADER, load_rows(run)), "",
+                  *[f"- {x}" for x in memory_lines(run)]]
     if plot_rel:
         lines += ["", f"![throughput and latency against concurrency]({plot_rel})"]
     return "\n".join(lines)

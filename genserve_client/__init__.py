@@ -24,6 +24,7 @@ from genserve_client.responses import (
     ModelDetail,
     ModelList,
     ModelSummary,
+    ProcessInfo,
     RefusedVersion,
     TensorInfo,
     VersionDetail,
@@ -47,5 +48,5 @@ __all__ = [
     "AnomalyResponse", "AnomalyResult", "LogprobResponse", "LogprobResult", "Readiness",
     "VaeAttributesResponse", "VaeEncodeResponse", "Attribute", "Latent",
     "AttributeInfo", "BatchingInfo", "GraphInfo", "Health", "ModelDetail", "ModelList", "ModelSummary",
-    "RefusedVersion", "TensorInfo", "VersionDetail",
+    "ProcessInfo", "RefusedVersion", "TensorInfo", "VersionDetail",
 ]

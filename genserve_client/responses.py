@@ -10,7 +10,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict
 
 __all__ = ["AttributeInfo", "BatchingInfo", "GraphInfo", "Health", "ModelDetail", "ModelList", "ModelSummary",
-           "RefusedVersion", "TensorInfo", "VersionDetail"]
+           "ProcessInfo", "RefusedVersion", "TensorInfo", "VersionDetail"]
 
 
 class _Answer(BaseModel):
@@ -69,10 +69,26 @@ class RefusedVersion(_Answer):
     problems: list[str]
 
 
+class ProcessInfo(_Answer):
+    """The worker process that answered GET /v1/models: its resident memory in bytes (absent where the server
+    cannot read it), the seconds from its start to loading and to ready, its memory releases, and per model and
+    version (as a string) what loading and warm-up cost (`cold_start_s`, `load`, `warmup`, `graphs`)."""
+    pid: int
+    rss_bytes: int | None = None
+    rss_peak_bytes: int | None = None
+    rss_anon_bytes: int | None = None
+    rss_file_bytes: int | None = None
+    rss_shmem_bytes: int | None = None
+    startup: dict[str, Any] = {}
+    release: dict[str, Any] = {}
+    models: dict[str, dict[str, Any]] = {}
+
+
 class ModelList(_Answer):
     """GET /v1/models."""
     models: list[ModelSummary]
     refused: list[RefusedVersion]
+    process: ProcessInfo | None = None
 
 
 class VersionDetail(_Answer):

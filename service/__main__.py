@@ -16,6 +16,7 @@ import uvicorn
 from uvicorn.supervisors import Multiprocess
 
 from service.control import ControlFolder
+from service.memory import set_malloc_arenas
 from service.protocol import SlowClientGuard, protocol_name
 from service.settings import get_settings
 
@@ -139,6 +140,7 @@ def create_worker_app():
     from service.app import create_app
     from service.metrics import multiprocess_dir
 
+    set_malloc_arenas(get_settings().malloc_arenas)  # a worker of several: its own process, not main()'s
     app = create_app()
     SlowClientGuard.observer = app.state.metrics.on_client_timeout
     path = multiprocess_dir()
@@ -184,6 +186,7 @@ def _bind_sockets_as_tcp() -> None:
 
 def main() -> None:
     settings = get_settings()
+    set_malloc_arenas(settings.malloc_arenas)  # before any thread allocates
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
     created = [d for d in (_prepare_multiprocess_dir(), _prepare_control_dir()) if d]
     _bind_sockets_as_tcp()

@@ -19,7 +19,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 from fastapi_offline import FastAPIOffline
 
-from service import __version__, errors, openapi
+from service import __version__, errors, memory, openapi
 from service.auth import Auth
 from service.control import ControlFolder
 from service.metrics import Metrics
@@ -30,6 +30,10 @@ from service.runtime import Registry
 from service.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
+
+
+def _rounded(seconds: float | None) -> float | None:
+    return None if seconds is None else round(seconds, 3)
 
 
 def create_app(settings: Settings | None = None, metrics: Metrics | None = None) -> FastAPI:
@@ -46,6 +50,8 @@ def create_app(settings: Settings | None = None, metrics: Metrics | None = None)
         background: list[asyncio.Task] = []  # poll mode's rescans, the control folder's watcher
 
         async def load():
+            registry.startup.update(before_loading_s=_rounded(memory.process_age()),
+                                    before_loading_rss_bytes=memory.rss_bytes())
             try:
                 await repository.register()
                 await asyncio.to_thread(registry.load)   # sessions and warm-up, the slow part: off the event loop
@@ -53,6 +59,8 @@ def create_app(settings: Settings | None = None, metrics: Metrics | None = None)
                 if control is not None:                  # what the other workers were told since the run began
                     await repository.follow()
                     registry.ready = True
+                registry.startup.update(ready_s=_rounded(memory.process_age()),
+                                        ready_rss_bytes=memory.rss_bytes())
                 # What loading made lives as long as the process: out of the collector's sight, a full collection
                 # under load walks only the requests' objects (the loop's pauses it removed: docs/benchmarks.md).
                 gc.freeze()

@@ -6,9 +6,12 @@ Nothing here knows HTTP; routes ask the registry for a model version and submit 
 from __future__ import annotations
 
 import asyncio
+import functools
+import gc
 import logging
 import os
 import random
+import threading
 import time
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -19,7 +22,9 @@ from typing import Any
 
 import numpy as np
 
+from service import memory
 from service.batcher import Batcher, BatchingConfig
+from service.memory import Activity, Cost, measured
 from service.metrics import Metrics
 from service.sampler import CachedSteps, CacheGeometry, IterationSampler, RowSteps, SamplerConfig, session_fn
 from service.settings import LatestVersions, Settings, SpecificVersions, VersionPolicy
@@ -103,8 +108,44 @@ def session_options(settings: Settings):
     # Spinning intra-op threads poll for work between kernels: lower latency for one call, but on a CPU
     # shared with the event loop (and other workers) the polling takes cores the request path needs.
     so.add_session_config_entry("session.intra_op.allow_spinning", "1" if settings.ort_spinning else "0")
+    so.enable_cpu_mem_arena = settings.ort_arena != "off"
     so.log_severity_level = 3  # errors only: the CUDA provider's fallback chatter is reported by us
     return so
+
+
+_SAME_AS_REQUESTED = 1  # onnxruntime ArenaExtendStrategy.kSameAsRequested (0 is kNextPowerOfTwo)
+_shared_arena: bool | None = None
+_shared_arena_lock = threading.Lock()
+
+
+def shared_cpu_arena() -> bool:
+    """Register one CPU memory arena with ONNX Runtime's environment, once per process; whether there is one.
+
+    Sessions opt in with `session.use_env_allocators`. ONNX Runtime calls run on at most
+    `GENSERVE_WORKER_THREADS` threads at a time, so one arena shared by every session holds what those calls
+    need together, where an arena per session would keep each session's own largest call. It grows by what a
+    call asks (kSameAsRequested) rather than by doubling, and every region it holds can be freed when unused
+    (`shrink_arenas`). The first registration's configuration holds for the life of the process."""
+    global _shared_arena
+    with _shared_arena_lock:
+        if _shared_arena is None:
+            import onnxruntime as ort
+            try:
+                info = ort.OrtMemoryInfo("Cpu", ort.OrtAllocatorType.ORT_ARENA_ALLOCATOR, 0, ort.OrtMemType.DEFAULT)
+                ort.create_and_register_allocator(info, ort.OrtArenaCfg({"arena_extend_strategy": _SAME_AS_REQUESTED}))
+                _shared_arena = True
+            except Exception:  # an ONNX Runtime without it: each session keeps its own arena
+                log.warning("ONNX Runtime: no shared CPU arena; each session keeps its own", exc_info=True)
+                _shared_arena = False
+        return _shared_arena
+
+
+@functools.lru_cache(maxsize=1)
+def _shrink_options():
+    import onnxruntime as ort
+    options = ort.RunOptions()
+    options.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
+    return options
 
 
 def session_factory(settings: Settings):
@@ -121,6 +162,10 @@ def session_factory(settings: Settings):
     with_options = [(p, options[p]) if p in options else p for p in providers]
 
     so = session_options(settings)  # one SessionOptions serves every session (it reads the cgroup quota once)
+    if providers != [CPU]:  # GENSERVE_ORT_ARENA is the CPU provider's: with CUDA, ONNX Runtime's own host arena
+        so.enable_cpu_mem_arena = True
+    elif settings.ort_arena == "shared" and shared_cpu_arena():
+        so.add_session_config_entry("session.use_env_allocators", "1")
 
     def make(path: Path):
         return ort.InferenceSession(str(path), so, providers=with_options)
@@ -156,17 +201,70 @@ class PaddedPredict:
         return {k: v[:n] for k, v in self.fns[bucket](padded).items()}
 
 
-def sampler_steps(lv: LoadedVersion) -> RowSteps | CachedSteps:
+def sampler_steps(lv: LoadedVersion, graph_fn: Callable[[str], Callable]) -> RowSteps | CachedSteps:
     """How a PixelCNN version's sampler steps: on its activation-cached step graphs where it has them (their
     caches shaped as its manifest declares, and checked to compute what vstack and hrow do), else on vstack and
-    hrow."""
-    graph = {g: out_of_memory_guard(session_fn(sess)) for g, sess in lv.sessions.items()}
+    hrow. `graph_fn(name)`: what calling that graph is, as the version runs it."""
+    graph = {g: graph_fn(g) for g in ("vstack", "hrow", "vstep", "hstep") if g in lv.sessions}
     if "vstep" in graph and "hstep" in graph:
         cache = declared_tensor(lv.manifest, "vstep", "vcache").shape  # (B, depth, channels, context, W)
         steps = CachedSteps(graph["vstep"], graph["hstep"], CacheGeometry(*cache[1:4]), cache[4])
         steps.check_against(graph["vstack"], graph["hrow"])
         return steps
     return RowSteps(graph["vstack"], graph["hrow"])
+
+
+class SlicedPredict:
+    """A batch run in slices of at most `images` images' worth of pixels per ONNX Runtime call, the outputs copied
+    into one array per output as each slice returns (CPU provider).
+
+    A call's activations grow with its batch: the PixelCNN's logprob graph takes 3.6 MiB per image, so a batch of
+    64 needs 230 MiB at once (which an arena then keeps); in slices of 8 it needs 30. Slicing costs no
+    throughput there: the graph is compute-bound from batch 1 (README, Memory). An input with a dynamic axis
+    besides the batch (`rows_axis` of input `rows_input`, the rows of an image so far) counts each item as
+    rows / image_size of an image, so a call on one row takes image_size times as many items."""
+
+    def __init__(self, fn: Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]], images: int, image_size: int,
+                 rows: tuple[str, int] | None = None):
+        if images < 1 or image_size < 1:
+            raise ValueError("images and image_size must be >= 1")
+        self.fn, self.images, self.image_size, self.rows = fn, images, image_size, rows
+
+    def per_call(self, inputs: dict[str, np.ndarray]) -> int:
+        """Items one call takes for inputs of this shape."""
+        if self.rows is None:
+            return self.images
+        name, axis = self.rows
+        rows = inputs[name].shape[axis] if name in inputs and inputs[name].ndim > axis else self.image_size
+        return max(1, self.images * self.image_size // max(1, rows))
+
+    def __call__(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        n = len(next(iter(inputs.values())))
+        per = self.per_call(inputs)
+        if n <= per:
+            return self.fn(inputs)
+        out: dict[str, np.ndarray] = {}
+        for i in range(0, n, per):
+            part = self.fn({k: v[i:i + per] for k, v in inputs.items()})
+            for k, v in part.items():
+                if len(v) != min(per, n - i):
+                    raise ValueError(f"output {k!r} has {len(v)} items for a slice of {min(per, n - i)}: its first "
+                                     "axis is not the batch, so this graph cannot be sliced")
+                if k not in out:
+                    out[k] = np.empty((n, *v.shape[1:]), v.dtype)
+                out[k][i:i + len(v)] = v
+            del part  # ONNX Runtime's output buffers go back to its arena before the next slice runs
+        return out
+
+
+def rows_axis(spec) -> tuple[str, int] | None:
+    """(input name, axis) of a graph's first dynamic axis besides the batch (the PixelCNN step graphs' rows so
+    far), or None when its inputs have fixed shapes past the batch."""
+    for t in spec.inputs:
+        for axis, d in enumerate(t.shape):
+            if axis > 0 and d is None:
+                return t.name, axis
+    return None
 
 
 class ModelVersion:
@@ -176,10 +274,17 @@ class ModelVersion:
     PixelCNN's vstack/hrow sessions itself, so only /v2 requests go through those two batchers."""
 
     def __init__(self, lv: LoadedVersion, settings: Settings, executor: ThreadPoolExecutor, metrics: Metrics,
-                 make_session: Callable[[Path], Any] | None = None):
+                 make_session: Callable[[Path], Any] | None = None, activity: Activity | None = None,
+                 load_cost: Cost | None = None, session_costs: Mapping[str, Cost] | None = None):
         m = lv.manifest
         self.loaded, self.manifest, self.name, self.version, self.family = lv, m, m.name, m.version, m.family
         self.provider = lv.providers[0] if lv.providers else CPU
+        # What loading cost: validating the folder and opening its sessions (and each graph's session), warm-up
+        self.load_cost, self.session_costs = load_cost, dict(session_costs or {})
+        self.warmup_costs: dict[str, Cost] = {}
+        self.warmup_batch_sizes = list(settings.warmup_batch_sizes)
+        self._shrink_probes: dict[str, Callable[[], Any]] = {}
+        track = activity.track if activity is not None else (lambda fn: fn)
         mbs, delay_ms = settings.batching_for(m.name, m.batching.max_batch_size, m.batching.max_delay_ms)
         self.batching = BatchingConfig(max_batch_size=mbs, max_delay_s=delay_ms / 1000.0,
                                        max_queue_items=settings.max_queue_items, timeout_s=settings.request_timeout_s,
@@ -188,7 +293,7 @@ class ModelVersion:
         self.predict: dict[str, Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]] = {}
         sizes = bucket_sizes(settings.cuda_buckets, mbs)
         for g, sess in lv.sessions.items():
-            self.predict[g] = session_fn(sess)
+            self.predict[g] = self._sliced(g, session_fn(sess), settings)
             if self.provider == CUDA and make_session is not None and settings.cuda_buckets:
                 try:
                     extra = {b: make_session(lv.path / m.graphs[g].file) for b in sizes[1:]}
@@ -197,18 +302,39 @@ class ModelVersion:
                                 m.name, m.version, g, exc_info=True)
                     continue
                 self.predict[g] = PaddedPredict({sizes[0]: sess, **extra})
-        self.batchers = {g: Batcher(f"{m.name}/{m.version}/{g}", out_of_memory_guard(self.predict[g]),
+        self.batchers = {g: Batcher(f"{m.name}/{m.version}/{g}", out_of_memory_guard(track(self.predict[g])),
                                     self.batching, executor, metrics.observer(m.name, m.version, g),
                                     concurrency=settings.batch_concurrency)
                          for g in lv.sessions}
         self.sampler: IterationSampler | None = None
         if m.family == "pixelcnn":
+            def graph(g: str) -> Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]:
+                return out_of_memory_guard(track(self.predict[g] if self.provider == CPU else
+                                                 session_fn(lv.sessions[g])))
+
             geometry = {k: int(m.model[k]) for k in ("image_size", "num_classes") if k in m.model}
             self.sampler = IterationSampler(
-                sampler_steps(lv),
+                sampler_steps(lv, graph),
                 SamplerConfig(max_active=settings.sampler_max_active, max_queue=settings.sampler_max_queue,
                               timeout_s=settings.sample_timeout_s, **geometry),
                 executor=executor, observer=metrics.sampler_observer(m.name, m.version))
+
+    def _sliced(self, graph: str, fn: Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]],
+                settings: Settings) -> Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]:
+        """fn in slices (SlicedPredict) where GENSERVE_MAX_CALL_IMAGES names the graph and the version runs on the
+        CPU; on CUDA large batches are what the device is for."""
+        images = settings.max_call_images.get(graph)
+        if not images or self.provider != CPU:
+            return fn
+        rows = rows_axis(self.manifest.graphs[graph])
+        size = self.manifest.model.get("image_size")
+        if not isinstance(size, int) or isinstance(size, bool) or size < 1:
+            if rows is not None:  # an item's share of an image is unknown: whole calls
+                log.warning("%s v%d: graph %s is not sliced: manifest.model.image_size is %r", self.name,
+                            self.version, graph, size)
+                return fn
+            size = 1
+        return SlicedPredict(fn, images, size, rows)
 
     async def start(self) -> None:
         for b in self.batchers.values():
@@ -227,16 +353,33 @@ class ModelVersion:
         return await self.batchers[graph].submit(inputs)
 
     def warmup(self) -> float:
-        """Run every graph once on zeros at batch 1 and at the max batch size (at every bucket size where
-        shapes are fixed), so the first request pays no allocation or kernel-selection cost. Returns seconds.
+        """Run every graph once on zeros at each of GENSERVE_WARMUP_BATCH_SIZES (capped at the max batch size; at
+        every bucket size where shapes are fixed), so that a graph that loads but cannot run is refused and the
+        first request pays no first-run cost. Returns seconds; each graph's cost is in `warmup_costs`.
 
         It calls the predict functions directly, not the batchers: it runs on the thread that builds the
         registry, off the event loop, before anything is served."""
         t0 = time.perf_counter()
         for gname in self.manifest.graphs:
-            for b in self.warm_sizes(gname):
-                self.predict[gname](self.zeros(gname, b))
+            def run(g: str = gname) -> None:
+                for b in self.warm_sizes(g):
+                    self.predict[g](self.zeros(g, b))
+            _, self.warmup_costs[gname] = measured(run)
         return time.perf_counter() - t0
+
+    def load_report(self) -> dict[str, Any]:
+        """What this version cost to load (validating its folder, opening its sessions) and to warm up, in seconds
+        and RSS, in all and per graph; cold_start_s is the two together."""
+        warm = list(self.warmup_costs.values())
+        total = Cost(sum(c.seconds for c in warm), None if any(c.rss_bytes is None for c in warm)
+                     else sum(c.rss_bytes for c in warm)) if warm else None
+        cold = sum(c.seconds for c in (self.load_cost, total) if c is not None)
+        return {"cold_start_s": round(cold, 4),
+                "load": self.load_cost.as_dict() if self.load_cost else None,
+                "warmup": total.as_dict() if total else None,
+                "graphs": {g: {"session": self.session_costs[g].as_dict() if g in self.session_costs else None,
+                               "warmup": self.warmup_costs[g].as_dict() if g in self.warmup_costs else None}
+                           for g in self.manifest.graphs}}
 
     def zeros(self, graph: str, batch: int) -> dict[str, np.ndarray]:
         """Zero inputs for one graph at `batch` items. A dynamic axis besides the batch (vstack's and hrow's rows so
@@ -262,9 +405,38 @@ class ModelVersion:
         return size
 
     def warm_sizes(self, graph: str) -> list[int]:
-        """The batch sizes warm-up runs a graph at: every bucket where shapes are fixed, else 1 and the max."""
+        """The batch sizes warm-up runs a graph at: every bucket where shapes are fixed, else
+        GENSERVE_WARMUP_BATCH_SIZES capped at the max batch size."""
         predict = self.predict[graph]
-        return predict.buckets if isinstance(predict, PaddedPredict) else sorted({1, self.batching.max_batch_size})
+        if isinstance(predict, PaddedPredict):
+            return predict.buckets
+        return sorted({min(b, self.batching.max_batch_size) for b in self.warmup_batch_sizes})
+
+    def shrink_arena(self, graphs: int | None = None) -> int:
+        """Free what ONNX Runtime's CPU arena holds unused: a batch-1 call of a graph with the run option
+        `memory.enable_memory_arena_shrinkage`, after which the arena frees every region with nothing allocated
+        in it (all of them, as it grows by what each call asks). With a shared arena one graph's call frees it
+        for every session; with an arena per session each graph needs its own. `graphs`: how many (None: all).
+        The probe's outputs are bound to buffers of its own, so no output pins a region. Returns the calls made."""
+        import onnxruntime as ort
+        names = list(self.loaded.sessions)[:graphs]
+        for g in names:
+            if g not in self._shrink_probes:
+                sess, feeds = self.loaded.sessions[g], self.zeros(g, 1)
+                outputs = sess.run(None, feeds)  # their shapes at batch 1
+                binding = sess.io_binding()
+                for k, v in feeds.items():
+                    binding.bind_cpu_input(k, v)
+                bound = [ort.OrtValue.ortvalue_from_numpy(np.empty_like(arr)) for arr in outputs]
+                for spec, value in zip(sess.get_outputs(), bound, strict=True):
+                    binding.bind_ortvalue_output(spec.name, value)
+                keep = (feeds, bound)  # the bound buffers live as long as the probe
+
+                def probe(sess=sess, binding=binding, keep=keep) -> None:
+                    sess.run_with_iobinding(binding, _shrink_options())
+                self._shrink_probes[g] = probe
+            self._shrink_probes[g]()
+        return len(names)
 
     def describe(self) -> dict:
         m = self.manifest
@@ -361,6 +533,10 @@ class Registry:
         self._draining: set[asyncio.Task] = set()  # retired versions waiting out their drain grace
         threads = settings.worker_threads
         self.executor = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="ort")
+        self.activity = Activity()  # every ONNX Runtime call of the batchers and samplers
+        self.releases = 0           # memory releases done (release_memory)
+        self._releasing: asyncio.Task | None = None
+        self.startup: dict[str, float | int | None] = {}  # process start to loading and to ready (app.py)
         log.info("ONNX Runtime: %d calling threads, %d intra-op threads per session%s", threads,
                  settings.ort_threads(), "" if settings.intra_op_threads else " (cores / workers)")
 
@@ -405,17 +581,30 @@ class Registry:
     def build(self, version_dirs: list[Path], refused: dict[str, list[str]]) -> list[ModelVersion]:
         """Validate, set up and warm up these version folders (off the event loop: the slow part); what fails
         joins `refused`."""
-        make_session = session_factory(self.settings)
+        make = session_factory(self.settings)
+        session_costs: dict[Path, Cost] = {}
+
+        def make_session(path: Path):  # each session's cost, for /v1/models
+            sess, session_costs[path] = measured(lambda: make(path))
+            return sess
+        loaded: list[tuple[LoadedVersion, Cost]] = []
+        for vdir in version_dirs:  # one at a time, to measure each
+            got, cost = measured(lambda d=vdir: load_versions(Scan(versions=[d], refused=refused), make_session))
+            loaded += [(lv, cost) for versions in got.values() for lv in versions.values()]
         built = []
-        for _, versions in sorted(load_versions(Scan(versions=version_dirs, refused=refused), make_session).items()):
-            for _, lv in sorted(versions.items()):
-                try:
-                    built.append(ModelVersion(lv, self.settings, self.executor, self.metrics, make_session))
-                except Exception as e:
-                    log.debug("setting up %s failed", lv.path, exc_info=True)
-                    refuse(refused, lv.path, [f"cannot be set up for serving: {type(e).__name__}: {e}"])
+        for lv, cost in sorted(loaded, key=lambda x: (x[0].manifest.name, x[0].manifest.version)):
+            graph_costs = {g: session_costs[lv.path / spec.file] for g, spec in lv.manifest.graphs.items()
+                           if lv.path / spec.file in session_costs}
+            try:
+                built.append(ModelVersion(lv, self.settings, self.executor, self.metrics, make_session,
+                                          activity=self.activity, load_cost=cost, session_costs=graph_costs))
+            except Exception as e:
+                log.debug("setting up %s failed", lv.path, exc_info=True)
+                refuse(refused, lv.path, [f"cannot be set up for serving: {type(e).__name__}: {e}"])
         if self.settings.warmup:
             built = [mv for mv in built if self._warmed_up(mv, refused)]
+        if built and self.settings.memory_release_idle_s > 0:
+            self.release_memory(built)  # what warm-up grew goes back: ready at the memory a request needs
         return built
 
     @staticmethod
@@ -427,6 +616,48 @@ class Registry:
             log.debug("warming up %s failed", mv.loaded.path, exc_info=True)
             refuse(refused, mv.loaded.path, [f"failed to warm up: {type(e).__name__}: {e}"])
             return False
+
+    def release_memory(self, versions: list[ModelVersion] | None = None) -> None:
+        """Give memory that nothing uses back to the system: ONNX Runtime's CPU arena frees its unused regions
+        (ModelVersion.shrink_arena: one call for the shared arena, one per session for arenas of their own), then
+        glibc hands the C heap's free pages back (malloc_trim). Run after warm-up and when ONNX Runtime has been
+        idle for GENSERVE_MEMORY_RELEASE_IDLE_S; the next large call grows the arena again. Never raises."""
+        try:
+            cpu = [mv for mv in (self.all() if versions is None else versions) if mv.provider == CPU]
+            # off: nothing to shrink, the C heap's free pages are all there is
+            if self.settings.ort_arena == "shared" and shared_cpu_arena():
+                for mv in cpu[:1]:
+                    mv.shrink_arena(graphs=1)
+            elif self.settings.ort_arena != "off":
+                for mv in cpu:
+                    mv.shrink_arena()
+            gc.collect()  # cycles of finished requests may hold arrays; the loaded models are frozen (app.py)
+            memory.malloc_trim()
+            self.releases += 1
+        except Exception:  # memory upkeep must never take a request or a model down with it
+            log.warning("releasing unused memory failed", exc_info=True)
+
+    async def _release_when_idle(self) -> None:
+        """release_memory() on the ONNX Runtime threads whenever they have made no call for
+        GENSERVE_MEMORY_RELEASE_IDLE_S after making some."""
+        idle_s = self.settings.memory_release_idle_s
+        seen = self.activity.calls
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(min(1.0, idle_s / 2))
+            idle = self.activity.idle_for()
+            if idle is None or idle < idle_s or self.activity.calls == seen:
+                continue
+            seen = self.activity.calls
+            await loop.run_in_executor(self.executor, self.release_memory)
+
+    def memory_report(self) -> dict[str, Any]:
+        """This process's memory now, what reaching ready took, and what each loaded version cost to load and
+        warm up (GET /v1/models, `process`)."""
+        return {"pid": os.getpid(), **memory.process_memory(), "startup": dict(self.startup),
+                "release": {"idle_s": self.settings.memory_release_idle_s, "releases": self.releases},
+                "models": {name: {str(v): mv.load_report() for v, mv in sorted(versions.items())}
+                           for name, versions in sorted(self.models.items())}}
 
     async def start(self, ready: bool = True) -> None:
         """Start the batchers and samplers of what load() built (they run on this event loop), then publish the
@@ -460,6 +691,8 @@ class Registry:
             required=tuple(build.required),
             missing=_frozen({name: tuple(why) for name, why in missing.items()}),
             ready=ready, traffic=_frozen(traffic))
+        if self.settings.memory_release_idle_s > 0 and self._releasing is None:
+            self._releasing = asyncio.create_task(self._release_when_idle())
 
     async def publish_model(self, name: str, versions: Mapping[int, ModelVersion] | None,
                             refused: dict[str, list[str]] | None = None) -> None:
@@ -551,6 +784,9 @@ class Registry:
     async def stop(self) -> None:
         """Stop accepting work, finish everything accepted, then stop."""
         self.ready, self.stopping = False, True
+        if self._releasing is not None:
+            self._releasing.cancel()
+            await asyncio.gather(self._releasing, return_exceptions=True)
         for mv in self.all():
             await mv.stop()
         for task in list(self._draining):  # versions on their way out: stopped now, without their grace

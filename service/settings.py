@@ -125,6 +125,25 @@ class Settings(BaseSettings):
     ort_spinning: bool = Field(False, description="let idle ONNX Runtime threads spin (busy-wait) for work")
     ort_graph_optimization: Literal["disable", "basic", "extended", "all"] = Field(
         "all", description="ONNX Runtime graph optimisation level")
+    ort_arena: Literal["off", "shared", "session"] = Field(
+        "off", description="ONNX Runtime's memory arena on the CPU provider: off, the C allocator (glibc's heap "
+                           "reuses what calls free); shared, one arena for every session of the process that grows "
+                           "by what a call asks (kSameAsRequested); session, one per session that doubles as it "
+                           "grows (ONNX Runtime's default)")
+    max_call_images: dict[str, Annotated[int, Field(ge=1, le=4096)]] = Field(
+        default_factory=lambda: {"logprob": 8, "vstack": 8, "hrow": 8},
+        description='CPU provider: per graph name, the most images\' worth of pixels one ONNX Runtime call takes (a '
+                    'sequence of h rows counts h / image size); a larger batch runs in slices of it, so that a call\'s '
+                    'activations stay small. JSON, e.g. {"logprob": 8}; {} turns slicing off')
+    warmup_batch_sizes: list[Annotated[int, Field(ge=1)]] = Field(
+        [1], min_length=1, description="the batch sizes warm-up runs each graph at (capped at its max batch size); "
+                                       "graphs with CUDA bucket sessions run at every bucket instead")
+    malloc_arenas: int = Field(2, ge=0, le=64, description="glibc malloc arenas of a serving process (M_ARENA_MAX, "
+                                                           "set as it starts); 0: glibc's default, 8 per core")
+    memory_release_idle_s: float = Field(
+        5.0, ge=0, le=3600, description="once ONNX Runtime has made no call for this long, the memory its arena "
+                                        "holds unused and the C heap's free pages go back to the system (also once "
+                                        "after warm-up); 0: never")
     worker_threads: int = Field(2, ge=1, le=64, description="threads that call ONNX Runtime off the event loop")
     batching: dict[str, BatchingOverride] = Field(
         default_factory=dict, description='per-model overrides of the manifest defaults, JSON: {"gan": {...}}')
@@ -157,7 +176,7 @@ class Settings(BaseSettings):
                                   "headers; else 408")
     backlog: int = Field(4096, ge=1, description="the listening socket's accept queue (the kernel caps it at "
                          "net.core.somaxconn)")
-    warmup: bool = True
+    warmup: bool = Field(True, description="run every graph before reporting ready (see warmup_batch_sizes)")
     model_control: Literal["none", "explicit", "poll"] = Field(
         "explicit", description="none: the store is read once at start-up; explicit: also loaded and unloaded "
                                 "through POST /v2/repository/models/{model}/load and /unload; poll: also "

@@ -138,3 +138,24 @@ def sampling_graphs(request, tiny_pixelcnn_onnx, tiny_pixelcnn_steps) -> Samplin
     if request.param == "rows":
         return SamplingGraphs("rows", reference, *reference)
     return SamplingGraphs("cached", reference, *tiny_pixelcnn_steps)
+
+
+# The README's measured memory figures, the one place they are written down: the memory test holds the server to
+# them (within 25%) and the Kubernetes test sizes the pod's requests and limits by them.
+MEMORY_ROWS = {"after_warmup": "after warm-up (ready)", "load_peak": "load run, peak",
+               "after_load": "right after the load run", "after_idle": "after the idle release"}
+
+
+def documented_memory_mib() -> dict[str, float]:
+    """{"after_warmup", "load_peak", "after_load", "after_idle"} -> MiB, from the first table of the README's
+    "## Memory and cold start" section, whose rows start with MEMORY_ROWS' labels."""
+    import re
+
+    readme = (REPO / "README.md").read_text()
+    section = readme.split("\n## Memory and cold start\n", 1)[1].split("\n## ", 1)[0]
+    found = {}
+    for key, label in MEMORY_ROWS.items():
+        m = re.search(rf"^\| {re.escape(label)}[^|]* \| ([\d,.]+) \|", section, re.M)
+        assert m, f"README, Memory and cold start: no row starting with {label!r}"
+        found[key] = float(m.group(1).replace(",", ""))
+    return found

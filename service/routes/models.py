@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import logging
+import os
 from typing import Annotated
 
 from fastapi import APIRouter, Body, Depends, Request
@@ -12,14 +14,29 @@ from service.errors import responses
 from service.routes.common import ANY, JSON, LOOKUP, get_registry, not_ready
 from service.schemas import TrafficResponse
 
+log = logging.getLogger(__name__)
+
 router = APIRouter(prefix="/v1/models", tags=["models"], responses=ANY)
 
 
 @router.get("")
 async def list_models(request: Request):
+    """Every model serving, what was refused, and this process (`process`, the worker that answered): its memory
+    (RSS now and at its peak, anonymous and file-backed), the time from its start to loading and to ready, and
+    what each version cost to load and warm up."""
     reg = get_registry(request)
     return JSON({"models": [_summary(reg, name) for name in sorted(reg.models)],
-                 "refused": [{"path": p, "problems": probs} for p, probs in reg.refused.items()]})
+                 "refused": [{"path": p, "problems": probs} for p, probs in reg.refused.items()],
+                 "process": _process(reg)})
+
+
+def _process(reg) -> dict:
+    """The registry's memory report; only the pid where it fails: figures never fail the request."""
+    try:
+        return reg.memory_report()
+    except Exception:
+        log.warning("GET /v1/models: no memory report", exc_info=True)
+        return {"pid": os.getpid()}
 
 
 @router.get("/{name}", responses=LOOKUP)

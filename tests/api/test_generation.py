@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import math
+import os
 
 import numpy as np
 import onnxruntime as ort
+import pytest
 
 from service.sampler import sample_fast, session_fn
 from service.schemas import PIXELCNN_GUIDANCE
@@ -127,6 +129,21 @@ def test_models_listing(client):
     detail = client.get("/v1/models/vae").json()
     v1 = detail["details"]["1"]
     assert v1["batching"]["max_batch_size"] >= 1 and "thickness" in v1["attributes"]
+
+
+def test_models_listing_reports_the_process_memory_and_each_versions_cold_start(client):
+    process = client.get("/v1/models").json()["process"]
+    assert process["pid"] == os.getpid()  # in-process: the test's own
+    assert process["rss_bytes"] > 0 and process["rss_peak_bytes"] >= process["rss_bytes"]
+    assert process["rss_anon_bytes"] + process["rss_file_bytes"] + process["rss_shmem_bytes"] == process["rss_bytes"]
+    assert process["startup"]["before_loading_s"] <= process["startup"]["ready_s"]
+    assert process["release"]["idle_s"] == 5.0 and process["release"]["releases"] >= 1  # once after warm-up
+    assert sorted(process["models"]) == ["gan", "pixelcnn", "vae"]
+    pixelcnn = process["models"]["pixelcnn"]["1"]
+    assert set(pixelcnn["graphs"]) == {"logprob", "vstack", "hrow"}
+    warm = sum(g["warmup"]["seconds"] for g in pixelcnn["graphs"].values())
+    assert pixelcnn["cold_start_s"] == pytest.approx(pixelcnn["load"]["seconds"] + warm, abs=2e-3)
+    assert pixelcnn["load"]["seconds"] >= sum(g["session"]["seconds"] for g in pixelcnn["graphs"].values()) - 2e-3
 
 
 def test_metrics_endpoint(client):

@@ -44,7 +44,7 @@ CURL_SECTIONS = ("API", "Open Inference Protocol (KServe V2)")
 PYTHON_SECTIONS = ("Python client", "Streaming progress", "Open Inference Protocol (KServe V2)")
 STREAM_SECTION = "Streaming progress"
 # path -> the top-level response fields whose value changes from run to run (the README shows an example value)
-NONDETERMINISTIC = {"/readyz": {"pid"}}
+NONDETERMINISTIC = {"/readyz": {"pid"}, "/v1/models": {"process"}}
 MAX_ITEMS, MAX_CHARS, DECIMALS = 3, 24, 4
 CHECK = "# ->"
 ENDPOINT = r"`([A-Z]+) (/\S*)`"                      # a "### `METHOD /path`" heading

@@ -18,6 +18,7 @@ from starlette.routing import Match
 import service
 from service.app import create_app
 from service.settings import Settings
+from tests.conftest import documented_memory_mib
 from tests.deploy.conftest import REPO
 
 K8S = REPO / "deploy" / "k8s"
@@ -192,6 +193,27 @@ def test_probes_and_scrape_annotations_point_at_real_routes():
     ann = one(BASE, "Deployment")["spec"]["template"]["metadata"]["annotations"]
     assert ann["prometheus.io/scrape"] == "true" and answers_get(ann["prometheus.io/path"])
     container_port(BASE, int(ann["prometheus.io/port"]))
+
+
+def mib(quantity: str) -> float:
+    """A Kubernetes memory quantity (binary or decimal suffix, or none) in MiB."""
+    units = {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "k": 1e3, "M": 1e6, "G": 1e9, "T": 1e12, "": 1}
+    number, unit = re.fullmatch(r"([\d.]+)([KMGT]i?|k)?", quantity).groups()
+    return float(number) * units[unit or ""] / 2**20
+
+
+def test_memory_requests_and_limits_come_from_the_measured_figures():
+    """The CPU pod's memory request covers the README's measured RSS under load (right after the load run, and
+    more than after warm-up); its limit is at least 1.25x the load run's peak, so a pod is not OOM-killed at
+    the peak the benchmark measured. The GPU overlay asks for more of both (CUDA's libraries)."""
+    documented = documented_memory_mib()
+    base, gpu = container(BASE)["resources"], container(GPU)["resources"]
+    request, limit = mib(base["requests"]["memory"]), mib(base["limits"]["memory"])
+    assert request >= max(documented["after_load"], documented["after_warmup"], documented["after_idle"])
+    assert limit >= 1.25 * documented["load_peak"] and limit >= request
+    assert request < 2 * documented["load_peak"], "a request far above what the pod uses wastes the node"
+    assert mib(gpu["requests"]["memory"]) >= request and mib(gpu["limits"]["memory"]) >= mib(gpu["requests"]["memory"])
+    assert mib("1Gi") == 1024 and mib("512Mi") == 512 and mib("1G") == pytest.approx(953.67, abs=0.01)
 
 
 @pytest.mark.parametrize("docs", [BASE, GPU], ids=["base", "gpu"])

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import re
 import time
 
 import numpy as np
@@ -257,16 +258,19 @@ def test_logprob_limit_is_measured_once_a_run(monkeypatch):
 
     calls = []
 
-    def fake_limit(graph, feeds, sizes, seconds, ort_spinning):
-        calls.append(ort_spinning)
+    def fake_limit(graph, feeds, sizes, seconds, ort_spinning, ort_arena):
+        calls.append((ort_spinning, ort_arena))
         assert feeds(3)["image"].shape == (3, 1, 28, 28)
-        return {"images_per_s": 180.0 if ort_spinning else 170.0, "best_batch_size": 4, "provider": "CPU"}
+        return {"images_per_s": (180.0 if ort_spinning else 170.0) + (5.0 if ort_arena == "session" else 0.0),
+                "best_batch_size": 4, "provider": "CPU"}
 
     monkeypatch.setattr(scenarios.limits, "compute_limit", fake_limit)
     ctx = scenarios.Context(REPO / "models_store", True, Windows(), np.zeros((4, 28, 28), np.uint8), "zeros")
     first = scenarios.logprob_limit(ctx)
-    assert scenarios.logprob_limit(ctx) is first and sorted(calls) == [False, True]  # on and off, once each
-    assert first["images_per_s"] == 180.0 and first["spinning"] and first["images_per_s_other_spinning"] == 170.0
+    # spinning on and off, each with the server's arena setting and ONNX Runtime's own, once each; the best counts
+    assert scenarios.logprob_limit(ctx) is first
+    assert sorted(calls) == [(False, "off"), (False, "session"), (True, "off"), (True, "session")]
+    assert first["images_per_s"] == 185.0 and first["spinning"] and first["images_per_s_other_spinning"] == 175.0
 
 
 def test_the_bench_is_tooling_beside_the_service_not_part_of_it():
@@ -338,3 +342,45 @@ def test_the_cost_of_guidance_is_reported_per_size():
         {"n": 64, "unguided_s": 6.0, "guided_s": 12.0, "ratio": 2.0}]}, "floors": []}
     text = report.terminal(run)
     assert "at the default weight 0.5: n=1 0.40 s against 0.50 s (1.25x); n=64 6.00 s against 12.00 s (2.00x)." in text
+
+
+def test_the_memory_scenario_is_reported_with_its_floors():
+    from bench import memory
+
+    run = _fake_run()
+    graphs = {"generator": {"session": {"seconds": 0.009, "rss_bytes": 10 * 2**20},
+                            "warmup": {"seconds": 0.001, "rss_bytes": 2**20}}}
+    m = {"startup_s": 0.81, "idle_s": 5.0,
+         "rss_mib": {"before_loading": 73.0, "after_warmup": 126.0, "load_peak": 587.0, "after_load": 341.0,
+                     "after_idle": 145.0, "after_warmup_anon": 77.0, "after_warmup_file": 49.0,
+                     "after_idle_anon": 92.0, "after_idle_file": 53.0},
+         "process": {"startup": {"before_loading_s": 0.55, "ready_s": 0.72},
+                     "models": {"gan": {"1": {"cold_start_s": 0.0133, "load": {"seconds": 0.0126, "rss_bytes": 2**23},
+                                              "warmup": {"seconds": 0.001, "rss_bytes": 2**20}, "graphs": graphs}}}},
+         "load": {"gan n=1": {"images_per_s": 70.0, "errors": {"503": 3}},
+                  "logprob 1 image": {"images_per_s": 8.0, "errors": {"500": 1}}, "seconds": 61.0}}
+    run["scenarios"]["memory"] = {"memory": m, "floors": []}
+    text, md = report.terminal(run), report.markdown(run, None)
+    assert re.search(r"after warm-up \(ready\) +126 +77 +49\n", text) and "load run (61 s), peak" in text
+    assert "| after 5 s idle (memory given back) | 145 | 92 | 53 |" in md and "### Memory and cold start" in md
+    assert "| gan | 1 | all (with validation) | 8.0 | 12.6 | 1.0 | 1.0 | 0.013 |" in md
+    assert "| gan | 1 | generator | 10.0 | 9.0 | 1.0 | 1.0 | - |" in md
+    assert "process start to ready 0.81 s" in md and "3 requests shed (503)" in md
+    assert memory.failed(m["load"]) == 1  # the 500, not the shed 503s
+    floors = {"what": "max_mib", "measured": 126.0, "floor": 300.0}, {"what": "max_s", "measured": 0.81, "floor": 3.0}
+    assert [r[1:3] for r in report.floor_rows([f | {"name": "x", "pass": True} for f in floors])] == \
+        [["126 MiB", "<= 300 MiB"], ["0.81 s", "<= 3 s"]]
+
+
+def test_the_lever_sweep_is_one_row_per_setting():
+    from bench import memory
+
+    row = {"lever": "defaults", "startup_s": 0.8, "rss_mib": {"after_warmup": 126.0, "load_peak": 500.0,
+                                                              "after_load": 340.0, "after_idle": None},
+           "load": {"gan n=1": {"images_per_s": 70.0}, "seconds": 60.0}}
+    table = memory.sweep_table([row])
+    assert table.splitlines()[0].startswith("| settings | ready s | after warm-up MiB |")
+    assert table.splitlines()[-1] == "| defaults | 0.80 | 126 | 500 | 340 | - | 70.0 |"
+    assert [name for name, _ in memory.LEVERS][:2] == [
+        "before: arena per session, warm-up at 1 and 64, no slicing, no release", "warm-up at batch 1 only"]
+    assert memory.LEVERS[0][1]["warmup_batch_sizes"] == "[1, 64]" and memory.LEVERS[5][1] == {}  # the defaults

@@ -73,3 +73,28 @@ def test_the_readme_settings_table_lists_every_setting() -> None:
     rows = re.findall(r"^\| `(GENSERVE_\w+)` \|", table, re.M)
     assert len(rows) == len(set(rows)), "a variable with two rows"
     assert sorted(rows) == sorted(f"GENSERVE_{name.upper()}" for name in Settings.model_fields)
+
+
+def test_memory_settings_default_to_the_measured_choices_and_are_checked() -> None:
+    from pydantic import ValidationError
+
+    s = Settings()
+    assert s.ort_arena == "off" and s.warmup_batch_sizes == [1] and s.memory_release_idle_s == 5.0
+    assert s.max_call_images == {"logprob": 8, "vstack": 8, "hrow": 8} and s.malloc_arenas == 2
+    for bad in ({"ort_arena": "none"}, {"max_call_images": {"logprob": 0}}, {"warmup_batch_sizes": []},
+                {"warmup_batch_sizes": [0]}, {"memory_release_idle_s": -1}, {"malloc_arenas": 65}):
+        with pytest.raises(ValidationError, match=next(iter(bad))):
+            Settings(**bad)
+
+
+def test_memory_settings_read_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("GENSERVE_MAX_CALL_IMAGES", '{"logprob": 4}')
+    monkeypatch.setenv("GENSERVE_WARMUP_BATCH_SIZES", "[1, 64]")
+    monkeypatch.setenv("GENSERVE_ORT_ARENA", "shared")
+    s = Settings()
+    assert s.max_call_images == {"logprob": 4} and s.warmup_batch_sizes == [1, 64] and s.ort_arena == "shared"
+
+
+@pytest.mark.parametrize(("arena", "enabled"), [("off", False), ("shared", True), ("session", True)])
+def test_session_options_carry_the_arena_choice(arena: str, enabled: bool) -> None:
+    assert session_options(Settings(ort_arena=arena)).enable_cpu_mem_arena is enabled
