@@ -261,7 +261,8 @@ def memory_rows(run: dict) -> list[list[str]]:
             ["after warm-up (ready)", _f(r["after_warmup"], 0), _f(r["after_warmup_anon"], 0),
              _f(r["after_warmup_file"], 0)],
             [f"load run ({seconds:.0f} s), peak", _f(r["load_peak"], 0), "-", "-"],
-            ["right after the load run", _f(r["after_load"], 0), "-", "-"],
+            ["at the load run's last answer", _f(r["after_load"], 0), "-", "-"],
+            ["1 s after the load run", _f(r.get("after_load_settled"), 0), "-", "-"],
             [f"after {m['idle_s']:g} s idle (memory given back)", _f(r["after_idle"], 0), _f(r["after_idle_anon"], 0),
              _f(r["after_idle_file"], 0)]]
 

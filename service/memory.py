@@ -149,3 +149,19 @@ class Activity:
         """Seconds since the last call ended, or None while one is running."""
         with self._lock:
             return None if self.in_flight else time.monotonic() - self.last_end
+
+
+SETTLE_S = 0.25  # how long ONNX Runtime must be idle before memory over the target goes back: past a step's gap
+
+
+def release_due(idle_s: float | None, called: bool, rss: int | None, *, release_idle_s: float,
+                target_bytes: int) -> bool:
+    """Whether to give memory back now. Never while a call runs (`idle_s` None), nor when no call ran since the
+    last release (`called`); then once idle for `release_idle_s`, or sooner, after SETTLE_S, while RSS is above
+    `target_bytes` (0: no target). The target spares light traffic the cost of faulting its pages back in after
+    every release, and still brings RSS down as soon as a burst that raised it ends."""
+    if idle_s is None or not called:
+        return False
+    if idle_s >= release_idle_s:
+        return True
+    return target_bytes > 0 and idle_s >= SETTLE_S and rss is not None and rss > target_bytes

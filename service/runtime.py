@@ -638,15 +638,16 @@ class Registry:
             log.warning("releasing unused memory failed", exc_info=True)
 
     async def _release_when_idle(self) -> None:
-        """release_memory() on the ONNX Runtime threads whenever they have made no call for
-        GENSERVE_MEMORY_RELEASE_IDLE_S after making some."""
-        idle_s = self.settings.memory_release_idle_s
+        """release_memory() on the ONNX Runtime threads when memory.release_due says so: after
+        GENSERVE_MEMORY_RELEASE_IDLE_S without a call, or as soon as calls pause while RSS is over
+        GENSERVE_MEMORY_TARGET_MIB."""
+        idle_s, target = self.settings.memory_release_idle_s, int(self.settings.memory_target_mib * 1024 * 1024)
         seen = self.activity.calls
         loop = asyncio.get_running_loop()
         while True:
-            await asyncio.sleep(min(1.0, idle_s / 2))
-            idle = self.activity.idle_for()
-            if idle is None or idle < idle_s or self.activity.calls == seen:
+            await asyncio.sleep(min(memory.SETTLE_S if target else 1.0, idle_s / 2))
+            if not memory.release_due(self.activity.idle_for(), self.activity.calls != seen, memory.rss_bytes(),
+                                      release_idle_s=idle_s, target_bytes=target):
                 continue
             seen = self.activity.calls
             await loop.run_in_executor(self.executor, self.release_memory)
@@ -655,7 +656,8 @@ class Registry:
         """This process's memory now, what reaching ready took, and what each loaded version cost to load and
         warm up (GET /v1/models, `process`)."""
         return {"pid": os.getpid(), **memory.process_memory(), "startup": dict(self.startup),
-                "release": {"idle_s": self.settings.memory_release_idle_s, "releases": self.releases},
+                "release": {"idle_s": self.settings.memory_release_idle_s,
+                            "target_mib": self.settings.memory_target_mib, "releases": self.releases},
                 "models": {name: {str(v): mv.load_report() for v, mv in sorted(versions.items())}
                            for name, versions in sorted(self.models.items())}}
 

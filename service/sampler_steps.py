@@ -71,10 +71,15 @@ def window_cols(image: np.ndarray, members: np.ndarray, row: np.ndarray, first: 
 
 
 class RowSteps:
-    """vstack once per row on the rows above, hrow on each sequence's whole row per pixel."""
+    """vstack once per row on the rows above, hrow on each sequence's whole row per pixel.
 
-    def __init__(self, vstack: GraphFn, hrow: GraphFn) -> None:
-        self.row_graph, self.pixel_graph = vstack, hrow
+    vstack answers every row it was given, (m, L, 2C, height, W), of which a sequence needs only its own: it runs
+    on `chunk` sequences at a time, each chunk's own rows kept before the next runs, so that a step's vertical
+    features never hold more than a chunk's full answer (all 28 rows of 128 sequences would be 180 MB for one
+    row's worth, allocated and freed at every row)."""
+
+    def __init__(self, vstack: GraphFn, hrow: GraphFn, chunk: int = 16) -> None:
+        self.row_graph, self.pixel_graph, self.chunk = vstack, hrow, chunk
         self._vrow: np.ndarray | None = None  # (cap, L, 2C, 1, W) each sequence's vertical features on its row
         self._vrow_any: np.ndarray | None = None  # the same for its twin
 
@@ -93,11 +98,11 @@ class RowSteps:
             members = np.concatenate([starting, twins])
             labels = s.labels[members]
             labels[starting.size:] = s.any_label
-            vfeats = (await run(self.row_graph, {"image": s.image[members, :, :height], "label": labels}))["vfeats"]
+            feeds = {"image": s.image[members, :, :height], "label": labels, "row": s.rows[members]}
+            own = (await run(self._own_rows, feeds))["own"]  # (m, L, 2C, W): each one's own row
             if self._vrow is None or self._vrow_any is None:
-                shape = (capacity, *vfeats.shape[1:3], 1, side)
+                shape = (capacity, *own.shape[1:3], 1, side)
                 self._vrow, self._vrow_any = np.zeros(shape, np.float32), np.zeros(shape, np.float32)
-            own = vfeats[np.arange(members.size), :, :, s.rows[members]]  # (m, L, 2C, W): each one's own row
             self._vrow[starting, :, :, 0] = own[: starting.size]
             self._vrow_any[twins, :, :, 0] = own[starting.size:]
         assert self._vrow is not None and self._vrow_any is not None
@@ -109,6 +114,16 @@ class RowSteps:
         logits = (await run(self.pixel_graph, {"image": image_row, "vfeats": vrows}))["logits"]
         cols = np.concatenate([s.cols, s.cols[s.guided]])
         return logits[np.arange(cols.size), :, 0, cols]  # (b + g, 256)
+
+    def _own_rows(self, feeds: Arrays) -> Arrays:
+        """vstack's features of each sequence's own row, `chunk` sequences per call (on the executor's thread)."""
+        image, label, row = feeds["image"], feeds["label"], feeds["row"]
+        parts = []
+        for lo in range(0, label.size, self.chunk):
+            hi = min(lo + self.chunk, label.size)
+            vfeats = self.row_graph({"image": image[lo:hi], "label": label[lo:hi]})["vfeats"]  # (k, L, 2C, h, W)
+            parts.append(vfeats[np.arange(hi - lo), :, :, row[lo:hi]])
+        return {"own": np.concatenate(parts)}
 
 
 class CachedSteps:

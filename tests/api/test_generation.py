@@ -137,7 +137,8 @@ def test_models_listing_reports_the_process_memory_and_each_versions_cold_start(
     assert process["rss_bytes"] > 0 and process["rss_peak_bytes"] >= process["rss_bytes"]
     assert process["rss_anon_bytes"] + process["rss_file_bytes"] + process["rss_shmem_bytes"] == process["rss_bytes"]
     assert process["startup"]["before_loading_s"] <= process["startup"]["ready_s"]
-    assert process["release"]["idle_s"] == 5.0 and process["release"]["releases"] >= 1  # once after warm-up
+    assert process["release"]["idle_s"] == 5.0 and process["release"]["target_mib"] == 256.0
+    assert process["release"]["releases"] >= 1  # once after warm-up
     assert sorted(process["models"]) == ["gan", "pixelcnn", "vae"]
     pixelcnn = process["models"]["pixelcnn"]["1"]
     assert set(pixelcnn["graphs"]) == {"logprob", "vstack", "hrow", "vstep", "hstep"}

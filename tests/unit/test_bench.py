@@ -352,7 +352,7 @@ def test_the_memory_scenario_is_reported_with_its_floors():
                             "warmup": {"seconds": 0.001, "rss_bytes": 2**20}}}
     m = {"startup_s": 0.81, "idle_s": 5.0,
          "rss_mib": {"before_loading": 73.0, "after_warmup": 126.0, "load_peak": 587.0, "after_load": 341.0,
-                     "after_idle": 145.0, "after_warmup_anon": 77.0, "after_warmup_file": 49.0,
+                     "after_load_settled": 160.0, "after_idle": 145.0, "after_warmup_anon": 77.0, "after_warmup_file": 49.0,
                      "after_idle_anon": 92.0, "after_idle_file": 53.0},
          "process": {"startup": {"before_loading_s": 0.55, "ready_s": 0.72},
                      "models": {"gan": {"1": {"cold_start_s": 0.0133, "load": {"seconds": 0.0126, "rss_bytes": 2**23},
@@ -363,6 +363,7 @@ def test_the_memory_scenario_is_reported_with_its_floors():
     text, md = report.terminal(run), report.markdown(run, None)
     assert re.search(r"after warm-up \(ready\) +126 +77 +49\n", text) and "load run (61 s), peak" in text
     assert "| after 5 s idle (memory given back) | 145 | 92 | 53 |" in md and "### Memory and cold start" in md
+    assert "| at the load run's last answer | 341 | - | - |" in md and "| 1 s after the load run | 160 | - | - |" in md
     assert "| gan | 1 | all (with validation) | 8.0 | 12.6 | 1.0 | 1.0 | 0.013 |" in md
     assert "| gan | 1 | generator | 10.0 | 9.0 | 1.0 | 1.0 | - |" in md
     assert "process start to ready 0.81 s" in md and "3 requests shed (503)" in md
@@ -376,11 +377,12 @@ def test_the_lever_sweep_is_one_row_per_setting():
     from bench import memory
 
     row = {"lever": "defaults", "startup_s": 0.8, "rss_mib": {"after_warmup": 126.0, "load_peak": 500.0,
-                                                              "after_load": 340.0, "after_idle": None},
+                                                              "after_load": 340.0, "after_load_settled": 150.0,
+                                                              "after_idle": None},
            "load": {"gan n=1": {"images_per_s": 70.0}, "seconds": 60.0}}
     table = memory.sweep_table([row])
     assert table.splitlines()[0].startswith("| settings | ready s | after warm-up MiB |")
-    assert table.splitlines()[-1] == "| defaults | 0.80 | 126 | 500 | 340 | - | 70.0 |"
+    assert table.splitlines()[-1] == "| defaults | 0.80 | 126 | 500 | 340 | 150 | - | 70.0 |"
     assert [name for name, _ in memory.LEVERS][:2] == [
         "before: arena per session, warm-up at 1 and 64, no slicing, no release", "warm-up at batch 1 only"]
-    assert memory.LEVERS[0][1]["warmup_batch_sizes"] == "[1, 64]" and memory.LEVERS[5][1] == {}  # the defaults
+    assert memory.LEVERS[0][1]["warmup_batch_sizes"] == "[1, 64]" and memory.LEVERS[6][1] == {}  # the defaults

@@ -101,3 +101,22 @@ def test_activity_counts_calls_and_idle_time() -> None:
     idle = activity.idle_for()
     assert idle is not None and 0 <= idle < 5
     assert activity.track(lambda x: x * 2)(21) == 42
+
+
+@pytest.mark.parametrize(("idle_s", "called", "rss_mib", "due"), [
+    (None, True, 900, False),   # a call is running: never, whatever RSS is
+    (9.0, False, 900, False),   # nothing ran since the last release: nothing to give back
+    (5.0, True, 100, True),     # idle long enough: always
+    (0.1, True, 900, False),    # over the target, but a gap between two steps is not a pause
+    (0.3, True, 300, True),     # over the target and paused: now
+    (0.3, True, 200, False),    # paused under the target: wait for the idle release
+    (0.3, True, None, False),   # RSS unknown: only the idle release
+])
+def test_release_is_due_when_idle_or_paused_over_the_target(idle_s, called, rss_mib, due) -> None:
+    rss = None if rss_mib is None else rss_mib * 1024 * 1024
+    assert memory.release_due(idle_s, called, rss, release_idle_s=5.0, target_bytes=256 * 1024 * 1024) is due
+
+
+def test_without_a_target_only_the_idle_release_applies() -> None:
+    assert not memory.release_due(1.0, True, 1 << 40, release_idle_s=5.0, target_bytes=0)
+    assert memory.release_due(5.0, True, 1 << 40, release_idle_s=5.0, target_bytes=0)

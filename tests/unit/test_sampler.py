@@ -366,3 +366,25 @@ def test_the_runtime_fills_the_sampler_from_the_manifest_and_only_it_has_sampler
     graphs = {s.labels["graph"] for f in text_string_to_metric_families(text) for s in f.samples
               if s.name.startswith("genserve_sampler_active_sequences")}
     assert graphs == {"sampler"}
+
+
+def test_row_steps_run_vstack_in_chunks_and_draw_the_same_images(tiny_pixelcnn_onnx) -> None:
+    """vstack on 2 sequences at a time (5 guided sequences and their twins: 10 per row, so 5 calls) keeps only
+    each one's own row of each call's answer: the images are sample_fast's."""
+    from service.sampler import RowSteps
+
+    _, vstack, hrow = tiny_pixelcnn_onnx
+    labels, u = make_request(5, [1, 2, 10, 4, 7])
+    want = sample_fast(vstack, hrow, labels, u, 1.0, guidance=1.5, any_label=10)
+    rows = Recorder(vstack)
+    sampler = IterationSampler(RowSteps(rows, hrow, chunk=2), SamplerConfig())
+
+    async def main() -> np.ndarray:
+        await sampler.start()
+        try:
+            return await asyncio.wait_for(sampler.sample(labels, u, 1.0, guidance=1.5), 60)
+        finally:
+            await asyncio.wait_for(sampler.stop(), 30)
+
+    np.testing.assert_array_equal(asyncio.run(main()), want)
+    assert max(rows.sizes) == 2 and len(rows.sizes) == 28 * 5  # twins included: 10 sequences a row, 2 a call
