@@ -1,6 +1,6 @@
 """memory: the server's resident memory and cold start on the shipped store, and what each memory lever buys.
 
-    python -m bench.memory [--store models_store] [--seconds 60] [--sweep] [--quick]
+    python -m bench.memory [--store models_store] [--seconds 60] [--sweep | --spaced]
 
 One server (`python -m service`, default settings): RSS (VmRSS of the server process, /proc) before loading
 (interpreter and imports), after warm-up (ready), at its peak during a load run, at the run's last answer, a
@@ -14,7 +14,8 @@ version 1 (row steps: vstack and hrow on 128 sequences per step, twins included)
 `memory` scenario.
 
 `--sweep` runs the same once per lever setting (LEVERS), each on a fresh server, and prints one table row each:
-the RSS figures and the load run's throughput per workload.
+the RSS figures and the load run's throughput per workload. `--spaced` measures what a release costs the call
+after it (spaced).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import statistics
 import sys
 import time
 import urllib.request
@@ -221,19 +223,54 @@ def sweep_table(rows: list[dict]) -> str:
     return md_table(head, cells)
 
 
+def spaced(store: Path, digits, idle_times: tuple[float, ...] = (1.0, 5.0), requests: int = 12,
+           gap_s: float = 1.6) -> list[dict]:
+    """What a release costs the call after it: per GENSERVE_MEMORY_RELEASE_IDLE_S in `idle_times`, a fresh server
+    (default target) answers `requests` 64-image log-likelihoods, then as many 16-image GAN samples, one at a time,
+    `gap_s` apart; the median latency of all but the first two of each. With an idle time under the gap every call
+    follows a release; over it, none does."""
+    logprob = _json({"images": [encode_png_b64(d) for d in digits[:64]]})
+    gan = _json({"n": 16, "seed": 1})
+    rows = []
+    for idle in idle_times:
+        with Server(store, memory_release_idle_s=idle) as srv:
+            row: dict = {"idle_s": idle}
+            for name, path, body in (("logprob 64 images", "/v1/pixelcnn/logprob", logprob),
+                                     ("gan n=16", "/v1/gan/sample", gan)):
+                ms = []
+                for _ in range(requests):
+                    req = urllib.request.Request(srv.base + path, data=body, headers=JSON_HEADERS)
+                    t = time.perf_counter()
+                    with urllib.request.urlopen(req, timeout=60) as r:
+                        r.read()
+                    ms.append((time.perf_counter() - t) * 1e3)
+                    time.sleep(gap_s)
+                row[name] = statistics.median(ms[2:])
+            row["releases"] = _get(srv.base, "/v1/models")["process"]["release"]["releases"]
+        print(f"  idle release after {idle:g} s, requests {gap_s:g} s apart: " + ", ".join(
+            f"{k} {v:.1f} ms" for k, v in row.items() if k not in ("idle_s", "releases"))
+              + f"; {row['releases']} releases", flush=True)
+        rows.append(row)
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.memory", description=__doc__.split("\n\n")[0])
     p.add_argument("--store", type=Path, default=Path("models_store"))
     p.add_argument("--seconds", type=float, default=60.0, help="length of the load run (default 60)")
     p.add_argument("--sweep", action="store_true", help="one server per lever setting, and the lever table")
     p.add_argument("--only", type=int, nargs="*", help="with --sweep: these rows of LEVERS (0-based)")
+    p.add_argument("--spaced", action="store_true", help="what a release costs the next call: spaced requests, "
+                                                         "released after each (idle 1 s) or not (5 s)")
     p.add_argument("--out", type=Path, help="write the results as JSON here")
     args = p.parse_args(argv)
     digits, _ = load_digits()
-    if args.sweep:
+    if args.spaced:
+        result: object = spaced(args.store.resolve(), digits)
+    elif args.sweep:
         rows = sweep(args.store.resolve(), args.seconds, digits, args.only)
         print(sweep_table(rows))
-        result: object = rows
+        result = rows
     else:
         result = measure(args.store.resolve(), args.seconds, digits)
         _print("defaults", result)

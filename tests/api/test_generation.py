@@ -12,7 +12,7 @@ import pytest
 from service.sampler import sample_fast, session_fn
 from service.schemas import PIXELCNN_GUIDANCE
 from service.store import read_manifest
-from tests.api.conftest import png_array, png_b64
+from tests.api.conftest import make_client, png_array, png_b64, wait_for, wait_ready
 
 
 def test_health_and_readiness(client):
@@ -146,6 +146,17 @@ def test_models_listing_reports_the_process_memory_and_each_versions_cold_start(
     assert pixelcnn["cold_start_s"] == pytest.approx(pixelcnn["load"]["seconds"] + warm, abs=2e-3)
     assert pixelcnn["load"]["seconds"] >= sum(g["session"]["seconds"] for g in pixelcnn["graphs"].values()) - 2e-3
 
+
+
+def test_memory_over_the_target_goes_back_at_the_first_pause(tiny_store):
+    """With the idle release an hour away and a target every process is over (1 MiB), a call is followed by a
+    release as soon as ONNX Runtime has paused a quarter second."""
+    with make_client(tiny_store, memory_release_idle_s=3600, memory_target_mib=1) as c:
+        wait_ready(c)
+        releases = c.get("/v1/models").json()["process"]["release"]["releases"]
+        assert c.post("/v1/gan/sample", json={"n": 2, "seed": 1}).status_code == 200
+        wait_for("a release after the call", lambda: c.get("/v1/models").json()["process"]["release"]["releases"]
+                 > releases, timeout_s=10)
 
 def test_metrics_endpoint(client):
     client.post("/v1/gan/sample", json={"n": 2})

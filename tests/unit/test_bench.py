@@ -352,8 +352,8 @@ def test_the_memory_scenario_is_reported_with_its_floors():
                             "warmup": {"seconds": 0.001, "rss_bytes": 2**20}}}
     m = {"startup_s": 0.81, "idle_s": 5.0,
          "rss_mib": {"before_loading": 73.0, "after_warmup": 126.0, "load_peak": 587.0, "after_load": 341.0,
-                     "after_load_settled": 160.0, "after_idle": 145.0, "after_warmup_anon": 77.0, "after_warmup_file": 49.0,
-                     "after_idle_anon": 92.0, "after_idle_file": 53.0},
+                     "after_load_settled": 160.0, "after_idle": 145.0, "after_warmup_anon": 77.0,
+                     "after_warmup_file": 49.0, "after_idle_anon": 92.0, "after_idle_file": 53.0},
          "process": {"startup": {"before_loading_s": 0.55, "ready_s": 0.72},
                      "models": {"gan": {"1": {"cold_start_s": 0.0133, "load": {"seconds": 0.0126, "rss_bytes": 2**23},
                                               "warmup": {"seconds": 0.001, "rss_bytes": 2**20}, "graphs": graphs}}}},

@@ -81,8 +81,10 @@ def test_memory_settings_default_to_the_measured_choices_and_are_checked() -> No
     s = Settings()
     assert s.ort_arena == "off" and s.warmup_batch_sizes == [1] and s.memory_release_idle_s == 5.0
     assert s.max_call_images == {"logprob": 8, "vstack": 8, "hrow": 8} and s.malloc_arenas == 2
+    assert s.memory_target_mib == 256.0
     for bad in ({"ort_arena": "none"}, {"max_call_images": {"logprob": 0}}, {"warmup_batch_sizes": []},
-                {"warmup_batch_sizes": [0]}, {"memory_release_idle_s": -1}, {"malloc_arenas": 65}):
+                {"warmup_batch_sizes": [0]}, {"memory_release_idle_s": -1}, {"malloc_arenas": 65},
+                {"memory_target_mib": -1}):
         with pytest.raises(ValidationError, match=next(iter(bad))):
             Settings(**bad)
 
