@@ -152,16 +152,21 @@ class Activity:
 
 
 SETTLE_S = 0.25  # how long ONNX Runtime must be idle before memory over the target goes back: past a step's gap
+REGROWTH = 32 * 1024 * 1024  # over the target, what RSS must have grown by since the last release to release again
 
 
 def release_due(idle_s: float | None, called: bool, rss: int | None, *, release_idle_s: float,
-                target_bytes: int) -> bool:
+                target_bytes: int, released_rss: int | None = None) -> bool:
     """Whether to give memory back now. Never while a call runs (`idle_s` None), nor when no call ran since the
     last release (`called`); then once idle for `release_idle_s`, or sooner, after SETTLE_S, while RSS is above
-    `target_bytes` (0: no target). The target spares light traffic the cost of faulting its pages back in after
-    every release, and still brings RSS down as soon as a burst that raised it ends."""
+    `target_bytes` (0: no target) and REGROWTH above what the last release left (`released_rss`). The target
+    spares light traffic the cost of faulting its pages back in after every release, and still brings RSS down as
+    soon as a burst that raised it ends; the regrowth condition keeps a process whose loaded models alone exceed
+    the target from releasing after every call."""
     if idle_s is None or not called:
         return False
     if idle_s >= release_idle_s:
         return True
-    return target_bytes > 0 and idle_s >= SETTLE_S and rss is not None and rss > target_bytes
+    if target_bytes <= 0 or idle_s < SETTLE_S or rss is None:
+        return False
+    return rss > target_bytes and (released_rss is None or rss > released_rss + REGROWTH)

@@ -642,15 +642,16 @@ class Registry:
         GENSERVE_MEMORY_RELEASE_IDLE_S without a call, or as soon as calls pause while RSS is over
         GENSERVE_MEMORY_TARGET_MIB."""
         idle_s, target = self.settings.memory_release_idle_s, int(self.settings.memory_target_mib * 1024 * 1024)
-        seen = self.activity.calls
+        seen, released = self.activity.calls, memory.rss_bytes()
         loop = asyncio.get_running_loop()
         while True:
             await asyncio.sleep(min(memory.SETTLE_S if target else 1.0, idle_s / 2))
             if not memory.release_due(self.activity.idle_for(), self.activity.calls != seen, memory.rss_bytes(),
-                                      release_idle_s=idle_s, target_bytes=target):
+                                      release_idle_s=idle_s, target_bytes=target, released_rss=released):
                 continue
             seen = self.activity.calls
             await loop.run_in_executor(self.executor, self.release_memory)
+            released = memory.rss_bytes()
 
     def memory_report(self) -> dict[str, Any]:
         """This process's memory now, what reaching ready took, and what each loaded version cost to load and

@@ -145,8 +145,9 @@ class Settings(BaseSettings):
                                         "holds unused and the C heap's free pages go back to the system (also once "
                                         "after warm-up); 0: never")
     memory_target_mib: float = Field(
-        256.0, ge=0, le=1 << 20, description="while RSS is above this, memory goes back as soon as ONNX Runtime "
-                                             "pauses (a quarter second without a call) instead of after "
+        256.0, ge=0, le=1 << 20, description="while RSS is above this (and 32 MiB above what the last release "
+                                             "left), memory goes back as soon as ONNX Runtime pauses (a quarter "
+                                             "second without a call) instead of after "
                                              "GENSERVE_MEMORY_RELEASE_IDLE_S; 0: no target")
     worker_threads: int = Field(2, ge=1, le=64, description="threads that call ONNX Runtime off the event loop")
     batching: dict[str, BatchingOverride] = Field(

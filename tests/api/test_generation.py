@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import time
 
 import numpy as np
 import onnxruntime as ort
@@ -150,13 +151,19 @@ def test_models_listing_reports_the_process_memory_and_each_versions_cold_start(
 
 def test_memory_over_the_target_goes_back_at_the_first_pause(tiny_store):
     """With the idle release an hour away and a target every process is over (1 MiB), a call is followed by a
-    release as soon as ONNX Runtime has paused a quarter second."""
+    release as soon as ONNX Runtime has paused a quarter second, once RSS has grown past what the last release
+    left (here by 64 MiB of touched ballast); without that growth, calls do not release."""
     with make_client(tiny_store, memory_release_idle_s=3600, memory_target_mib=1) as c:
         wait_ready(c)
-        releases = c.get("/v1/models").json()["process"]["release"]["releases"]
+        process = lambda: c.get("/v1/models").json()["process"]  # noqa: E731
+        releases = process()["release"]["releases"]
         assert c.post("/v1/gan/sample", json={"n": 2, "seed": 1}).status_code == 200
-        wait_for("a release after the call", lambda: c.get("/v1/models").json()["process"]["release"]["releases"]
-                 > releases, timeout_s=10)
+        time.sleep(1.0)
+        assert process()["release"]["releases"] == releases  # no growth: the models alone are over the target
+        ballast = np.ones(64 * 2**20 // 8)  # touched: resident
+        assert c.post("/v1/gan/sample", json={"n": 2, "seed": 1}).status_code == 200
+        wait_for("a release after the call", lambda: process()["release"]["releases"] > releases, timeout_s=10)
+        del ballast
 
 def test_metrics_endpoint(client):
     client.post("/v1/gan/sample", json={"n": 2})

@@ -120,3 +120,13 @@ def test_release_is_due_when_idle_or_paused_over_the_target(idle_s, called, rss_
 def test_without_a_target_only_the_idle_release_applies() -> None:
     assert not memory.release_due(1.0, True, 1 << 40, release_idle_s=5.0, target_bytes=0)
     assert memory.release_due(5.0, True, 1 << 40, release_idle_s=5.0, target_bytes=0)
+
+
+def test_over_the_target_a_release_waits_for_rss_to_regrow_past_what_the_last_one_left() -> None:
+    """Models that alone exceed the target must not release after every call: only once RSS has grown
+    REGROWTH past what the last release left."""
+    mib, left = 1024 * 1024, 400 * 1024 * 1024
+    due = lambda rss: memory.release_due(0.3, True, rss, release_idle_s=5.0, target_bytes=256 * mib,  # noqa: E731
+                                         released_rss=left)
+    assert not due(left + 10 * mib)
+    assert due(left + memory.REGROWTH + mib)
